@@ -1,0 +1,95 @@
+"""In-process federations and baselines for the benchmarks, built from the project's own parts.
+
+`federate` runs the same site round (`client.app.train_round`: ledger, calibration, Opacus
+DP-SGD) and the same FedAvg aggregation as the Flower apps, without Flower's processes,
+so that many settings and seeds fit in one benchmark run. The Flower path itself is timed
+separately by `bench/run_bench.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import tempfile
+
+import torch
+from flwr.app import RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from torch.utils.data import TensorDataset
+
+from client.app import load_site, train_round
+from client.dp_train import distill_locally, plan_round
+from common import payload as P
+from common.config import Config, load_config
+from common.evaluation import Evaluation, Evaluator
+from common.task import Task, build_task
+
+
+def compose(overrides: list[str], cache_dir: str) -> Config:
+    return load_config(overrides + [f"cache_dir={cache_dir}", f"run_dir={tempfile.mkdtemp(prefix='fedistill-bench-')}"])
+
+
+def federate(config: Config) -> tuple[Evaluation, list[float]]:
+    """Run `config.rounds` rounds in-process; returns the final evaluation and per-site epsilon."""
+    overrides = " ".join(config.overrides)
+    sites = [load_site(overrides, i, config.sites, None) for i in range(config.sites)]
+    task = task_of(config)
+    torch.manual_seed(config.seed)
+    student = task.student(config.student)
+    arrays = P.model_to_record(student)
+    replies: list[RecordDict] = []
+    for server_round in range(1, config.rounds + 1):
+        replies = [train_round(site, arrays, server_round=server_round, run="bench") for site in sites]
+        trained = [r for r in replies if r[P.CONFIG][P.STATUS] == P.STATUS_OK]
+        if trained:
+            arrays = aggregate_arrayrecords(trained, P.NUM_EXAMPLES)
+    P.load_record(student, arrays)
+    epsilons = [float(r[P.METRICS][P.EPSILON_SPENT]) for r in replies]
+    return evaluator(task)(student), epsilons
+
+
+@functools.lru_cache(maxsize=8)
+def evaluator(task: Task) -> Evaluator:
+    return Evaluator(task.test_data(), task.teacher())
+
+
+@functools.lru_cache(maxsize=8)
+def _task(task_config: str, seed: int, cache_dir: str) -> Task:
+    return build_task(load_config([f"seed={seed}", f"cache_dir={cache_dir}", *task_config.split()]))
+
+
+def task_of(config: Config) -> Task:
+    """One task object per (task, seed), so data and teacher load once per benchmark."""
+    task_overrides = " ".join(o for o in config.overrides if o.startswith("task"))
+    return _task(task_overrides, config.seed, str(config.cache_path))
+
+
+def distill_non_private(config: Config, inputs: torch.Tensor, labels: torch.Tensor | None, epochs: int) -> Evaluation:
+    """A student distilled from the teacher on `inputs` without DP (labels None: soft targets only)."""
+    task = task_of(config)
+    teacher = task.teacher()
+    with torch.no_grad():
+        teacher_logits = teacher(inputs)
+    distill = config.distill
+    if labels is None:
+        labels, distill = teacher_logits.argmax(-1), dataclasses.replace(distill, alpha=1.0)
+    distill = dataclasses.replace(distill, local_epochs=epochs)
+    no_dp = dataclasses.replace(config.privacy, enabled=False)
+    data = TensorDataset(inputs, labels, teacher_logits)
+    torch.manual_seed(config.seed)
+    student = task.student(config.student)
+    distill_locally(student, data, distill=distill, privacy=no_dp, noise_multiplier=None,
+                    plan=plan_round(len(data), distill), seed=config.seed)
+    return evaluator(task)(student)
+
+
+def public_only(config: Config, epochs: int) -> Evaluation:
+    """What the coordinator gets without the sites: distill on the public inputs alone."""
+    return distill_non_private(config, task_of(config).public_inputs(), None, epochs)
+
+
+def centralized(config: Config, epochs: int) -> Evaluation:
+    """The ceiling: non-private distillation on all sites' private data pooled."""
+    task = task_of(config)
+    parts = [task.private_data(i, config.sites).tensors for i in range(config.sites)]
+    return distill_non_private(config, torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), epochs)

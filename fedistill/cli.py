@@ -1,0 +1,144 @@
+"""The `fedistill` command: wires the config, the task cache and the Flower processes together."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import tomli_w
+
+from common.config import CONF_DIR, Config, ConfigError, load_config
+
+APP_DIR = CONF_DIR.parent  # the folder with pyproject.toml, server/, client/, common/, conf/
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedistill", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    simulate = commands.add_parser(
+        "simulate",
+        help="run N virtual sites on this machine",
+        description="Run a federated DP distillation on Flower's simulation engine. "
+        "Arguments are Hydra overrides, e.g. task=digits sites=8 rounds=10 privacy.epsilon=1",
+    )
+    simulate.add_argument("overrides", nargs="*", help="Hydra overrides (key=value)")
+    simulate.add_argument("-v", "--verbose", action="store_true", help="show all of Flower's log, not only progress")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return run_simulation(args.overrides, echo=print if args.verbose else progress_only)
+    except ConfigError as err:
+        print(f"fedistill: config error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedistill: interrupted; Flower processes stopped", file=sys.stderr)
+        return 130
+
+
+def pin(overrides: list[str], key: str, value: str) -> list[str]:
+    """`overrides` with `key` set to `value` (replacing what the user gave)."""
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
+    return kept + [f"{key}={json.dumps(value)}"]
+
+
+def resolve_paths(overrides: list[str]) -> tuple[list[str], Config]:
+    """Make every path absolute so that the apps, which run elsewhere, agree with this command."""
+    config = load_config(overrides)
+    run_dir = Path(config.run_dir or Path("outputs") / time.strftime("%Y-%m-%d_%H-%M-%S")).resolve()
+    overrides = pin(overrides, "run_dir", str(run_dir))
+    overrides = pin(overrides, "cache_dir", str(config.cache_path.resolve()))
+    if config.privacy.ledger_dir is not None:
+        overrides = pin(overrides, "privacy.ledger_dir", str(Path(config.privacy.ledger_dir).expanduser().resolve()))
+    return overrides, load_config(overrides)
+
+
+PROGRESS_TAG = "[fedistill] "
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def progress_only(line: str) -> None:
+    """Show the apps' progress lines and Flower's errors; the rest is in flower.log."""
+    line = _ANSI.sub("", line)
+    if PROGRESS_TAG in line:
+        print(line.split(PROGRESS_TAG, 1)[1], flush=True)
+    elif line.startswith(("ERROR", "Traceback")) or " ERROR " in line:
+        print(line, flush=True)
+
+
+def run_simulation(overrides: list[str], echo: Callable[[str], None] = print) -> int:
+    from common.task import build_task
+    from fedistill.simulation import SimulationSuperLink
+
+    overrides, config = resolve_paths(overrides)
+    run_dir = Path(config.run_dir)
+    if (run_dir / "summary.json").exists():
+        raise ConfigError(f"run_dir {run_dir} already holds a finished run: choose another run_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"fedistill: run directory {run_dir}")
+    print(f"fedistill: preparing task {config.task.name} (the teacher is fitted once and cached)")
+    build_task(config).teacher()
+    run_config = run_dir / "run_config.toml"
+    run_config.write_bytes(tomli_w.dumps({"overrides": shlex.join(overrides)}).encode())
+    print(f"fedistill: {config.sites} sites, {config.rounds} rounds, starting Flower")
+    with SimulationSuperLink(run_dir) as link:
+        code = link.run(APP_DIR, run_config, num_supernodes=config.sites,
+                        cpus_per_site=config.federation.cpus_per_site, echo=echo)
+    summary_path = run_dir / "summary.json"
+    if code != 0 or not summary_path.exists():
+        print(f"fedistill: the run failed (flwr exit code {code}); logs: {run_dir / 'flower.log'}", file=sys.stderr)
+        return 1
+    print(final_table(json.loads(summary_path.read_text())))
+    print(f"fedistill: results in {run_dir}")
+    return 0
+
+
+def final_table(summary: dict) -> str:
+    teacher, student = summary["teacher"], summary["student"]
+    rows = [
+        ("", "teacher", "global student"),
+        ("test accuracy", f"{teacher['accuracy']:.3f}", f"{student['accuracy']:.3f}"),
+        ("agreement with teacher", "1.000", f"{student['agreement']:.3f}"),
+        ("parameters", f"{teacher['params']:,}", f"{student['params']:,}"),
+        ("size", _kib(teacher["size_bytes"]), _kib(student["size_bytes"])),
+        ("CPU latency, 1 sample", f"{teacher['latency_ms']:.3f} ms", f"{student['latency_ms']:.3f} ms"),
+    ]
+    lines = [f"\n{summary['task']}: {summary['exchange']} exchange, "
+             f"{summary['rounds_completed']}/{summary['rounds_planned']} rounds completed"]
+    lines += _table(rows)
+    privacy = summary["privacy"]
+    lines.append(f"\nprivacy ({privacy['accountant']} accountant, delta {privacy['delta']:g})"
+                 + ("" if privacy["enabled"] else ": DISABLED, sites trained without DP"))
+    site_rows = [("site", "epsilon spent", "budget", "rounds trained", "rounds refused")]
+    for s in privacy["sites"]:
+        site_rows.append((s["site"], _eps(s["epsilon"]), _eps(s["budget"]), str(s["rounds_trained"]), str(s["refused_rounds"])))
+    lines += _table(site_rows)
+    refusals = [(s["site"], r) for s in privacy["sites"] for r in s["refusals"]]
+    if refusals:
+        site, first = refusals[0]
+        lines.append(f"\n{len(refusals)} site-rounds refused; first: {site} in round {first['round']}: {first['reason']}")
+    return "\n".join(lines)
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:,.1f} KiB"
+
+
+def _eps(value: float | None) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isinf(value)) else f"{value:.3f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

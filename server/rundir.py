@@ -1,0 +1,85 @@
+"""The run directory: every file a run leaves behind, written as the run goes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from torch import nn
+
+from common.config import Config
+from common.storage import atomic_write, save_model
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+PRIVACY_FILE = "privacy.json"
+PRIVACY_REPORT = "privacy.md"
+STUDENT_FILE = "student.safetensors"
+STUDENT_CONFIG = "student.json"
+PLOT_FILE = "progress.png"
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON has no inf or NaN: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class RunDirectory:
+    def __init__(self, path: Path | str, config: Config):
+        self.path = Path(path)
+        (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        resolved = OmegaConf.to_yaml(OmegaConf.structured(config))
+        atomic_write(self.path / CONFIG_FILE, resolved.encode())
+
+    def write_json(self, name: str, obj: Any) -> None:
+        atomic_write(self.path / name, json.dumps(_jsonable(obj), indent=2).encode())
+
+    def write_text(self, name: str, text: str) -> None:
+        atomic_write(self.path / name, text.encode())
+
+    def log_round(self, record: dict[str, Any]) -> None:
+        with open(self.path / METRICS_FILE, "a") as f:
+            f.write(json.dumps(_jsonable(record)) + "\n")
+
+    def save_model(self, name: str, model: nn.Module) -> Path:
+        return save_model(self.path / name, model)
+
+    def save_checkpoint(self, server_round: int, model: nn.Module) -> Path:
+        return self.save_model(f"checkpoints/round-{server_round:03d}.safetensors", model)
+
+    def plot(self, rounds: list[dict[str, Any]], *, teacher_accuracy: float, budgets: dict[str, float]) -> None:
+        """Accuracy and epsilon by round, side by side."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (acc_ax, eps_ax) = plt.subplots(1, 2, figsize=(10, 4))
+        xs = [r["round"] for r in rounds]
+        acc_ax.plot(xs, [r["accuracy"] for r in rounds], marker="o", label="global student")
+        acc_ax.plot(xs, [r["agreement"] for r in rounds], marker=".", linestyle=":", label="agreement with teacher")
+        acc_ax.axhline(teacher_accuracy, color="gray", linestyle="--", label="teacher")
+        acc_ax.set(xlabel="round", ylabel="test accuracy", title="Global student", ylim=(0, 1))
+        acc_ax.legend(loc="lower right")
+        sites = sorted({s for r in rounds for s in r["epsilon"]})
+        for site in sites:
+            eps_ax.plot(xs, [r["epsilon"].get(site) for r in rounds], marker="o", label=site)
+        finite = [b for b in budgets.values() if math.isfinite(b)]
+        if finite:
+            eps_ax.axhline(max(finite), color="red", linestyle="--", label="budget")
+        eps_ax.set(xlabel="round", ylabel="epsilon spent", title="Privacy spent per site")
+        if sites:
+            eps_ax.legend(loc="upper left", fontsize="small")
+        fig.tight_layout()
+        fig.savefig(self.path / PLOT_FILE, dpi=100)
+        plt.close(fig)

@@ -1,0 +1,46 @@
+import math
+import shlex
+
+import pytest
+
+from common.config import ConfigError, load_config
+
+
+def test_default_config_composes_and_validates():
+    config = load_config([])
+    assert config.task.name == "mnist"
+    assert config.privacy.enabled and 0 < config.privacy.epsilon < math.inf
+    assert config.exchange.mode == "weights"
+
+
+def test_overrides_travel_as_one_string():
+    overrides = ["task=digits", "sites=8", "privacy.epsilon=1", "run_dir=/tmp/a b"]
+    config = load_config(shlex.join(overrides))
+    assert (config.task.name, config.sites, config.privacy.epsilon, config.run_dir) == ("digits", 8, 1.0, "/tmp/a b")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("privacy.delta=2", r"privacy.delta must be in \(0, 1\), got 2.0"),
+        ("sites=0", "sites must be >= 1, got 0"),
+        ("privacy.epsilon=-1", "privacy.epsilon must be a finite number > 0"),
+        ("task.split.teacher=0.7", "must leave at least 0.1"),
+        ("distill.alpha=1.5", r"distill.alpha must be in \[0, 1\], got 1.5"),
+        ("privacy.accountant=prv", "privacy.accountant must be 'rdp'"),
+        ("federation.min_sites=9", r"federation.min_sites \(9\) must be <= sites \(5\)"),
+        ("sites=many", "sites"),
+        ("privacy.noise=3", "privacy.noise"),
+        ("task=imagenet", "imagenet"),
+    ],
+)
+def test_bad_values_are_refused_with_a_message_naming_them(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config([override])
+
+
+def test_no_dp_must_be_asked_for_explicitly():
+    config = load_config(["privacy=none"])
+    assert not config.privacy.enabled
+    with pytest.raises(ConfigError, match="privacy=none"):
+        load_config(["privacy.epsilon=inf"])
