@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from torch.utils.data import TensorDataset
 
-from client.dp_train import distill_locally, plan_round
+from client.dp_train import StepPlan, distill_locally, plan_round
 from common import payload as P
 from common.config import Config, load_config
 from common.privacy import BudgetExhausted, LedgerError, PrivacyLedger
@@ -81,14 +81,7 @@ def train_round(site: Site, arrays: ArrayRecord, *, server_round: int, run: str)
     if config.privacy.enabled:
         try:
             ledger = PrivacyLedger(site.ledger_dir, delta=config.privacy.delta)
-            # Calibrate against what remains: this round and every later one of this run.
-            remaining_rounds = max(config.rounds - server_round + 1, 1)
-            noise_multiplier = ledger.calibrate(
-                budget=config.privacy.epsilon,
-                sample_rate=plan.sample_rate,
-                steps=plan.steps * remaining_rounds,
-                max_noise_multiplier=config.privacy.max_noise_multiplier,
-            )
+            noise_multiplier = run_noise(ledger, config, plan, run)
             ledger.reserve(
                 budget=config.privacy.epsilon,
                 noise_multiplier=noise_multiplier,
@@ -122,6 +115,26 @@ def train_round(site: Site, arrays: ArrayRecord, *, server_round: int, run: str)
     )
     status = ConfigRecord({P.STATUS: P.STATUS_OK, P.SITE: site.name})
     return RecordDict({P.ARRAYS: P.model_to_record(student), P.METRICS: metrics, P.CONFIG: status})
+
+
+def run_noise(ledger: PrivacyLedger, config: Config, plan: StepPlan, run: str) -> float:
+    """The run's noise multiplier: calibrated once, at the site's first round in the run.
+
+    It is calibrated so that all of the run's rounds fit in what remains of the budget,
+    and reused for the run's later rounds (the plan does not change within a run). A site
+    whose remaining budget would need more noise than `privacy.max_noise_multiplier`
+    refuses every round of the run, so a nearly spent budget is not used on rounds that
+    could teach the student nothing.
+    """
+    noise = ledger.noise_of_run(run)
+    if noise is not None:
+        return noise
+    return ledger.calibrate(
+        budget=config.privacy.epsilon,
+        sample_rate=plan.sample_rate,
+        steps=plan.steps * config.rounds,
+        max_noise_multiplier=config.privacy.max_noise_multiplier,
+    )
 
 
 def privacy_metrics(site: Site, ledger: PrivacyLedger | None, noise_multiplier: float | None) -> dict[str, float]:

@@ -102,6 +102,11 @@ class PrivacyLedger:
     def steps(self) -> int:
         return sum(e.steps for e in self.entries)
 
+    def noise_of_run(self, run: str) -> float | None:
+        """The noise multiplier this ledger recorded for `run`, or None if the run took no steps."""
+        noises = [e.noise_multiplier for e in self.entries if e.run == run]
+        return noises[-1] if noises else None
+
     def epsilon_spent(self) -> float:
         return epsilon_of([e.accountant_step for e in self.entries], delta=self.delta)
 
@@ -111,7 +116,7 @@ class PrivacyLedger:
         return epsilon_of(history + [(noise_multiplier, sample_rate, steps)], delta=self.delta)
 
     def calibrate(
-        self, *, budget: float, sample_rate: float, steps: int, max_noise_multiplier: float, tolerance: float = 0.001
+        self, *, budget: float, sample_rate: float, steps: int, max_noise_multiplier: float, tolerance: float = 1e-4
     ) -> float:
         """The smallest noise multiplier (to `tolerance`) with which `steps` more steps stay within `budget`.
 
@@ -132,11 +137,6 @@ class PrivacyLedger:
                 f"{sample_rate:.4g} would exceed it even with noise multiplier {max_noise_multiplier} "
                 "(privacy.max_noise_multiplier)"
             )
-        if self.entries:
-            # A site that trained every round of this run needs the noise it used before.
-            previous = self.entries[-1].noise_multiplier
-            if eps(previous) <= budget < eps(previous * (1 - tolerance)):
-                return previous
         low, high = 0.0, max_noise_multiplier  # eps(low) > budget >= eps(high); eps falls as sigma grows
         while high - low > tolerance * high:
             mid = (low + high) / 2
