@@ -42,12 +42,14 @@ def run(grid: Grid, config: Config) -> None:
     rounds: list[dict] = []
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        eval_start = time.perf_counter()
         P.load_record(student, arrays)
         result = evaluator(student)
         if server_round > 0:
             outcome = strategy.rounds.get(server_round, RoundOutcome())
             ledger.update(server_round, outcome)
             record = round_record(server_round, outcome, result, ledger, start)
+            record["eval_s"] = time.perf_counter() - eval_start
             rounds.append(record)
             run_dir.log_round(record)
             run_dir.save_checkpoint(server_round, student)
@@ -163,6 +165,7 @@ def round_record(server_round: int, outcome: RoundOutcome, result: Evaluation, l
         "epsilon": dict(sorted(ledger.epsilon.items(), key=lambda kv: _site_order(kv[0]))),
         "bytes_up": outcome.bytes_up,
         "bytes_down": outcome.bytes_down,
+        "round_s": outcome.seconds,
         "problems": [{"site": s.site, "status": s.status, "reason": s.reason} for s in outcome.sites if s.status != TRAINED],
         "elapsed_s": time.perf_counter() - start,
     }

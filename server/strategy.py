@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -39,6 +40,8 @@ class RoundOutcome:
     sampled: int = 0
     bytes_down: int = 0
     bytes_up: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    seconds: float = 0.0  # from sending the round's messages to the aggregate
     sites: list[SiteOutcome] = field(default_factory=list)
 
     def count(self, status: str) -> int:
@@ -87,6 +90,7 @@ class DistillFedAvg(FedAvg):
                 accepted.append(msg.content)
             else:
                 log.warning("Round %d: %s (node %d) %s: %s", server_round, site.site, site.node_id, site.status, site.reason)
+        outcome.seconds = time.perf_counter() - outcome.started
         if not accepted:
             return None, None
         arrays = aggregate_arrayrecords(accepted, P.NUM_EXAMPLES)

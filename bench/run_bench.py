@@ -1,0 +1,144 @@
+"""Does a site's private data, used under DP, make the student better than the coordinator could alone?
+
+Side by side in one run, over several seeds, on the default task: the teacher; a student
+distilled on the public inputs alone; the federated DP student with the teacher at several
+epsilons and without DP; the same federation on hard labels only; centralized non-private
+distillation on all private data (the ceiling). Then DP step time over non-DP step time,
+and the wall time of the default `fedistill simulate` split into start-up, training and
+evaluation. Prints tables and writes bench/results/bench.json.
+
+    python -m bench.run_bench [--seeds 3] [--skip-simulation] [overrides ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from bench.baselines import centralized, compose, evaluator, federate, public_only, task_of
+from client.app import load_site
+from client.dp_train import distill_locally, plan_round
+from common.config import load_config
+
+RESULTS = Path(__file__).parent / "results"
+EPSILONS = ["1", "3", "8"]
+
+
+def rows_for(overrides: list[str], cache: str, seeds: int, baseline_epochs: int) -> list[dict]:
+    """Every accuracy row, each a mean over `seeds` seeds."""
+    settings: list[tuple[str, str, list[str]]] = [("teacher", "-", []), ("public inputs only (no sites)", "-", [])]
+    for teacher, extra in (("with teacher", []), ("hard labels only", ["distill.alpha=0"])):
+        for eps in EPSILONS:
+            settings.append((f"federated DP, {teacher}", eps, extra + [f"privacy.epsilon={eps}"]))
+        settings.append((f"federated DP, {teacher}", "no DP", extra + ["privacy=none"]))
+    settings.append(("centralized, all private data", "no DP", []))
+    rows = []
+    for name, eps, extra in settings:
+        scores = []
+        for seed in range(seeds):
+            config = compose([*overrides, *extra, f"seed={seed}"], cache)
+            if name == "teacher":
+                scores.append(evaluator(task_of(config)).teacher)
+            elif name.startswith("public"):
+                scores.append(public_only(config, baseline_epochs))
+            elif name.startswith("centralized"):
+                scores.append(centralized(config, baseline_epochs))
+            else:
+                scores.append(federate(config)[0])
+        rows.append(_row(name, eps, scores))
+        print(f"  {name:34s} eps {eps:6s} accuracy {rows[-1]['accuracy']:.3f} +- {rows[-1]['accuracy_std']:.3f}", flush=True)
+    return rows
+
+
+def _row(name: str, eps: str, scores: list) -> dict:
+    acc = [s.accuracy for s in scores]
+    agree = [s.agreement for s in scores]
+    return {
+        "setting": name,
+        "epsilon": eps,
+        "accuracy": statistics.mean(acc),
+        "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+        "agreement": statistics.mean(agree),
+        "seeds": len(acc),
+    }
+
+
+def step_time_ratio(overrides: list[str], cache: str, repeats: int = 5) -> dict:
+    """Seconds per local DP step over seconds per non-DP step, same site, data and plan."""
+    config = compose([*overrides, "seed=0"], cache)
+    site = load_site(" ".join(config.overrides), 0, config.sites, None)
+    plan = plan_round(len(site.data), config.distill)
+    no_dp = dataclasses.replace(config.privacy, enabled=False)
+    timings = {}
+    for label, privacy, noise in (("dp", config.privacy, 1.0), ("non_dp", no_dp, None)):
+        best = []
+        for _ in range(repeats):
+            student = site.task.student(config.student)
+            result = distill_locally(student, site.data, distill=config.distill, privacy=privacy,
+                                     noise_multiplier=noise, plan=plan, seed=0)
+            best.append(result.seconds / result.steps)
+        timings[label] = statistics.median(best)
+    return {"dp_ms_per_step": 1000 * timings["dp"], "non_dp_ms_per_step": 1000 * timings["non_dp"],
+            "ratio": timings["dp"] / timings["non_dp"], "batch_size": config.distill.batch_size}
+
+
+def simulation_wall_time(overrides: list[str]) -> dict:
+    """Run the real `fedistill simulate` once and split its wall time."""
+    run_dir = Path(tempfile.mkdtemp(prefix="fedistill-bench-sim-")) / "run"
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "fedistill.cli", "simulate", *overrides, f"run_dir={run_dir}"],
+                   check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    training = sum(r["round_s"] for r in rounds)
+    evaluation = sum(r["eval_s"] for r in rounds)
+    return {"wall_s": wall, "startup_and_teardown_s": wall - training - evaluation, "training_s": training,
+            "evaluation_s": evaluation, "rounds": len(rounds)}
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'setting':34s} {'epsilon':>7s} {'accuracy':>15s} {'agreement':>9s}")
+    for r in rows:
+        acc = f"{r['accuracy']:.3f} +- {r['accuracy_std']:.3f}"
+        print(f"{r['setting']:34s} {r['epsilon']:>7s} {acc:>15s} {r['agreement']:9.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--baseline-epochs", type=int, default=30, help="epochs for the public-only and centralized students")
+    parser.add_argument("--skip-simulation", action="store_true", help="do not time a real Flower simulation")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every setting")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    cache = str(load_config(args.overrides).cache_path)
+    print(f"Accuracy on the held-out test set, mean over {args.seeds} seeds:")
+    rows = rows_for(args.overrides, cache, args.seeds, args.baseline_epochs)
+    print_table(rows)
+    steps = step_time_ratio(args.overrides, cache)
+    print(f"\nLocal step time: DP {steps['dp_ms_per_step']:.1f} ms, non-DP {steps['non_dp_ms_per_step']:.1f} ms, "
+          f"ratio x{steps['ratio']:.2f} (batch {steps['batch_size']})")
+    result = {"overrides": args.overrides, "rows": rows, "step_time": steps}
+    if not args.skip_simulation:
+        wall = simulation_wall_time(args.overrides)
+        result["simulation"] = wall
+        print(f"Default simulation ({wall['rounds']} rounds): wall {wall['wall_s']:.0f} s = start-up and teardown "
+              f"{wall['startup_and_teardown_s']:.0f} s + training {wall['training_s']:.0f} s + evaluation "
+              f"{wall['evaluation_s']:.1f} s")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "bench.json").write_text(json.dumps(result, indent=2))
+    print(f"\nwritten to {RESULTS / 'bench.json'}")
+
+
+if __name__ == "__main__":
+    main()
