@@ -1,7 +1,8 @@
 """In-process federations and baselines for the benchmarks, built from the project's own parts.
 
 `federate` runs the same site round (`client.app.train_round`: ledger, calibration, Opacus
-DP-SGD) and the same FedAvg aggregation as the Flower apps, without Flower's processes,
+DP-SGD), the same reply checks and the same exchange (`server.exchange`) as the Flower
+apps, without Flower's processes,
 so that many settings and seeds fit in one benchmark run. The Flower path itself is timed
 separately by `bench/run_bench.py`.
 """
@@ -13,8 +14,7 @@ import functools
 import tempfile
 
 import torch
-from flwr.app import RecordDict
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from flwr.app import ConfigRecord, RecordDict
 from torch.utils.data import TensorDataset
 
 from client.app import load_site, train_round
@@ -23,29 +23,46 @@ from common import payload as P
 from common.config import Config, load_config
 from common.evaluation import Evaluation, Evaluator
 from common.task import Task, build_task
+from server.exchange import build_exchange
+from server.strategy import TRAINED, read_content
 
 
 def compose(overrides: list[str], cache_dir: str) -> Config:
     return load_config(overrides + [f"cache_dir={cache_dir}", f"run_dir={tempfile.mkdtemp(prefix='fedistill-bench-')}"])
 
 
-def federate(config: Config) -> tuple[Evaluation, list[float]]:
-    """Run `config.rounds` rounds in-process; returns the final evaluation and per-site epsilon."""
+def federate(config: Config) -> tuple[Evaluation, dict]:
+    """Run `config.rounds` rounds in-process; returns the final evaluation and what crossed the wire."""
     overrides = " ".join(config.overrides)
     sites = [load_site(overrides, i, config.sites, None) for i in range(config.sites)]
+    states = [RecordDict() for _ in sites]  # each site's context.state
     task = task_of(config)
+    teacher = task.teacher()
     torch.manual_seed(config.seed)
     student = task.student(config.student)
-    arrays = P.model_to_record(student)
-    replies: list[RecordDict] = []
+    exchange = build_exchange(config, task, teacher, student)
+    bytes_up = bytes_down = replies = 0
+    epsilons: list[float] = []
     for server_round in range(1, config.rounds + 1):
-        replies = [train_round(site, arrays, server_round=server_round, run="bench") for site in sites]
-        trained = [r for r in replies if r[P.CONFIG][P.STATUS] == P.STATUS_OK]
-        if trained:
-            arrays = aggregate_arrayrecords(trained, P.NUM_EXAMPLES)
-    P.load_record(student, arrays)
-    epsilons = [float(r[P.METRICS][P.EPSILON_SPENT]) for r in replies]
-    return evaluator(task)(student), epsilons
+        content = exchange.outgoing(student)
+        content[P.CONFIG] = content.config_records.get(P.CONFIG, ConfigRecord())
+        content[P.CONFIG][P.SERVER_ROUND] = server_round
+        outcomes, accepted = [], []
+        for site, state in zip(sites, states):
+            reply = train_round(site, content, state, server_round=server_round, run="bench")
+            outcome = read_content(reply, site.index, exchange)
+            outcomes.append(outcome)
+            if outcome.status == TRAINED:
+                accepted.append(reply)
+                bytes_up += exchange.reply_bytes(reply)
+                replies += 1
+        bytes_down += len(sites) * sum(P.record_bytes(r) for r in content.array_records.values())
+        if accepted:
+            exchange.combine(accepted, student, server_round)
+        epsilons = [o.epsilon_spent for o in outcomes]
+    wire = {"bytes_up_per_site_round": bytes_up / max(replies, 1),
+            "bytes_down_per_site_round": bytes_down / (len(sites) * config.rounds)}
+    return evaluator(task)(student), {"epsilon": epsilons, **wire}
 
 
 @functools.lru_cache(maxsize=8)

@@ -1,20 +1,24 @@
-"""The ClientApp: a site distills the global student on its private data under DP."""
+"""The ClientApp: a site distills its student on its private data under DP and sends weights or public logits."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from torch import nn
 from torch.utils.data import TensorDataset
 
 from client.dp_train import StepPlan, distill_locally, plan_round
+from common import compression
 from common import payload as P
 from common.config import Config, load_config
+from common.public_distill import distill_on_public
 from common.privacy import BudgetExhausted, LedgerError, PrivacyLedger
 from common.task import Task, build_task
 
@@ -30,8 +34,16 @@ class Site:
     name: str
     config: Config
     task: Task
+    index: int
     data: TensorDataset  # (inputs, labels, teacher logits)
     ledger_dir: Path
+
+    def new_student(self) -> nn.Module:
+        """This site's student: the global architecture, or its own with different students per site."""
+        student = self.config.student
+        hidden = self.config.exchange.hidden_for(self.index, student.hidden)
+        torch.manual_seed(self.config.seed * 1000 + self.index)
+        return self.task.student(dataclasses.replace(student, hidden=hidden))
 
 
 @lru_cache(maxsize=4)
@@ -51,7 +63,7 @@ def load_site(overrides: str, partition_id: int, num_partitions: int, ledger_dir
         teacher_logits = teacher(inputs)  # computed once: halves the cost of a KD step
     name = f"site-{partition_id}"
     root = Path(ledger_dir) if ledger_dir else config.ledger_root / name
-    return Site(name, config, task, TensorDataset(inputs, labels, teacher_logits.clone()), root)
+    return Site(name, config, task, partition_id, TensorDataset(inputs, labels, teacher_logits.clone()), root)
 
 
 def site_from_context(context: Context) -> Site:
@@ -68,13 +80,22 @@ def site_from_context(context: Context) -> Site:
 def train(msg: Message, context: Context) -> Message:
     site = site_from_context(context)
     server_round = int(msg.content[P.CONFIG][P.SERVER_ROUND])
-    content = train_round(site, msg.content[P.ARRAYS], server_round=server_round, run=str(context.run_id))
+    content = train_round(site, msg.content, context.state, server_round=server_round, run=str(context.run_id))
     return Message(content=content, reply_to=msg)
 
 
-def train_round(site: Site, arrays: ArrayRecord, *, server_round: int, run: str) -> RecordDict:
-    """One round at one site: check and reserve budget in the ledger, distill, reply."""
+def train_round(site: Site, content: RecordDict, state: RecordDict, *, server_round: int, run: str) -> RecordDict:
+    """One round at one site: check the request, reserve budget in the ledger, distill, reply.
+
+    `state` keeps the site's own student between rounds of a run when no weights are
+    broadcast (exchange=logits broadcast=logits); Flower's `context.state` in the app.
+    """
     config = site.config
+    exchange = config.exchange
+    if exchange.mode == "logits":
+        problem = public_set_mismatch(site, content.config_records.get(P.CONFIG, ConfigRecord()))
+        if problem:
+            return refusal(site, None, problem)
     plan = plan_round(len(site.data), config.distill)
     noise_multiplier = None
     ledger = None
@@ -93,8 +114,7 @@ def train_round(site: Site, arrays: ArrayRecord, *, server_round: int, run: str)
         except (BudgetExhausted, LedgerError) as err:
             return refusal(site, ledger, str(err))
 
-    student = site.task.student(config.student)
-    P.load_record(student, arrays)
+    student = starting_student(site, content, state)
     result = distill_locally(
         student,
         site.data,
@@ -113,8 +133,49 @@ def train_round(site: Site, arrays: ArrayRecord, *, server_round: int, run: str)
             **privacy_metrics(site, ledger, noise_multiplier),
         }
     )
-    status = ConfigRecord({P.STATUS: P.STATUS_OK, P.SITE: site.name})
-    return RecordDict({P.ARRAYS: P.model_to_record(student), P.METRICS: metrics, P.CONFIG: status})
+    reply = RecordDict({P.METRICS: metrics, P.CONFIG: ConfigRecord({P.STATUS: P.STATUS_OK, P.SITE: site.name})})
+    if exchange.mode == "weights":
+        reply[P.ARRAYS] = P.model_to_record(student)
+        return reply
+    if exchange.broadcast == "logits":
+        state[P.STUDENT_STATE] = P.model_to_record(student)
+    with torch.no_grad():
+        public_logits = student(site.task.public_inputs())  # [P, C]
+    encoded = compression.encode(public_logits, method=exchange.compression, k=exchange.topk)
+    reply[P.LOGITS] = ArrayRecord({k: Array(v) for k, v in encoded.items()})
+    return reply
+
+
+def public_set_mismatch(site: Site, request: ConfigRecord) -> str:
+    """Why the server's public set is not this site's, or ''."""
+    mine = P.public_manifest(site.task.public_inputs())
+    theirs = {k: request.get(k) for k in mine}
+    if theirs != mine:
+        return (
+            f"the server's public set {theirs} does not match this site's {mine}: the site will not "
+            "send logits on inputs it cannot check are the agreed public ones"
+        )
+    return ""
+
+
+def starting_student(site: Site, content: RecordDict, state: RecordDict) -> nn.Module:
+    """The student this round's private training starts from.
+
+    The global student when weights are broadcast; otherwise the site's own student from
+    the previous round, first fitted to the consensus logits on the public inputs (FedMD).
+    """
+    student = site.new_student()
+    if P.ARRAYS in content.array_records:
+        P.load_record(student, content[P.ARRAYS])
+        return student
+    if P.STUDENT_STATE in state.array_records:
+        P.load_record(student, state[P.STUDENT_STATE])
+    exchange = site.config.exchange
+    if P.CONSENSUS in content.array_records and exchange.public_fit_epochs > 0:
+        consensus = torch.from_numpy(content[P.CONSENSUS][P.LOGITS].numpy()).float()
+        fit = dataclasses.replace(exchange.server, epochs=exchange.public_fit_epochs)
+        distill_on_public(student, site.task.public_inputs(), consensus, fit, seed=site.config.seed + site.index)
+    return student
 
 
 def run_noise(ledger: PrivacyLedger, config: Config, plan: StepPlan, run: str) -> float:

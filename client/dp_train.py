@@ -66,6 +66,7 @@ def distill_locally(
     optimizer = torch.optim.SGD(student.parameters(), lr=distill.lr, momentum=distill.momentum)
     criterion = DistillationLoss(temperature=distill.temperature, alpha=distill.alpha)
     engine = hooks = None
+    student.train()  # Opacus refuses a model in eval mode
     if privacy.enabled:
         if noise_multiplier is None:
             raise ValueError("privacy is enabled but no noise multiplier was calibrated")
@@ -81,7 +82,6 @@ def distill_locally(
             wrap_model=False,
             noise_generator=generator,
         )
-    student.train()
     start = time.perf_counter()
     total_loss, seen, steps = 0.0, 0, 0
     try:

@@ -151,11 +151,70 @@ class PrivacyConfig:
 
 
 @dataclass
-class ExchangeConfig:
-    mode: str
+class ServerDistillConfig:
+    epochs: int
+    lr: float
+    temperature: float
+    batch_size: int
+    patience: int
+    holdout: float
 
     def validate(self) -> None:
-        _require(self.mode == "weights", f"exchange.mode must be 'weights', got {self.mode!r}")
+        _require(self.epochs >= 1, f"exchange.server.epochs must be >= 1, got {self.epochs}")
+        _require(self.lr > 0, f"exchange.server.lr must be > 0, got {self.lr}")
+        _require(self.temperature > 0, f"exchange.server.temperature must be > 0, got {self.temperature}")
+        _require(self.batch_size >= 1, f"exchange.server.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.patience >= 1, f"exchange.server.patience must be >= 1, got {self.patience}")
+        _require(0 < self.holdout < 1, f"exchange.server.holdout must be in (0, 1), got {self.holdout}")
+
+
+EXCHANGE_MODES = ("weights", "logits")
+AGGREGATIONS = ("mean", "median", "trimmed_mean")
+BROADCASTS = ("weights", "logits")
+COMPRESSIONS = ("float32", "float16", "topk")
+
+
+@dataclass
+class ExchangeConfig:
+    mode: str
+    aggregation: str
+    trim_fraction: float
+    max_abs_value: float
+    max_reply_mb: float
+    broadcast: str
+    compression: str
+    topk: int
+    teacher_weight: float
+    site_students: list[list[int]]
+    public_fit_epochs: int
+    server: ServerDistillConfig
+
+    def validate(self) -> None:
+        for key, allowed in (("mode", EXCHANGE_MODES), ("aggregation", AGGREGATIONS),
+                             ("broadcast", BROADCASTS), ("compression", COMPRESSIONS)):
+            value = getattr(self, key)
+            _require(value in allowed, f"exchange.{key} must be one of {', '.join(allowed)}; got {value!r}")
+        _require(0 <= self.trim_fraction < 0.5, f"exchange.trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
+        _require(self.max_abs_value > 0, f"exchange.max_abs_value must be > 0, got {self.max_abs_value}")
+        _require(self.max_reply_mb > 0, f"exchange.max_reply_mb must be > 0, got {self.max_reply_mb}")
+        _require(self.topk >= 1, f"exchange.topk must be >= 1, got {self.topk}")
+        _require(0 <= self.teacher_weight <= 1, f"exchange.teacher_weight must be in [0, 1], got {self.teacher_weight}")
+        _require(self.public_fit_epochs >= 0, f"exchange.public_fit_epochs must be >= 0, got {self.public_fit_epochs}")
+        _require(
+            all(len(h) >= 1 and all(w > 0 for w in h) for h in self.site_students),
+            f"exchange.site_students must be a list of non-empty lists of positive widths, got {self.site_students}",
+        )
+        if self.site_students:
+            _require(
+                self.mode == "logits" and self.broadcast == "logits",
+                "exchange.site_students (different students per site) needs exchange=logits and "
+                "exchange.broadcast=logits: with weights on the wire every site must run the global student",
+            )
+        self.server.validate()
+
+    def hidden_for(self, site: int, default: list[int]) -> list[int]:
+        """The student widths site number `site` runs."""
+        return list(self.site_students[site % len(self.site_students)]) if self.site_students else list(default)
 
 
 @dataclass

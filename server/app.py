@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from logging import INFO
 
 import torch
@@ -17,7 +18,8 @@ from common.evaluation import Evaluation, Evaluator
 from common.models import count_params, latency_ms, size_bytes
 from common.task import build_task
 from server import rundir as R
-from server.strategy import FAILED, INVALID, REFUSED, TRAINED, DistillFedAvg, RoundOutcome
+from server.exchange import build_exchange
+from server.strategy import FAILED, INVALID, REFUSED, TRAINED, DistillStrategy, RoundOutcome
 
 PROGRESS_TAG = "[fedistill] "  # the `fedistill` command shows log lines with this tag
 
@@ -34,11 +36,18 @@ def run(grid: Grid, config: Config) -> None:
     start = time.perf_counter()
     run_dir = R.RunDirectory(config.run_dir, config)
     task = build_task(config)
-    evaluator = Evaluator(task.test_data(), task.teacher())
+    teacher = task.teacher()
+    evaluator = Evaluator(task.test_data(), teacher)
     torch.manual_seed(config.seed)
     student = task.student(config.student)
-    strategy = DistillFedAvg(fraction_train=config.federation.fraction_train, min_sites=config.federation.min_sites)
+    strategy = DistillStrategy(
+        exchange=build_exchange(config, task, teacher, student),
+        global_student=student,
+        fraction_train=config.federation.fraction_train,
+        min_sites=config.federation.min_sites,
+    )
     ledger = PrivacyView()
+    dropped: Counter[str] = Counter()
     rounds: list[dict] = []
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -48,6 +57,7 @@ def run(grid: Grid, config: Config) -> None:
         if server_round > 0:
             outcome = strategy.rounds.get(server_round, RoundOutcome())
             ledger.update(server_round, outcome)
+            dropped.update(s.site for s in outcome.sites if s.status in (FAILED, INVALID))
             record = round_record(server_round, outcome, result, ledger, start)
             record["eval_s"] = time.perf_counter() - eval_start
             rounds.append(record)
@@ -67,7 +77,6 @@ def run(grid: Grid, config: Config) -> None:
     run_dir.write_json(R.STUDENT_CONFIG, {"task": config.task.name, "student": vars(config.student),
                                           "num_classes": task.num_classes})
     example = task.test_data().tensors[0]
-    teacher = task.teacher()
     summary = {
         "task": config.task.name,
         "exchange": config.exchange.mode,
@@ -80,7 +89,9 @@ def run(grid: Grid, config: Config) -> None:
         "communication": {
             "bytes_up": sum(r["bytes_up"] for r in rounds),
             "bytes_down": sum(r["bytes_down"] for r in rounds),
+            "bytes_up_per_site_round": _mean([r["bytes_up"] / r["sites_trained"] for r in rounds if r["sites_trained"]]),
         },
+        "dropped_replies": dict(sorted(dropped.items())),
         "seconds": time.perf_counter() - start,
     }
     run_dir.write_json(R.SUMMARY_FILE, summary)
@@ -91,6 +102,17 @@ def run(grid: Grid, config: Config) -> None:
 
 def describe(model: torch.nn.Module, example: torch.Tensor) -> dict:
     return {"params": count_params(model), "size_bytes": size_bytes(model), "latency_ms": latency_ms(model, example)}
+
+
+RELEASED = {
+    "weights": "each site's DP-trained student weights. They are the output of DP-SGD itself, so they "
+               "carry exactly the site's (epsilon, delta); averaging them is post-processing",
+    "logits": "each site's DP-trained student's logits on the public inputs, never weights. They are a "
+              "function of the DP-SGD output and of public data only, so by the post-processing property "
+              "they cost no epsilon beyond the DP training (this holds as long as the public inputs are "
+              "not private records of any site). With broadcast=logits a site first fits its student to "
+              "the consensus on the public inputs: also post-processing of other sites' DP outputs",
+}
 
 
 class PrivacyView:
@@ -130,6 +152,7 @@ class PrivacyView:
                 f"{dp.max_grad_norm}, Gaussian noise; record-level (epsilon, delta) per site"
                 if dp.enabled else "none: privacy.enabled=false, sites trained WITHOUT differential privacy"
             ),
+            "released": RELEASED[config.exchange.mode],
             "sites": [
                 {
                     "site": site,
@@ -166,6 +189,7 @@ def round_record(server_round: int, outcome: RoundOutcome, result: Evaluation, l
         "bytes_up": outcome.bytes_up,
         "bytes_down": outcome.bytes_down,
         "round_s": outcome.seconds,
+        "server": outcome.server,
         "problems": [{"site": s.site, "status": s.status, "reason": s.reason} for s in outcome.sites if s.status != TRAINED],
         "elapsed_s": time.perf_counter() - start,
     }
@@ -192,6 +216,7 @@ def progress_line(record: dict, config: Config) -> str:
 def privacy_report(privacy: dict) -> str:
     lines = ["# Privacy report", "", f"Mechanism: {privacy['mechanism']}.", ""]
     lines += [f"Accountant: {privacy['accountant']}; delta = {privacy['delta']:g}.", ""]
+    lines += [f"What leaves a site: {privacy['released']}.", ""]
     lines += ["| site | epsilon spent | budget | noise multiplier | rounds trained | rounds refused |",
               "|---|---|---|---|---|---|"]
     for s in privacy["sites"]:
@@ -200,8 +225,7 @@ def privacy_report(privacy: dict) -> str:
             f"| {s['rounds_trained']} | {s['refused_rounds']} |"
         )
     lines += ["", "Epsilon is read from each site's own ledger, which counts every DP step the site has",
-              "taken on its data across rounds, runs and restarts. The global student is an average of",
-              "DP-trained students, so it is covered by each site's guarantee (post-processing)."]
+              "taken on its data across rounds, runs and restarts."]
     refusals = [(s["site"], r) for s in privacy["sites"] for r in s["refusals"]]
     if refusals:
         lines += ["", "## Refused rounds", ""]

@@ -1,4 +1,10 @@
-"""FedAvg over DP-distilled students, keeping each site's outcome (trained, refused, failed)."""
+"""The round loop's two steps for DP distillation: send what the exchange says, combine what is valid.
+
+Flower's `Strategy.start()` runs the rounds; this FedAvg subclass only overrides the
+configure and aggregate steps. Each sampled site's outcome (trained, refused, failed,
+invalid) is kept per round: a refusal or failure is data, and a reply that fails the
+exchange's checks is dropped and counted, never combined.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,13 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from torch import nn
 
 from common import payload as P
+from server.exchange import Exchange
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +47,21 @@ class RoundOutcome:
     bytes_down: int = 0
     bytes_up: int = 0
     started: float = field(default_factory=time.perf_counter)
-    seconds: float = 0.0  # from sending the round's messages to the aggregate
+    seconds: float = 0.0  # from sending the round's messages to the new global student
     sites: list[SiteOutcome] = field(default_factory=list)
+    server: dict = field(default_factory=dict)  # what the exchange reports of its combine step
 
     def count(self, status: str) -> int:
         return sum(s.status == status for s in self.sites)
 
 
-class DistillFedAvg(FedAvg):
-    """FedAvg weighted by examples; refusals and failures are data, bad replies never averaged in.
+class DistillStrategy(FedAvg):
+    """Samples sites like FedAvg; `exchange` decides what is sent and how replies are combined.
 
-    `rounds[r]` holds the outcome of round r for the run directory and the summary.
+    The global student is a module owned by the server; `rounds[r]` holds round r's outcome.
     """
 
-    def __init__(self, *, fraction_train: float, min_sites: int):
+    def __init__(self, *, exchange: Exchange, global_student: nn.Module, fraction_train: float, min_sites: int):
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=0.0,  # the server evaluates the global student itself
@@ -64,18 +71,22 @@ class DistillFedAvg(FedAvg):
             arrayrecord_key=P.ARRAYS,
             configrecord_key=P.CONFIG,
         )
+        self.exchange = exchange
+        self.global_student = global_student
         self.rounds: dict[int, RoundOutcome] = {}
-        self._global_shapes: dict[str, tuple[int, ...]] = {}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        self._global_shapes = {k: tuple(v.shape) for k, v in arrays.items()}
-        self.rounds[server_round] = RoundOutcome(
-            sampled=len(messages), bytes_down=len(messages) * P.record_bytes(arrays)
-        )
-        return messages
+        # FedAvg samples the nodes; the content is the exchange's.
+        sampled = [m.metadata.dst_node_id for m in super().configure_train(server_round, arrays, config, grid)]
+        content = self.exchange.outgoing(self.global_student)
+        round_config = content.config_records.get(P.CONFIG, ConfigRecord())
+        round_config[P.SERVER_ROUND] = server_round
+        content[P.CONFIG] = round_config
+        size = sum(P.record_bytes(r) for r in content.array_records.values())
+        self.rounds[server_round] = RoundOutcome(sampled=len(sampled), bytes_down=len(sampled) * size)
+        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in sampled]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -83,57 +94,55 @@ class DistillFedAvg(FedAvg):
         outcome = self.rounds.setdefault(server_round, RoundOutcome())
         accepted = []
         for msg in replies:
-            site = self._read_reply(msg)
+            site = self.read_reply(msg)
             outcome.sites.append(site)
             if site.status == TRAINED:
-                outcome.bytes_up += P.record_bytes(msg.content[P.ARRAYS])
+                outcome.bytes_up += self.exchange.reply_bytes(msg.content)
                 accepted.append(msg.content)
             else:
                 log.warning("Round %d: %s (node %d) %s: %s", server_round, site.site, site.node_id, site.status, site.reason)
+        if accepted:
+            outcome.server = self.exchange.combine(accepted, self.global_student, server_round)
         outcome.seconds = time.perf_counter() - outcome.started
         if not accepted:
             return None, None
-        arrays = aggregate_arrayrecords(accepted, P.NUM_EXAMPLES)
-        total = sum(s.num_examples for s in outcome.sites if s.status == TRAINED)
-        loss = sum(s.train_loss * s.num_examples for s in outcome.sites if s.status == TRAINED) / total
-        return arrays, MetricRecord({P.TRAIN_LOSS: loss, P.NUM_EXAMPLES: total})
+        trained = [s for s in outcome.sites if s.status == TRAINED]
+        total = sum(s.num_examples for s in trained)
+        loss = sum((s.train_loss or 0.0) * s.num_examples for s in trained) / total
+        return P.model_to_record(self.global_student), MetricRecord({P.TRAIN_LOSS: loss, P.NUM_EXAMPLES: total})
 
-    def _read_reply(self, msg: Message) -> SiteOutcome:
+    def read_reply(self, msg: Message) -> SiteOutcome:
         node_id = msg.metadata.src_node_id
         if msg.has_error():
             return SiteOutcome(f"node-{node_id}", node_id, FAILED, reason=msg.error.reason)
-        content = msg.content
-        status = content.config_records.get(P.CONFIG, ConfigRecord())
-        metrics = content.metric_records.get(P.METRICS, MetricRecord())
-        site = SiteOutcome(
-            site=str(status.get(P.SITE, f"node-{node_id}")),
-            node_id=node_id,
-            status=REFUSED if status.get(P.STATUS) == P.STATUS_REFUSED else TRAINED,
-            reason=str(status.get(P.REASON, "")),
-            num_examples=int(metrics.get(P.NUM_EXAMPLES, 0)),
-            train_loss=_float(metrics.get(P.TRAIN_LOSS)),
-            epsilon_spent=_float(metrics.get(P.EPSILON_SPENT)),
-            epsilon_budget=_float(metrics.get(P.EPSILON_BUDGET)),
-            noise_multiplier=_float(metrics.get(P.NOISE_MULTIPLIER)),
-        )
-        if site.status == TRAINED:
-            problem = self._check_weights(content)
-            if problem:
-                site.status, site.reason = INVALID, problem
-        return site
+        return read_content(msg.content, node_id, self.exchange)
 
-    def _check_weights(self, content) -> str:
-        """Why a trained reply cannot be averaged in, or '' if it can."""
-        if P.ARRAYS not in content.array_records:
-            return f"reply has no {P.ARRAYS!r} ArrayRecord"
-        shapes = {k: tuple(v.shape) for k, v in content[P.ARRAYS].items()}
-        if shapes != self._global_shapes:
-            return f"student tensors {shapes} do not match the global student {self._global_shapes}"
-        if not all(np.isfinite(v.numpy()).all() for v in content[P.ARRAYS].values()):
-            return "student tensors hold NaN or infinite values"
-        if P.NUM_EXAMPLES not in content.metric_records.get(P.METRICS, {}):
-            return f"reply metrics lack {P.NUM_EXAMPLES!r}"
-        return ""
+
+def read_content(content: RecordDict, node_id: int, exchange: Exchange) -> SiteOutcome:
+    """A site's reply as an outcome; a trained reply that fails the exchange's checks is INVALID."""
+    status = content.config_records.get(P.CONFIG, ConfigRecord())
+    metrics = content.metric_records.get(P.METRICS, MetricRecord())
+    site = SiteOutcome(
+        site=str(status.get(P.SITE, f"node-{node_id}")),
+        node_id=node_id,
+        status=REFUSED if status.get(P.STATUS) == P.STATUS_REFUSED else TRAINED,
+        reason=str(status.get(P.REASON, "")),
+        num_examples=int(metrics.get(P.NUM_EXAMPLES, 0)),
+        train_loss=_float(metrics.get(P.TRAIN_LOSS)),
+        epsilon_spent=_float(metrics.get(P.EPSILON_SPENT)),
+        epsilon_budget=_float(metrics.get(P.EPSILON_BUDGET)),
+        noise_multiplier=_float(metrics.get(P.NOISE_MULTIPLIER)),
+    )
+    if site.status == TRAINED:
+        try:
+            problem = exchange.check(content)
+        except Exception as err:  # a malformed reply must not stop the round
+            problem = f"reply could not be checked: {err!r}"
+        if not problem and site.num_examples <= 0:
+            problem = f"reply metrics must carry {P.NUM_EXAMPLES!r} > 0"
+        if problem:
+            site.status, site.reason = INVALID, problem
+    return site
 
 
 def _float(value) -> float | None:

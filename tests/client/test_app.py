@@ -5,6 +5,7 @@ import shlex
 
 import pytest
 import torch
+from flwr.app import RecordDict
 
 from client.app import load_site, train_round
 from common import payload as P
@@ -19,11 +20,11 @@ def site(small_config, tmp_path):
 
 def _global(site):
     torch.manual_seed(0)
-    return P.model_to_record(site.task.student(site.config.student))
+    return RecordDict({P.ARRAYS: P.model_to_record(site.task.student(site.config.student))})
 
 
 def test_a_round_trains_reserves_in_the_ledger_and_reports_epsilon(site):
-    reply = train_round(site, _global(site), server_round=1, run="t")
+    reply = train_round(site, _global(site), RecordDict(), server_round=1, run="t")
     assert reply[P.CONFIG][P.STATUS] == P.STATUS_OK
     ledger = PrivacyLedger(site.ledger_dir, delta=site.config.privacy.delta)
     assert len(ledger.entries) == 1 and ledger.entries[0].round == 1
@@ -34,10 +35,10 @@ def test_a_round_trains_reserves_in_the_ledger_and_reports_epsilon(site):
 
 def test_a_site_whose_budget_is_spent_refuses(site):
     for rnd in (1, 2):  # the run's two rounds spend the whole budget
-        assert train_round(site, _global(site), server_round=rnd, run="first")[P.CONFIG][P.STATUS] == P.STATUS_OK
+        assert train_round(site, _global(site), RecordDict(), server_round=rnd, run="first")[P.CONFIG][P.STATUS] == P.STATUS_OK
     spent = PrivacyLedger(site.ledger_dir, delta=site.config.privacy.delta).epsilon_spent()
     assert spent == pytest.approx(site.config.privacy.epsilon, rel=0.02)
-    reply = train_round(site, _global(site), server_round=1, run="second")
+    reply = train_round(site, _global(site), RecordDict(), server_round=1, run="second")
     assert reply[P.CONFIG][P.STATUS] == P.STATUS_REFUSED
     assert "budget" in reply[P.CONFIG][P.REASON]
     assert P.ARRAYS not in reply.array_records
@@ -47,7 +48,7 @@ def test_a_site_whose_budget_is_spent_refuses(site):
 def test_a_corrupt_ledger_makes_the_site_refuse_and_stays_as_it_was(site):
     site.ledger_dir.mkdir(parents=True, exist_ok=True)
     (site.ledger_dir / LEDGER_FILE).write_text('{"format": "fedistill-privacy-ledger", "version": 1, "entr')
-    reply = train_round(site, _global(site), server_round=1, run="t")
+    reply = train_round(site, _global(site), RecordDict(), server_round=1, run="t")
     assert reply[P.CONFIG][P.STATUS] == P.STATUS_REFUSED
     assert "corrupt" in reply[P.CONFIG][P.REASON]
     assert (site.ledger_dir / LEDGER_FILE).read_text().endswith('"entr')

@@ -1,0 +1,24 @@
+"""Coordinate-wise aggregation of the sites' arrays: weighted mean, median, trimmed mean."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def aggregate(stack: np.ndarray, weights: np.ndarray, *, method: str, trim_fraction: float = 0.2) -> np.ndarray:
+    """stack [S, ...] from S sites, weights [S] -> [...].
+
+    `mean` weights each site by `weights` (examples); `median` and `trimmed_mean` treat
+    sites equally, so that one site cannot move the result far by claiming many examples.
+    """
+    stack = np.asarray(stack, dtype=np.float64)
+    if method == "mean":
+        w = np.asarray(weights, dtype=np.float64)
+        return np.tensordot(w / w.sum(), stack, axes=1)
+    if method == "median":
+        return np.median(stack, axis=0)
+    if method == "trimmed_mean":
+        cut = int(np.floor(trim_fraction * stack.shape[0]))
+        ordered = np.sort(stack, axis=0)
+        return ordered[cut : stack.shape[0] - cut].mean(axis=0)
+    raise ValueError(f"unknown aggregation {method!r}: use mean, median or trimmed_mean")

@@ -1,0 +1,155 @@
+"""What travels each round and how the server combines it: `weights` or `logits` exchange.
+
+An exchange says what the server sends (`outgoing`), checks every reply before it can
+touch the global student (`check`), and turns the accepted replies into the next global
+student (`combine`). The Flower strategy and the benchmarks drive the same objects.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from torch import nn
+
+from common import compression
+from common import payload as P
+from common.config import Config
+from common.public_distill import distill_on_public
+from common.task import Task
+from server.aggregate import aggregate
+
+ArraySpec = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype)
+
+
+class Exchange(Protocol):
+    def outgoing(self, global_student: nn.Module) -> RecordDict: ...
+    def check(self, content: RecordDict) -> str: ...
+    def reply_bytes(self, content: RecordDict) -> int: ...
+    def combine(self, replies: list[RecordDict], global_student: nn.Module, server_round: int) -> dict: ...
+
+
+def check_arrays(record: ArrayRecord, expected: ArraySpec, *, max_abs: float, max_bytes: int) -> str:
+    """Why `record` is unacceptable, or '' if it holds exactly the expected, finite, bounded arrays."""
+    if set(record.keys()) != set(expected):
+        missing, extra = sorted(set(expected) - set(record.keys())), sorted(set(record.keys()) - set(expected))
+        return f"expected arrays {sorted(expected)}, missing {missing}, unexpected {extra}"
+    size = P.record_bytes(record)
+    if size > max_bytes:
+        return f"reply of {size} bytes exceeds the limit of {max_bytes} bytes (exchange.max_reply_mb)"
+    for name, (shape, dtype) in expected.items():
+        array = record[name]
+        if tuple(array.shape) != shape or array.dtype != dtype:
+            return f"array {name!r} is {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}"
+        values = array.numpy()
+        if values.dtype.kind == "f":
+            if not np.isfinite(values).all():
+                return f"array {name!r} holds NaN or infinite values"
+            if values.size and np.abs(values).max() > max_abs:
+                return f"array {name!r} has |value| {np.abs(values).max():.3g} > exchange.max_abs_value {max_abs:g}"
+    return ""
+
+
+def _spec(model: nn.Module) -> ArraySpec:
+    return {k: (tuple(v.shape), str(v.numpy().dtype)) for k, v in P.model_to_record(model).items()}
+
+
+def _weights(replies: list[RecordDict]) -> np.ndarray:
+    return np.array([float(r[P.METRICS][P.NUM_EXAMPLES]) for r in replies])
+
+
+class WeightsExchange:
+    """Sites send DP-trained student weights; the server aggregates them coordinate-wise."""
+
+    def __init__(self, config: Config, global_student: nn.Module):
+        self.config = config.exchange
+        self.expected = _spec(global_student)
+        self.max_bytes = int(self.config.max_reply_mb * 2**20)
+
+    def outgoing(self, global_student: nn.Module) -> RecordDict:
+        return RecordDict({P.ARRAYS: P.model_to_record(global_student)})
+
+    def check(self, content: RecordDict) -> str:
+        if P.ARRAYS not in content.array_records:
+            return f"reply has no {P.ARRAYS!r} ArrayRecord"
+        return check_arrays(content[P.ARRAYS], self.expected, max_abs=self.config.max_abs_value, max_bytes=self.max_bytes)
+
+    def reply_bytes(self, content: RecordDict) -> int:
+        return P.record_bytes(content[P.ARRAYS])
+
+    def combine(self, replies: list[RecordDict], global_student: nn.Module, server_round: int) -> dict:
+        weights = _weights(replies)
+        merged = {}
+        for name, (_, dtype) in self.expected.items():
+            stack = np.stack([r[P.ARRAYS][name].numpy() for r in replies])
+            merged[name] = Array(aggregate(stack, weights, method=self.config.aggregation,
+                                           trim_fraction=self.config.trim_fraction).astype(dtype))
+        P.load_record(global_student, ArrayRecord(merged))
+        return {}
+
+
+class LogitsExchange:
+    """Sites send student logits on the public inputs; the server aggregates and distills.
+
+    The combined soft labels (optionally mixed with the teacher's public logits) train
+    the global student on the public inputs. With broadcast=weights the sites start each
+    round from that student (FedDF); with broadcast=logits they receive the consensus
+    logits and keep their own students, which may differ per site (FedMD).
+    """
+
+    def __init__(self, config: Config, task: Task, teacher: nn.Module):
+        self.config = config.exchange
+        self.seed = config.seed
+        self.inputs = task.public_inputs()
+        self.classes = task.num_classes
+        self.manifest = P.public_manifest(self.inputs)
+        with torch.no_grad():
+            self.teacher_logits = teacher(self.inputs)  # [P, C]
+        self.expected = compression.expected_arrays(method=self.config.compression, k=self.config.topk,
+                                                    rows=len(self.inputs), classes=self.classes)
+        self.max_bytes = int(self.config.max_reply_mb * 2**20)
+        self.consensus: torch.Tensor | None = None  # [P, C], last round's aggregate
+
+    def outgoing(self, global_student: nn.Module) -> RecordDict:
+        content = RecordDict({P.CONFIG: ConfigRecord(dict(self.manifest))})
+        if self.config.broadcast == "weights":
+            content[P.ARRAYS] = P.model_to_record(global_student)
+        elif self.consensus is not None:
+            content[P.CONSENSUS] = ArrayRecord({P.LOGITS: Array(self.consensus.numpy())})
+        return content
+
+    def check(self, content: RecordDict) -> str:
+        if P.LOGITS not in content.array_records:
+            return f"reply has no {P.LOGITS!r} ArrayRecord"
+        return check_arrays(content[P.LOGITS], self.expected, max_abs=self.config.max_abs_value, max_bytes=self.max_bytes)
+
+    def reply_bytes(self, content: RecordDict) -> int:
+        return P.record_bytes(content[P.LOGITS])
+
+    def combine(self, replies: list[RecordDict], global_student: nn.Module, server_round: int) -> dict:
+        site_logits = np.stack([self._decode(r) for r in replies])  # [S, P, C]
+        combined = torch.from_numpy(aggregate(site_logits, _weights(replies), method=self.config.aggregation,
+                                              trim_fraction=self.config.trim_fraction)).float()
+        w = self.config.teacher_weight
+        if w > 0:
+            combined = (1 - w) * combined + w * self.teacher_logits
+        self.consensus = combined
+        report = distill_on_public(global_student, self.inputs, combined, self.config.server,
+                                   seed=self.seed * 1000 + server_round)
+        return {"server_distill_epochs": report.epochs, "server_holdout_kl": report.holdout_loss}
+
+    def _decode(self, content: RecordDict) -> np.ndarray:
+        arrays = {k: v.numpy() for k, v in content[P.LOGITS].items()}
+        logits = compression.decode(arrays, method=self.config.compression, classes=self.classes)
+        # Aggregate log-probabilities: logits from different students differ by per-row
+        # constants, which would otherwise dominate a coordinate-wise median or mean.
+        return torch.log_softmax(logits, dim=1).numpy()
+
+
+def build_exchange(config: Config, task: Task, teacher: nn.Module, global_student: nn.Module) -> Exchange:
+    if config.exchange.mode == "weights":
+        return WeightsExchange(config, global_student)
+    return LogitsExchange(config, task, teacher)
+
