@@ -73,6 +73,13 @@ def progress_only(line: str) -> None:
         print(line, flush=True)
 
 
+def write_run_config(run_dir: Path, overrides: list[str]) -> Path:
+    """The Flower run config that carries the overrides to both apps."""
+    path = run_dir / "run_config.toml"
+    path.write_bytes(tomli_w.dumps({"overrides": shlex.join(overrides)}).encode())
+    return path
+
+
 def run_simulation(overrides: list[str], echo: Callable[[str], None] = print) -> int:
     from common.task import build_task
     from fedistill.simulation import SimulationSuperLink
@@ -85,8 +92,7 @@ def run_simulation(overrides: list[str], echo: Callable[[str], None] = print) ->
     print(f"fedistill: run directory {run_dir}")
     print(f"fedistill: preparing task {config.task.name} (the teacher is fitted once and cached)")
     build_task(config).teacher()
-    run_config = run_dir / "run_config.toml"
-    run_config.write_bytes(tomli_w.dumps({"overrides": shlex.join(overrides)}).encode())
+    run_config = write_run_config(run_dir, overrides)
     print(f"fedistill: {config.sites} sites, {config.rounds} rounds, starting Flower")
     with SimulationSuperLink(run_dir) as link:
         code = link.run(APP_DIR, run_config, num_supernodes=config.sites,

@@ -4,8 +4,9 @@ import json
 import shlex
 
 import pytest
+import numpy as np
 import torch
-from flwr.app import RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from client.app import load_site, train_round
 from common import payload as P
@@ -59,3 +60,50 @@ def test_sites_hold_disjoint_private_data(small_config):
     overrides = shlex.join(small_config.overrides)
     sizes = [len(load_site(overrides, i, small_config.sites, None).data) for i in range(small_config.sites)]
     assert sum(sizes) == len(load_site(overrides, 0, 3, None).task._parts["private"])
+
+
+@pytest.fixture
+def logits_site(small_config, tmp_path):
+    load_site.cache_clear()
+    overrides = small_config.overrides + ["exchange=logits", "exchange.compression=topk", "exchange.topk=2"]
+    return load_site(shlex.join(overrides), 1, small_config.sites, str(tmp_path / "ledger-logits"))
+
+
+def _logits_request(site, **manifest_changes):
+    manifest = {**P.public_manifest(site.task.public_inputs()), **manifest_changes}
+    content = _global(site)
+    content[P.CONFIG] = ConfigRecord(manifest)
+    return content
+
+
+def test_a_site_with_another_public_set_refuses_before_spending_budget(logits_site):
+    reply = train_round(logits_site, _logits_request(logits_site, **{P.PUBLIC_SHA256: "0" * 64}),
+                        RecordDict(), server_round=1, run="t")
+    assert reply[P.CONFIG][P.STATUS] == P.STATUS_REFUSED
+    assert "does not match" in reply[P.CONFIG][P.REASON]
+    assert not (logits_site.ledger_dir / LEDGER_FILE).exists()
+
+
+def test_logits_mode_sends_compressed_public_logits_and_never_weights(logits_site):
+    reply = train_round(logits_site, _logits_request(logits_site), RecordDict(), server_round=1, run="t")
+    assert reply[P.CONFIG][P.STATUS] == P.STATUS_OK
+    assert P.ARRAYS not in reply.array_records
+    rows = len(logits_site.task.public_inputs())
+    assert {k: tuple(v.shape) for k, v in reply[P.LOGITS].items()} == {"values": (rows, 2), "indices": (rows, 2), "logsumexp": (rows,)}
+
+
+def test_broadcast_logits_keeps_each_sites_own_student_of_its_own_shape(small_config, tmp_path):
+    load_site.cache_clear()
+    overrides = shlex.join(small_config.overrides + [
+        "exchange=logits", "exchange.broadcast=logits", "exchange.site_students=[[8],[16,4]]"])
+    site = load_site(overrides, 1, small_config.sites, str(tmp_path / "ledger-own"))
+    request = RecordDict({P.CONFIG: ConfigRecord(P.public_manifest(site.task.public_inputs()))})
+    state = RecordDict()
+    first = train_round(site, request, state, server_round=1, run="t")
+    assert first[P.CONFIG][P.STATUS] == P.STATUS_OK
+    kept = state[P.STUDENT_STATE]
+    assert [tuple(v.shape) for v in kept.values()] == [(16, 64), (16,), (4, 16), (4,), (10, 4), (10,)]
+    rows = len(site.task.public_inputs())
+    request[P.CONSENSUS] = ArrayRecord({P.LOGITS: Array(np.zeros((rows, 10), dtype=np.float32))})
+    train_round(site, request, state, server_round=2, run="t")
+    assert not np.allclose(state[P.STUDENT_STATE]["net.1.weight"].numpy(), kept["net.1.weight"].numpy())
