@@ -33,17 +33,28 @@ RESULTS = Path(__file__).parent / "results"
 EPSILONS = ["1", "3", "8"]
 
 
-def rows_for(overrides: list[str], cache: str, seeds: int, baseline_epochs: int) -> list[dict]:
-    """Every accuracy row, each a mean over `seeds` seeds."""
+def settings_for(include_logits: bool) -> list[tuple[str, str, list[str]]]:
+    """(row name, epsilon label, overrides) for every row of the table."""
+    levels = [(eps, [f"privacy.epsilon={eps}"]) for eps in EPSILONS] + [("no DP", ["privacy=none"])]
     settings: list[tuple[str, str, list[str]]] = [("teacher", "-", []), ("public inputs only (no sites)", "-", [])]
-    for teacher, extra in (("with teacher", []), ("hard labels only", ["distill.alpha=0"])):
-        for eps in EPSILONS:
-            settings.append((f"federated DP, {teacher}", eps, extra + [f"privacy.epsilon={eps}"]))
-        settings.append((f"federated DP, {teacher}", "no DP", extra + ["privacy=none"]))
+    for name, extra in (("weights, with teacher", []), ("weights, hard labels only", ["distill.alpha=0"])):
+        settings += [(name, eps, extra + privacy) for eps, privacy in levels]
+    if include_logits:
+        for broadcast in ("weights", "logits"):
+            extra = ["exchange=logits", f"exchange.broadcast={broadcast}"]
+            settings += [(f"logits float32, broadcast {broadcast}", eps, extra + privacy) for eps, privacy in levels]
+        for compression in ("float16", "topk"):
+            extra = ["exchange=logits", f"exchange.compression={compression}"]
+            settings.append((f"logits {compression}, broadcast weights", "3", extra + ["privacy.epsilon=3"]))
     settings.append(("centralized, all private data", "no DP", []))
+    return settings
+
+
+def rows_for(overrides: list[str], cache: str, seeds: int, baseline_epochs: int, include_logits: bool) -> list[dict]:
+    """Every row, each a mean over `seeds` seeds."""
     rows = []
-    for name, eps, extra in settings:
-        scores = []
+    for name, eps, extra in settings_for(include_logits):
+        scores, wires = [], []
         for seed in range(seeds):
             config = compose([*overrides, *extra, f"seed={seed}"], cache)
             if name == "teacher":
@@ -53,13 +64,15 @@ def rows_for(overrides: list[str], cache: str, seeds: int, baseline_epochs: int)
             elif name.startswith("centralized"):
                 scores.append(centralized(config, baseline_epochs))
             else:
-                scores.append(federate(config)[0])
-        rows.append(_row(name, eps, scores))
-        print(f"  {name:34s} eps {eps:6s} accuracy {rows[-1]['accuracy']:.3f} +- {rows[-1]['accuracy_std']:.3f}", flush=True)
+                score, wire = federate(config)
+                scores.append(score)
+                wires.append(wire["bytes_up_per_site_round"])
+        rows.append(_row(name, eps, scores, statistics.mean(wires) if wires else None))
+        print(f"  {name:38s} eps {eps:6s} accuracy {rows[-1]['accuracy']:.3f} +- {rows[-1]['accuracy_std']:.3f}", flush=True)
     return rows
 
 
-def _row(name: str, eps: str, scores: list) -> dict:
+def _row(name: str, eps: str, scores: list, bytes_up: float | None) -> dict:
     acc = [s.accuracy for s in scores]
     agree = [s.agreement for s in scores]
     return {
@@ -68,6 +81,7 @@ def _row(name: str, eps: str, scores: list) -> dict:
         "accuracy": statistics.mean(acc),
         "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
         "agreement": statistics.mean(agree),
+        "bytes_up_per_site_round": bytes_up,
         "seeds": len(acc),
     }
 
@@ -106,10 +120,12 @@ def simulation_wall_time(overrides: list[str]) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'setting':34s} {'epsilon':>7s} {'accuracy':>15s} {'agreement':>9s}")
+    """A Markdown table, so it can go into the README as printed."""
+    print("\n| setting | epsilon | accuracy | agreement | bytes up per site per round |")
+    print("|---|---|---|---|---|")
     for r in rows:
-        acc = f"{r['accuracy']:.3f} +- {r['accuracy_std']:.3f}"
-        print(f"{r['setting']:34s} {r['epsilon']:>7s} {acc:>15s} {r['agreement']:9.3f}")
+        up = f"{r['bytes_up_per_site_round']:,.0f}" if r["bytes_up_per_site_round"] else "-"
+        print(f"| {r['setting']} | {r['epsilon']} | {r['accuracy']:.3f} +- {r['accuracy_std']:.3f} | {r['agreement']:.3f} | {up} |")
 
 
 def main() -> None:
@@ -117,13 +133,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--baseline-epochs", type=int, default=30, help="epochs for the public-only and centralized students")
     parser.add_argument("--skip-simulation", action="store_true", help="do not time a real Flower simulation")
+    parser.add_argument("--weights-only", action="store_true", help="leave out the logits-exchange rows")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every setting")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     cache = str(load_config(args.overrides).cache_path)
     print(f"Accuracy on the held-out test set, mean over {args.seeds} seeds:")
-    rows = rows_for(args.overrides, cache, args.seeds, args.baseline_epochs)
+    rows = rows_for(args.overrides, cache, args.seeds, args.baseline_epochs, not args.weights_only)
     print_table(rows)
     steps = step_time_ratio(args.overrides, cache)
     print(f"\nLocal step time: DP {steps['dp_ms_per_step']:.1f} ms, non-DP {steps['non_dp_ms_per_step']:.1f} ms, "

@@ -127,12 +127,15 @@ def train_round(site: Site, content: RecordDict, state: RecordDict, *, server_ro
     metrics = MetricRecord(
         {
             P.NUM_EXAMPLES: len(site.data),
-            P.TRAIN_LOSS: result.loss,
             P.DP_STEPS: result.steps,
             P.TRAIN_SECONDS: result.seconds,
             **privacy_metrics(site, ledger, noise_multiplier),
         }
     )
+    if not config.privacy.enabled:
+        # The training loss is a statistic of the private records outside the DP mechanism:
+        # it leaves the site only when there is no DP guarantee to break.
+        metrics[P.TRAIN_LOSS] = result.loss
     reply = RecordDict({P.METRICS: metrics, P.CONFIG: ConfigRecord({P.STATUS: P.STATUS_OK, P.SITE: site.name})})
     if exchange.mode == "weights":
         reply[P.ARRAYS] = P.model_to_record(student)

@@ -27,6 +27,9 @@ PUBLIC_SHA256 = "public-sha256"  # ... and a hash of their contents
 STATUS_OK = "ok"
 STATUS_REFUSED = "refused"
 
+# The ServerApp tags its progress log lines with this; `fedistill simulate` shows only those.
+PROGRESS_TAG = "[fedistill] "
+
 # MetricRecord keys
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"

@@ -15,6 +15,7 @@ from typing import Callable
 
 import tomli_w
 
+from common import payload as P
 from common.config import CONF_DIR, Config, ConfigError, load_config
 
 APP_DIR = CONF_DIR.parent  # the folder with pyproject.toml, server/, client/, common/, conf/
@@ -60,15 +61,14 @@ def resolve_paths(overrides: list[str]) -> tuple[list[str], Config]:
     return overrides, load_config(overrides)
 
 
-PROGRESS_TAG = "[fedistill] "
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def progress_only(line: str) -> None:
     """Show the apps' progress lines and Flower's errors; the rest is in flower.log."""
     line = _ANSI.sub("", line)
-    if PROGRESS_TAG in line:
-        print(line.split(PROGRESS_TAG, 1)[1], flush=True)
+    if P.PROGRESS_TAG in line:
+        print(line.split(P.PROGRESS_TAG, 1)[1], flush=True)
     elif line.startswith(("ERROR", "Traceback")) or " ERROR " in line:
         print(line, flush=True)
 
@@ -119,6 +119,10 @@ def final_table(summary: dict) -> str:
     lines = [f"\n{summary['task']}: {summary['exchange']} exchange, "
              f"{summary['rounds_completed']}/{summary['rounds_planned']} rounds completed"]
     lines += _table(rows)
+    comm = summary["communication"]
+    lines.append(f"communication: {_kib(comm['bytes_up'])} up, {_kib(comm['bytes_down'])} down in all")
+    if summary.get("dropped_replies"):
+        lines.append(f"dropped replies (failed or invalid): {summary['dropped_replies']}")
     privacy = summary["privacy"]
     lines.append(f"\nprivacy ({privacy['accountant']} accountant, delta {privacy['delta']:g})"
                  + ("" if privacy["enabled"] else ": DISABLED, sites trained without DP"))

@@ -106,10 +106,8 @@ class DistillStrategy(FedAvg):
         outcome.seconds = time.perf_counter() - outcome.started
         if not accepted:
             return None, None
-        trained = [s for s in outcome.sites if s.status == TRAINED]
-        total = sum(s.num_examples for s in trained)
-        loss = sum((s.train_loss or 0.0) * s.num_examples for s in trained) / total
-        return P.model_to_record(self.global_student), MetricRecord({P.TRAIN_LOSS: loss, P.NUM_EXAMPLES: total})
+        total = sum(s.num_examples for s in outcome.sites if s.status == TRAINED)
+        return P.model_to_record(self.global_student), MetricRecord({P.NUM_EXAMPLES: total})
 
     def read_reply(self, msg: Message) -> SiteOutcome:
         node_id = msg.metadata.src_node_id

@@ -1,6 +1,5 @@
 """A site's round without Flower's processes: the ledger decides, the reply says why."""
 
-import json
 import shlex
 
 import pytest
