@@ -23,6 +23,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 from bench.baselines import centralized, compose, evaluator, federate, public_only, task_of
 from client.app import load_site
@@ -45,13 +46,14 @@ def settings_for(include_logits: bool) -> list[tuple[str, str, list[str]]]:
             settings += [(f"logits float32, broadcast {broadcast}", eps, extra + privacy) for eps, privacy in levels]
         for compression in ("float16", "topk"):
             extra = ["exchange=logits", f"exchange.compression={compression}"]
-            settings.append((f"logits {compression}, broadcast weights", "3", extra + ["privacy.epsilon=3"]))
+            settings += [(f"logits {compression}, broadcast weights", eps, extra + privacy) for eps, privacy in levels]
     settings.append(("centralized, all private data", "no DP", []))
     return settings
 
 
-def rows_for(overrides: list[str], cache: str, seeds: int, baseline_epochs: int, include_logits: bool) -> list[dict]:
-    """Every row, each a mean over `seeds` seeds."""
+def rows_for(overrides: list[str], cache: str, seeds: int, baseline_epochs: int, include_logits: bool,
+             on_row: Callable[[list[dict]], None]) -> list[dict]:
+    """Every row, each a mean over `seeds` seeds; `on_row` sees the rows so far after each one."""
     rows = []
     for name, eps, extra in settings_for(include_logits):
         scores, wires = [], []
@@ -69,6 +71,7 @@ def rows_for(overrides: list[str], cache: str, seeds: int, baseline_epochs: int,
                 wires.append(wire["bytes_up_per_site_round"])
         rows.append(_row(name, eps, scores, statistics.mean(wires) if wires else None))
         print(f"  {name:38s} eps {eps:6s} accuracy {rows[-1]['accuracy']:.3f} +- {rows[-1]['accuracy_std']:.3f}", flush=True)
+        on_row(rows)
     return rows
 
 
@@ -140,21 +143,30 @@ def main() -> None:
     logging.disable(logging.WARNING)
     cache = str(load_config(args.overrides).cache_path)
     print(f"Accuracy on the held-out test set, mean over {args.seeds} seeds:")
-    rows = rows_for(args.overrides, cache, args.seeds, args.baseline_epochs, not args.weights_only)
+    result: dict = {"overrides": args.overrides, "seeds": args.seeds, "rows": []}
+    out = RESULTS / "bench.json"
+    RESULTS.mkdir(exist_ok=True)
+
+    def save(rows: list[dict] | None = None) -> None:  # after every row: a long run loses nothing
+        if rows is not None:
+            result["rows"] = rows
+        out.write_text(json.dumps(result, indent=2))
+
+    rows = rows_for(args.overrides, cache, args.seeds, args.baseline_epochs, not args.weights_only, save)
     print_table(rows)
     steps = step_time_ratio(args.overrides, cache)
+    result["step_time"] = steps
+    save()
     print(f"\nLocal step time: DP {steps['dp_ms_per_step']:.1f} ms, non-DP {steps['non_dp_ms_per_step']:.1f} ms, "
           f"ratio x{steps['ratio']:.2f} (batch {steps['batch_size']})")
-    result = {"overrides": args.overrides, "rows": rows, "step_time": steps}
     if not args.skip_simulation:
         wall = simulation_wall_time(args.overrides)
         result["simulation"] = wall
+        save()
         print(f"Default simulation ({wall['rounds']} rounds): wall {wall['wall_s']:.0f} s = start-up and teardown "
               f"{wall['startup_and_teardown_s']:.0f} s + training {wall['training_s']:.0f} s + evaluation "
               f"{wall['evaluation_s']:.1f} s")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "bench.json").write_text(json.dumps(result, indent=2))
-    print(f"\nwritten to {RESULTS / 'bench.json'}")
+    print(f"\nwritten to {out}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import torch
+from safetensors.torch import save
 from torch import nn
 
 
@@ -49,8 +50,8 @@ def count_params(model: nn.Module) -> int:
 
 
 def size_bytes(model: nn.Module) -> int:
-    """Bytes of the model's state_dict as safetensors would store it (fp32 tensors)."""
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    """On-disk size of the model's state_dict as a safetensors file."""
+    return len(save({k: v.detach().contiguous() for k, v in model.state_dict().items()}))
 
 
 @torch.inference_mode()

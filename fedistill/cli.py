@@ -8,6 +8,7 @@ import logging
 import math
 import re
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -34,14 +35,20 @@ def main(argv: list[str] | None = None) -> int:
     simulate.add_argument("-v", "--verbose", action="store_true", help="show all of Flower's log, not only progress")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # SIGTERM (e.g. from a job scheduler) unwinds like Ctrl-C, so Flower's processes are stopped.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return run_simulation(args.overrides, echo=print if args.verbose else progress_only)
+        return run_simulation(args.overrides, echo=print if args.verbose else ProgressOnly())
     except ConfigError as err:
         print(f"fedistill: config error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fedistill: interrupted; Flower processes stopped", file=sys.stderr)
         return 130
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def pin(overrides: list[str], key: str, value: str) -> list[str]:
@@ -64,13 +71,26 @@ def resolve_paths(overrides: list[str]) -> tuple[list[str], Config]:
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def progress_only(line: str) -> None:
-    """Show the apps' progress lines and Flower's errors; the rest is in flower.log."""
-    line = _ANSI.sub("", line)
-    if P.PROGRESS_TAG in line:
-        print(line.split(P.PROGRESS_TAG, 1)[1], flush=True)
-    elif line.startswith(("ERROR", "Traceback")) or " ERROR " in line:
-        print(line, flush=True)
+class ProgressOnly:
+    """Shows the apps' progress lines and Flower's errors once each; the rest is in flower.log.
+
+    Flower's log stream carries each line twice (console and file format).
+    """
+
+    def __init__(self) -> None:
+        self.shown: set[str] = set()
+
+    def __call__(self, line: str) -> None:
+        line = _ANSI.sub("", line)
+        if P.PROGRESS_TAG in line:
+            text = line.split(P.PROGRESS_TAG, 1)[1]
+        elif line.startswith(("ERROR", "Traceback")) or " ERROR " in line:
+            text = line.split("ERROR", 1)[-1].lstrip(" :")
+        else:
+            return
+        if text not in self.shown:
+            self.shown.add(text)
+            print(text, flush=True)
 
 
 def write_run_config(run_dir: Path, overrides: list[str]) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -181,3 +182,24 @@ def test_bad_replies_are_dropped_and_counted_while_the_run_completes(tmp_path, c
     assert "expected float32[90, 10]" in reasons["site-3"]
     assert "exceeds the limit" in reasons["site-4"]
     assert 0 < summary["student"]["accuracy"] <= 1
+
+
+def test_ctrl_c_stops_every_flower_process(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    command = [*FEDISTILL, f"run_dir={run_dir}", "task=digits", "sites=2", "rounds=50", f"cache_dir={cache_dir}"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:  # wait until the federation is really running
+            if "round 1/50" in line:
+                break
+        assert _processes_using(run_dir), "the run should have Flower processes before the interrupt"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    leftovers = _processes_using(run_dir)
+    for p in leftovers:
+        p.kill()
+    assert not leftovers, f"processes left running after Ctrl-C: {leftovers}"
+    assert "interrupted" in proc.stdout.read()

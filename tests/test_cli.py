@@ -1,0 +1,17 @@
+from fedistill.cli import ProgressOnly, pin
+
+
+def test_progress_shows_tagged_lines_and_errors_once(capsys):
+    show = ProgressOnly()
+    for line in [
+        "\x1b[92mINFO \x1b[0m:      [fedistill] round 1/3: 3 trained",
+        "11/23/2026 02:33:07:INFO:[fedistill] round 1/3: 3 trained",
+        "INFO :      configure_train: Sampled 3 nodes (out of 3)",
+        "ERROR :     ServerApp raised an exception",
+    ]:
+        show(line)
+    assert capsys.readouterr().out.splitlines() == ["round 1/3: 3 trained", "ServerApp raised an exception"]
+
+
+def test_pin_replaces_what_the_user_gave():
+    assert pin(["sites=3", "run_dir=rel", "+run_dir=x"], "run_dir", "/abs/run") == ["sites=3", 'run_dir="/abs/run"']
