@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from pathlib import Path
 from logging import INFO
 
 import torch
@@ -12,7 +13,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from common import payload as P
-from common.config import Config, load_config
+from common.config import Config, ConfigError, load_config
 from common.evaluation import Evaluator
 from common.task import build_task
 from server import rundir as R
@@ -26,6 +27,12 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = load_config(str(context.run_config["overrides"]))
+    if config.run_dir is None or not Path(config.run_dir).is_absolute():
+        raise ConfigError(
+            f"run_dir must be an absolute path when the ServerApp is started by `flwr run`, got "
+            f"{config.run_dir!r}: pass --run-config \"overrides='run_dir=/abs/path ...'\" "
+            "(`fedistill simulate` sets it for you)"
+        )
     run(grid, config)
 
 
