@@ -56,16 +56,25 @@ def size_bytes(model: nn.Module) -> int:
 
 @torch.inference_mode()
 def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 200) -> float:
-    """Median single-sample CPU forward latency in milliseconds."""
+    """Median single-sample forward latency in milliseconds, on one CPU thread.
+
+    One thread, because a single sample gains nothing from more and the figure should not
+    depend on what else the machine (e.g. a simulation's workers) is doing.
+    """
     model.eval()
     x = example[:1]
-    for _ in range(10):
-        model(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - start)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(10):
+            model(x)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
     times.sort()
     return 1000 * times[len(times) // 2]
 
