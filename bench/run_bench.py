@@ -7,7 +7,7 @@ distillation on all private data (the ceiling). Then DP step time over non-DP st
 and the wall time of the default `fedistill simulate` split into start-up, training and
 evaluation. Prints tables and writes bench/results/bench.json.
 
-    python -m bench.run_bench [--seeds 3] [--skip-simulation] [overrides ...]
+    python -m bench.run_bench [--seeds 3] [--skip-simulation] [--only PREFIX] [--epsilons 1 3 8] [overrides ...]
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ RESULTS = Path(__file__).parent / "results"
 EPSILONS = ["1", "3", "8"]
 
 
-def settings_for(include_logits: bool) -> list[tuple[str, str, list[str]]]:
+def settings_for(include_logits: bool, epsilons: list[str]) -> list[tuple[str, str, list[str]]]:
     """(row name, epsilon label, overrides) for every row of the table."""
-    levels = [(eps, [f"privacy.epsilon={eps}"]) for eps in EPSILONS] + [("no DP", ["privacy=none"])]
+    levels = [(eps, [f"privacy.epsilon={eps}"]) for eps in epsilons] + [("no DP", ["privacy=none"])]
     settings: list[tuple[str, str, list[str]]] = [("teacher", "-", []), ("public inputs only (no sites)", "-", [])]
     for name, extra in (("weights, with teacher", []), ("weights, hard labels only", ["distill.alpha=0"])):
         settings += [(name, eps, extra + privacy) for eps, privacy in levels]
@@ -51,11 +51,13 @@ def settings_for(include_logits: bool) -> list[tuple[str, str, list[str]]]:
     return settings
 
 
-def rows_for(overrides: list[str], cache: str, seeds: int, baseline_epochs: int, include_logits: bool,
-             on_row: Callable[[list[dict]], None]) -> list[dict]:
-    """Every row, each a mean over `seeds` seeds; `on_row` sees the rows so far after each one."""
+def rows_for(overrides: list[str], cache: str, args: argparse.Namespace, on_row: Callable[[list[dict]], None]) -> list[dict]:
+    """Every row, each a mean over `args.seeds` seeds; `on_row` sees the rows so far after each one."""
     rows = []
-    for name, eps, extra in settings_for(include_logits):
+    seeds, baseline_epochs = args.seeds, args.baseline_epochs
+    for name, eps, extra in settings_for(not args.weights_only, args.epsilons):
+        if args.only and not any(name.startswith(prefix) for prefix in args.only):
+            continue
         scores, wires = [], []
         for seed in range(seeds):
             config = compose([*overrides, *extra, f"seed={seed}"], cache)
@@ -137,6 +139,10 @@ def main() -> None:
     parser.add_argument("--baseline-epochs", type=int, default=30, help="epochs for the public-only and centralized students")
     parser.add_argument("--skip-simulation", action="store_true", help="do not time a real Flower simulation")
     parser.add_argument("--weights-only", action="store_true", help="leave out the logits-exchange rows")
+    parser.add_argument("--only", action="append", default=[], metavar="PREFIX",
+                        help="run only the rows whose setting starts with PREFIX (repeatable)")
+    parser.add_argument("--epsilons", nargs="+", default=EPSILONS, help="the DP budgets of the DP rows")
+    parser.add_argument("--out", default="bench.json", help="file name under bench/results/")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every setting")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -144,7 +150,7 @@ def main() -> None:
     cache = str(load_config(args.overrides).cache_path)
     print(f"Accuracy on the held-out test set, mean over {args.seeds} seeds:")
     result: dict = {"overrides": args.overrides, "seeds": args.seeds, "rows": []}
-    out = RESULTS / "bench.json"
+    out = RESULTS / args.out
     RESULTS.mkdir(exist_ok=True)
 
     def save(rows: list[dict] | None = None) -> None:  # after every row: a long run loses nothing
@@ -152,7 +158,7 @@ def main() -> None:
             result["rows"] = rows
         out.write_text(json.dumps(result, indent=2))
 
-    rows = rows_for(args.overrides, cache, args.seeds, args.baseline_epochs, not args.weights_only, save)
+    rows = rows_for(args.overrides, cache, args, save)
     print_table(rows)
     steps = step_time_ratio(args.overrides, cache)
     result["step_time"] = steps
