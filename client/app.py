@@ -46,16 +46,26 @@ class Site:
         return self.task.student(dataclasses.replace(student, hidden=hidden))
 
 
-@lru_cache(maxsize=4)
-def load_site(overrides: str, partition_id: int, num_partitions: int, ledger_dir: str | None) -> Site:
-    """Build a site once per process: config, private data, and the teacher's logits on it."""
+@lru_cache(maxsize=2)
+def load_task(overrides: str) -> tuple[Config, Task]:
+    """Config and task once per process, shared by every site this process plays."""
     config = load_config(overrides)
+    return config, build_task(config)
+
+
+@lru_cache(maxsize=None)
+def load_site(overrides: str, partition_id: int, num_partitions: int, ledger_dir: str | None) -> Site:
+    """Build a site once per process: its private data and the teacher's logits on it.
+
+    One simulation worker plays many sites in turn, so every site stays cached (a site
+    holds only its own slice of the data).
+    """
+    config, task = load_task(overrides)
     if num_partitions != config.sites:
         raise ValueError(
             f"this federation has {num_partitions} SuperNodes but the config says sites={config.sites}: "
             "start as many SuperNodes as sites"
         )
-    task = build_task(config)
     private = task.private_data(partition_id, config.sites)
     inputs, labels = private.tensors
     teacher = task.teacher()

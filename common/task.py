@@ -92,6 +92,7 @@ class ImageTask:
         self.name = config.name
         self.seed = seed
         self.cache_dir = cache_dir
+        self._teacher: nn.Module | None = None
 
     @cached_property
     def _parts(self) -> dict[str, TensorDataset]:
@@ -144,6 +145,11 @@ class ImageTask:
         return StudentMLP(self.input_shape, self.num_classes, config.hidden)
 
     def teacher(self) -> nn.Module:
+        if self._teacher is None:
+            self._teacher = self._load_or_fit_teacher()
+        return self._teacher
+
+    def _load_or_fit_teacher(self) -> nn.Module:
         model = TeacherCNN(self.input_shape, self.num_classes, self.config.teacher.channels, self.config.teacher.hidden)
         path = self.cache_dir / f"teacher-{self.name}-{self._teacher_key()}.safetensors"
         if path.exists():
