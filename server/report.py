@@ -65,7 +65,9 @@ class PrivacyView:
                 f"{dp.max_grad_norm}, Gaussian noise; record-level (epsilon, delta) per site"
                 if dp.enabled else "none: privacy.enabled=false, sites trained WITHOUT differential privacy"
             ),
-            "released": RELEASED[config.exchange.mode],
+            "released": RELEASED[config.exchange.mode] if dp.enabled else (
+                f"each site's student {'weights' if config.exchange.mode == 'weights' else 'logits on the public inputs'}, "
+                "trained WITHOUT differential privacy: they carry no privacy guarantee"),
             "sites": [
                 {
                     "site": site,
