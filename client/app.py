@@ -106,6 +106,11 @@ def train_round(site: Site, content: RecordDict, state: RecordDict, *, server_ro
         problem = public_set_mismatch(site, content.config_records.get(P.CONFIG, ConfigRecord()))
         if problem:
             return refusal(site, None, problem)
+    try:
+        # Built before any budget is reserved: a malformed request must not cost epsilon.
+        student = starting_student(site, content, state)
+    except (KeyError, ValueError, RuntimeError) as err:
+        return refusal(site, None, f"the server's request is malformed: {err}")
     plan = plan_round(len(site.data), config.distill)
     noise_multiplier = None
     ledger = None
@@ -124,7 +129,6 @@ def train_round(site: Site, content: RecordDict, state: RecordDict, *, server_ro
         except (BudgetExhausted, LedgerError) as err:
             return refusal(site, ledger, str(err))
 
-    student = starting_student(site, content, state)
     result = distill_locally(
         student,
         site.data,
@@ -172,22 +176,28 @@ def public_set_mismatch(site: Site, request: ConfigRecord) -> str:
 
 
 def starting_student(site: Site, content: RecordDict, state: RecordDict) -> nn.Module:
-    """The student this round's private training starts from.
+    """The student this round's private training starts from; ValueError on a malformed request.
 
     The global student when weights are broadcast; otherwise the site's own student from
     the previous round, first fitted to the consensus logits on the public inputs (FedMD).
     """
     student = site.new_student()
-    if P.ARRAYS in content.array_records:
+    exchange = site.config.exchange
+    if exchange.mode == "weights" or exchange.broadcast == "weights":
+        if P.ARRAYS not in content.array_records:
+            raise ValueError(f"no {P.ARRAYS!r} (the global student) in the request")
         P.load_record(student, content[P.ARRAYS])
         return student
     if P.STUDENT_STATE in state.array_records:
         P.load_record(student, state[P.STUDENT_STATE])
-    exchange = site.config.exchange
     if P.CONSENSUS in content.array_records and exchange.public_fit_epochs > 0:
+        public = site.task.public_inputs()
         consensus = torch.from_numpy(content[P.CONSENSUS][P.LOGITS].numpy()).float()
+        expected = (len(public), site.task.num_classes)
+        if tuple(consensus.shape) != expected or not torch.isfinite(consensus).all():
+            raise ValueError(f"consensus logits must be finite with shape {list(expected)}, got {list(consensus.shape)}")
         fit = dataclasses.replace(exchange.server, epochs=exchange.public_fit_epochs)
-        distill_on_public(student, site.task.public_inputs(), consensus, fit, seed=site.config.seed + site.index)
+        distill_on_public(student, public, consensus, fit, seed=site.config.seed + site.index)
     return student
 
 

@@ -35,9 +35,15 @@ class TrainResult:
 
 
 def plan_round(num_records: int, config: DistillConfig) -> StepPlan:
-    """Opacus samples each record with rate 1 / len(data_loader), not exactly B / N."""
+    """The steps and sample rate Opacus will take and account for, computed as Opacus does.
+
+    `make_private` turns a loader of `batches` batches into a Poisson loader with rate
+    1 / batches that yields int(1 / rate) steps per epoch (one fewer than `batches` for
+    some values, e.g. 93), and its accountant charges 1 / (that many steps) per step.
+    """
     batches = math.ceil(num_records / config.batch_size)
-    return StepPlan(sample_rate=1.0 / batches, steps=config.local_epochs * batches)
+    steps_per_epoch = int(1 / (1 / batches))
+    return StepPlan(sample_rate=1 / steps_per_epoch, steps=config.local_epochs * steps_per_epoch)
 
 
 def distill_locally(

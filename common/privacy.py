@@ -94,6 +94,7 @@ class PrivacyLedger:
         self.path = self.directory / LEDGER_FILE
         self.delta = delta
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.budget: float | None = None  # fixed by the first reservation, never raised
         self.entries = self._read()
 
     # -- queries ----------------------------------------------------------------------
@@ -124,6 +125,7 @@ class PrivacyLedger:
         """
         if steps <= 0:
             raise ValueError(f"steps must be > 0, got {steps}")
+        self._check_budget(budget)
         spent = self.epsilon_spent()
         if spent >= budget:
             raise BudgetExhausted(f"epsilon spent {spent:.4g} has reached the budget {budget:.4g}")
@@ -159,15 +161,26 @@ class PrivacyLedger:
         entry = LedgerEntry(noise_multiplier, sample_rate, steps, run, round, time.time())
         with self._locked():
             self.entries = self._read()
+            self._check_budget(budget)
             after = self.epsilon_after(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
             if after > budget:
                 raise BudgetExhausted(
                     f"{steps} steps at noise multiplier {noise_multiplier:.4g} would bring epsilon to "
                     f"{after:.4g}, over the budget {budget:.4g}"
                 )
-            self._write(self.entries + [entry])
+            self._write(self.entries + [entry], budget)
             self.entries.append(entry)
+            self.budget = budget
         return after
+
+    def _check_budget(self, budget: float) -> None:
+        """A site's budget covers everything it ever does with its data: it cannot be raised later."""
+        if self.budget is not None and budget != self.budget:
+            raise LedgerError(
+                f"{self.path} is kept for a total budget of epsilon {self.budget:g}, but this run asks for "
+                f"{budget:g}: a budget cannot be changed once spending has started; set privacy.epsilon="
+                f"{self.budget:g} or give this run its own privacy.ledger_dir"
+            )
 
     # -- storage ----------------------------------------------------------------------
 
@@ -195,6 +208,7 @@ class PrivacyLedger:
                     "or give this run its own privacy.ledger_dir"
                 )
             entries = [LedgerEntry(**e) for e in doc["entries"]]
+            self.budget = float(doc["budget"]) if entries else None
         except LedgerError:
             raise
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
@@ -204,12 +218,13 @@ class PrivacyLedger:
                 raise LedgerError(f"privacy ledger {self.path} holds an impossible entry {e}; {fix}")
         return entries
 
-    def _write(self, entries: list[LedgerEntry]) -> None:
+    def _write(self, entries: list[LedgerEntry], budget: float) -> None:
         doc = {
             "format": LEDGER_FORMAT,
             "version": LEDGER_VERSION,
             "accountant": ACCOUNTANT,
             "delta": self.delta,
+            "budget": budget,
             "entries": [asdict(e) for e in entries],
         }
         atomic_write(self.path, json.dumps(doc, indent=1).encode(), durable=True)

@@ -123,7 +123,20 @@ class LogitsExchange:
     def check(self, content: RecordDict) -> str:
         if P.LOGITS not in content.array_records:
             return f"reply has no {P.LOGITS!r} ArrayRecord"
-        return check_arrays(content[P.LOGITS], self.expected, max_abs=self.config.max_abs_value, max_bytes=self.max_bytes)
+        record = content[P.LOGITS]
+        problem = check_arrays(record, self.expected, max_abs=self.config.max_abs_value, max_bytes=self.max_bytes)
+        if problem or self.config.compression != "topk":
+            return problem
+        indices = record[compression.INDICES].numpy().astype(np.int64)
+        if indices.size and indices.max() >= self.classes:
+            return f"top-k indices must be < {self.classes} classes, got {indices.max()}"
+        if (np.diff(np.sort(indices, axis=1), axis=1) == 0).any():
+            return "top-k indices repeat a class within a row"
+        values = record[compression.VALUES].numpy().astype(np.float32)
+        lse = record[compression.LOGSUMEXP].numpy()
+        if values.size and (lse < values.max(axis=1) - 1e-2).any():
+            return "logsumexp is below a row's largest logit: the top-k reply is inconsistent"
+        return ""
 
     def reply_bytes(self, content: RecordDict) -> int:
         return P.record_bytes(content[P.LOGITS])

@@ -102,7 +102,12 @@ class DistillStrategy(FedAvg):
             else:
                 log.warning("Round %d: %s (node %d) %s: %s", server_round, site.site, site.node_id, site.status, site.reason)
         if accepted:
-            outcome.server = self.exchange.combine(accepted, self.global_student, server_round)
+            try:
+                outcome.server = self.exchange.combine(accepted, self.global_student, server_round)
+            except Exception as err:  # keep the previous global student and the run going
+                log.error("Round %d: combining %d replies failed: %r", server_round, len(accepted), err)
+                outcome.server = {"error": repr(err)}
+                accepted = []
         outcome.seconds = time.perf_counter() - outcome.started
         if not accepted:
             return None, None
@@ -118,19 +123,10 @@ class DistillStrategy(FedAvg):
 
 def read_content(content: RecordDict, node_id: int, exchange: Exchange) -> SiteOutcome:
     """A site's reply as an outcome; a trained reply that fails the exchange's checks is INVALID."""
-    status = content.config_records.get(P.CONFIG, ConfigRecord())
-    metrics = content.metric_records.get(P.METRICS, MetricRecord())
-    site = SiteOutcome(
-        site=str(status.get(P.SITE, f"node-{node_id}")),
-        node_id=node_id,
-        status=REFUSED if status.get(P.STATUS) == P.STATUS_REFUSED else TRAINED,
-        reason=str(status.get(P.REASON, "")),
-        num_examples=int(metrics.get(P.NUM_EXAMPLES, 0)),
-        train_loss=_float(metrics.get(P.TRAIN_LOSS)),
-        epsilon_spent=_float(metrics.get(P.EPSILON_SPENT)),
-        epsilon_budget=_float(metrics.get(P.EPSILON_BUDGET)),
-        noise_multiplier=_float(metrics.get(P.NOISE_MULTIPLIER)),
-    )
+    try:
+        site = _outcome(content, node_id)
+    except (TypeError, ValueError, OverflowError) as err:
+        return SiteOutcome(f"node-{node_id}", node_id, INVALID, reason=f"reply metadata is unreadable: {err}")
     if site.status == TRAINED:
         try:
             problem = exchange.check(content)
@@ -141,6 +137,22 @@ def read_content(content: RecordDict, node_id: int, exchange: Exchange) -> SiteO
         if problem:
             site.status, site.reason = INVALID, problem
     return site
+
+
+def _outcome(content: RecordDict, node_id: int) -> SiteOutcome:
+    status = content.config_records.get(P.CONFIG, ConfigRecord())
+    metrics = content.metric_records.get(P.METRICS, MetricRecord())
+    return SiteOutcome(
+        site=str(status.get(P.SITE, f"node-{node_id}")),
+        node_id=node_id,
+        status=REFUSED if status.get(P.STATUS) == P.STATUS_REFUSED else TRAINED,
+        reason=str(status.get(P.REASON, "")),
+        num_examples=int(metrics.get(P.NUM_EXAMPLES, 0)),
+        train_loss=_float(metrics.get(P.TRAIN_LOSS)),
+        epsilon_spent=_float(metrics.get(P.EPSILON_SPENT)),
+        epsilon_budget=_float(metrics.get(P.EPSILON_BUDGET)),
+        noise_multiplier=_float(metrics.get(P.NOISE_MULTIPLIER)),
+    )
 
 
 def _float(value) -> float | None:

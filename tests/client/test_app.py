@@ -54,11 +54,22 @@ def test_a_corrupt_ledger_makes_the_site_refuse_and_stays_as_it_was(site):
     assert (site.ledger_dir / LEDGER_FILE).read_text().endswith('"entr')
 
 
-def test_sites_hold_disjoint_private_data(small_config):
+def test_sites_hold_disjoint_private_data_that_covers_the_private_part(small_config):
     load_site.cache_clear()
     overrides = shlex.join(small_config.overrides)
-    sizes = [len(load_site(overrides, i, small_config.sites, None).data) for i in range(small_config.sites)]
-    assert sum(sizes) == len(load_site(overrides, 0, 3, None).task._parts["private"])
+    sites = [load_site(overrides, i, small_config.sites, None) for i in range(small_config.sites)]
+    rows = [tuple(x.flatten().tolist()) for site in sites for x in site.data.tensors[0]]
+    private = sites[0].task._parts["private"].tensors[0]
+    assert len(rows) == len(private)
+    assert set(rows) == {tuple(x.flatten().tolist()) for x in private}
+
+
+def test_a_malformed_request_is_refused_before_any_budget_is_spent(site):
+    bad = RecordDict({P.ARRAYS: ArrayRecord({"net.1.weight": Array(np.zeros((3, 3), dtype=np.float32))})})
+    reply = train_round(site, bad, RecordDict(), server_round=1, run="t")
+    assert reply[P.CONFIG][P.STATUS] == P.STATUS_REFUSED
+    assert "malformed" in reply[P.CONFIG][P.REASON]
+    assert not (site.ledger_dir / LEDGER_FILE).exists()
 
 
 @pytest.fixture

@@ -37,10 +37,25 @@ def test_dp_training_takes_the_planned_steps_and_keeps_clean_keys(small_config):
     assert not hasattr(student.net[1].weight, "grad_sample") or student.net[1].weight.grad_sample is None
 
 
+def test_plan_matches_opacus_where_its_sampler_rounds_down(small_config):
+    # 185 records in batches of 2 is 93 batches, but Opacus's Poisson loader yields 92 steps.
+    distill = dataclasses.replace(small_config.distill, batch_size=2, local_epochs=1)
+    data = TensorDataset(torch.rand(185, 1, 8, 8), torch.randint(0, 10, (185,)), torch.randn(185, 10))
+    plan = plan_round(len(data), distill)
+    assert (plan.steps, plan.sample_rate) == (92, 1 / 92)
+    result = distill_locally(StudentMLP((1, 8, 8), 10, [4]), data, distill=distill, privacy=small_config.privacy,
+                             noise_multiplier=1.0, plan=plan, seed=0)
+    assert result.steps == 92
+
+
 def test_dp_noise_is_not_reproducible_from_the_config_seed(small_config):
     # A known seed would let anyone regenerate the noise; non-DP runs stay reproducible.
-    a, _, _ = _train(small_config, privacy=small_config.privacy, noise=1.0, seed=5)
-    b, _, _ = _train(small_config, privacy=small_config.privacy, noise=1.0, seed=5)
+    # One batch of all 96 records (sample rate 1) makes Poisson sampling deterministic, so
+    # any difference between two runs with one seed is the noise.
+    full = dataclasses.replace(small_config, distill=dataclasses.replace(small_config.distill, batch_size=96))
+    a, _, plan = _train(full, privacy=small_config.privacy, noise=1.0, seed=5)
+    assert plan.sample_rate == 1.0
+    b, _, _ = _train(full, privacy=small_config.privacy, noise=1.0, seed=5)
     assert not torch.allclose(a.net[1].weight, b.net[1].weight)
     off = dataclasses.replace(small_config.privacy, enabled=False)
     c, _, _ = _train(small_config, privacy=off, seed=5)

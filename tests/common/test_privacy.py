@@ -44,8 +44,20 @@ def test_reserve_refuses_past_the_budget_and_records_nothing(tmp_path):
     ledger.reserve(budget=3, noise_multiplier=2.0, sample_rate=0.1, steps=60, run="r", round=1)
     before = (tmp_path / LEDGER_FILE).read_text()
     with pytest.raises(BudgetExhausted, match="over the budget"):
-        ledger.reserve(budget=2, noise_multiplier=2.0, sample_rate=0.1, steps=5000, run="r", round=2)
+        ledger.reserve(budget=3, noise_multiplier=2.0, sample_rate=0.1, steps=5000, run="r", round=2)
     assert (tmp_path / LEDGER_FILE).read_text() == before
+
+
+def test_a_budget_cannot_be_raised_once_spending_has_started(tmp_path):
+    PrivacyLedger(tmp_path, delta=DELTA).reserve(budget=1.0, noise_multiplier=3.0, sample_rate=0.1, steps=10, run="a", round=1)
+    ledger = PrivacyLedger(tmp_path, delta=DELTA)
+    for attempt in (
+        lambda: ledger.calibrate(budget=5.0, sample_rate=0.1, steps=10, max_noise_multiplier=20),
+        lambda: ledger.reserve(budget=5.0, noise_multiplier=3.0, sample_rate=0.1, steps=10, run="b", round=1),
+    ):
+        with pytest.raises(LedgerError, match="set privacy.epsilon=1"):
+            attempt()
+    assert len(PrivacyLedger(tmp_path, delta=DELTA).entries) == 1
 
 
 def test_calibrate_refuses_when_the_budget_is_spent(tmp_path):
@@ -72,7 +84,7 @@ def test_calibration_against_what_remains_keeps_the_total_within_budget(tmp_path
         (json.dumps({"format": "something-else", "version": 1}), "not a version-1"),
         (json.dumps({"format": "fedistill-privacy-ledger", "version": 1, "accountant": "rdp", "delta": 1e-6, "entries": []}), "set privacy.delta=1e-06"),
         (json.dumps({"format": "fedistill-privacy-ledger", "version": 1, "accountant": "rdp", "delta": DELTA, "entries": [{"steps": 1}]}), "unreadable or corrupt"),
-        (json.dumps({"format": "fedistill-privacy-ledger", "version": 1, "accountant": "rdp", "delta": DELTA,
+        (json.dumps({"format": "fedistill-privacy-ledger", "version": 1, "accountant": "rdp", "delta": DELTA, "budget": 3,
                      "entries": [{"noise_multiplier": -1, "sample_rate": 0.1, "steps": 5, "run": "r", "round": 1, "time": 0}]}), "impossible entry"),
     ],
 )

@@ -85,3 +85,26 @@ def test_weights_exchange_refuses_a_student_of_another_shape(config):
     reply = RecordDict({P.ARRAYS: P.model_to_record(other), P.METRICS: MetricRecord({P.NUM_EXAMPLES: 5})})
     assert "expected arrays" in exchange.check(reply)
     assert exchange.check(RecordDict({P.ARRAYS: P.model_to_record(student)})) == ""
+
+
+def test_inconsistent_topk_replies_are_invalid_and_nan_counts_do_not_crash(tmp_path, cache_dir):
+    config = load_config(["task=digits", "sites=3", "exchange=logits", "exchange.compression=topk", "exchange.topk=3",
+                          f"run_dir={tmp_path}", f"cache_dir={cache_dir}"])
+    task = build_task(config)
+    exchange = LogitsExchange(config, task, task.teacher())
+    rows = len(task.public_inputs())
+
+    def reply(indices, lse=5.0, examples=10.0):
+        return RecordDict({
+            P.LOGITS: ArrayRecord({"values": Array(np.ones((rows, 3), dtype=np.float16)),
+                                   "indices": Array(np.asarray(indices, dtype=np.uint16)),
+                                   "logsumexp": Array(np.full(rows, lse, dtype=np.float32))}),
+            P.METRICS: MetricRecord({P.NUM_EXAMPLES: examples}),
+        })
+
+    good = np.tile([0, 1, 2], (rows, 1))
+    assert read_content(reply(good), 1, exchange).status == TRAINED
+    assert "< 10 classes" in read_content(reply(np.tile([0, 1, 12], (rows, 1))), 1, exchange).reason
+    assert "repeat" in read_content(reply(np.tile([0, 1, 1], (rows, 1))), 1, exchange).reason
+    assert "logsumexp" in read_content(reply(good, lse=0.0), 1, exchange).reason
+    assert read_content(reply(good, examples=float("nan")), 1, exchange).status == INVALID
