@@ -106,8 +106,9 @@ def run_simulation(overrides: list[str], echo: Callable[[str], None] = print) ->
 
     overrides, config = resolve_paths(overrides)
     run_dir = Path(config.run_dir)
-    if (run_dir / "summary.json").exists():
-        raise ConfigError(f"run_dir {run_dir} already holds a finished run: choose another run_dir")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"run_dir {run_dir} is not empty (an earlier run's files would mix with this one's): "
+                          "choose another run_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"fedistill: run directory {run_dir}")
     print(f"fedistill: preparing task {config.task.name} (the teacher is fitted once and cached)")

@@ -8,6 +8,7 @@ started that is still alive after a grace period is killed by PID.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -51,18 +52,22 @@ class SimulationSuperLink:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [
-                _bin("flower-superlink"), "--simulation", "--insecure",
-                "--host", "127.0.0.1", "--port", str(self.port),
-                "--database", str(self.workdir / "superlink.db"),
-                "--disable-runtime-dependency-installation",
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=self.env(),
-            start_new_session=True,
-        )
+        try:
+            self.process = subprocess.Popen(
+                [
+                    _bin("flower-superlink"), "--simulation", "--insecure",
+                    "--host", "127.0.0.1", "--port", str(self.port),
+                    "--database", str(self.workdir / "superlink.db"),
+                    "--disable-runtime-dependency-installation",
+                ],
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                env=self.env(),
+                start_new_session=True,
+            )
+        except OSError:
+            self._log.close()
+            raise
         try:
             self._wait_until_listening()
             self._write_connection()
@@ -126,37 +131,54 @@ class SimulationSuperLink:
     def stop(self) -> None:
         if self.process is None:
             return
-        _stop(self.process, timeout=self.stop_timeout)
+        _stop(self.process, timeout=self.stop_timeout, flwr_home=self.flwr_home)
         self.process = None
         self._log.close()
 
 
-def _stop(process: subprocess.Popen, *, timeout: float) -> None:
-    """SIGTERM the process, wait, then SIGKILL it and every descendant still alive, by PID."""
+def _stop(process: subprocess.Popen, *, timeout: float, flwr_home: Path | None = None) -> None:
+    """Stop `process` (a session leader) and everything it started, by PID.
+
+    SIGTERM goes to its process group first, for a graceful shutdown; after `timeout`
+    every process still alive that belongs to the group, descends from it, or (given
+    `flwr_home`) runs with that FLWR_HOME (children that changed group or lost their
+    parent) is killed.
+    SIGINT and SIGTERM are held off meanwhile, so a second Ctrl-C cannot cut the cleanup short.
+    """
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
-        family = [psutil.Process(process.pid)]
-        family += family[0].children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    # Children started after the snapshot (e.g. during shutdown) are found again here.
-    for proc in list(family):
-        try:
-            family += proc.children(recursive=True)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(family, timeout=timeout)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+        family = _family(process, flwr_home)
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=timeout)
+        family |= _family(process, flwr_home)
+        _, alive = psutil.wait_procs(list(family), timeout=timeout)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=5)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _family(process: subprocess.Popen, flwr_home: Path | None) -> set[psutil.Process]:
+    """Live processes in `process`'s group, below it, or using `flwr_home`."""
+    found: set[psutil.Process] = set()
+    if process.poll() is None:  # once reaped, its PID may belong to someone else
+        with contextlib.suppress(psutil.NoSuchProcess):
+            leader = psutil.Process(process.pid)
+            found |= {leader, *leader.children(recursive=True)}
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+            if proc.pid == os.getpid():
+                continue
+            if os.getpgid(proc.pid) == process.pid or (
+                flwr_home is not None and proc.environ().get("FLWR_HOME") == str(flwr_home)
+            ):
+                found.add(proc)
+    return found

@@ -18,7 +18,9 @@ def aggregate(stack: np.ndarray, weights: np.ndarray, *, method: str, trim_fract
     if method == "median":
         return np.median(stack, axis=0)
     if method == "trimmed_mean":
-        cut = int(np.floor(trim_fraction * stack.shape[0]))
+        # Round up, so that a small federation still drops its extremes, but keep at least one site.
+        sites = stack.shape[0]
+        cut = min(int(np.ceil(trim_fraction * sites)), (sites - 1) // 2)
         ordered = np.sort(stack, axis=0)
         return ordered[cut : stack.shape[0] - cut].mean(axis=0)
     raise ValueError(f"unknown aggregation {method!r}: use mean, median or trimmed_mean")

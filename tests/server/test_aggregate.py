@@ -32,3 +32,8 @@ def test_trimmed_mean_matches_hand_computation():
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="trimmed_mean"):
         aggregate(HONEST, np.ones(4), method="mode")
+
+
+def test_trimmed_mean_still_trims_a_small_federation():
+    stack = np.array([[0.0], [1.0], [1000.0]])
+    assert aggregate(stack, np.ones(3), method="trimmed_mean", trim_fraction=0.2) == pytest.approx([1.0])
