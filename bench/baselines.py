@@ -14,17 +14,16 @@ import functools
 import tempfile
 
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import RecordDict
 from torch.utils.data import TensorDataset
 
 from client.app import load_site, train_round
 from client.dp_train import distill_locally, plan_round
-from common import payload as P
 from common.config import Config, load_config
 from common.evaluation import Evaluation, Evaluator
 from common.task import Task, build_task
 from server.exchange import build_exchange
-from server.strategy import TRAINED, read_content
+from server.strategy import TRAINED, content_bytes, read_content, round_request
 
 
 def compose(overrides: list[str], cache_dir: str) -> Config:
@@ -44,9 +43,7 @@ def federate(config: Config) -> tuple[Evaluation, dict]:
     bytes_up = bytes_down = replies = 0
     epsilons: list[float] = []
     for server_round in range(1, config.rounds + 1):
-        content = exchange.outgoing(student)
-        content[P.CONFIG] = content.config_records.get(P.CONFIG, ConfigRecord())
-        content[P.CONFIG][P.SERVER_ROUND] = server_round
+        content = round_request(exchange, student, server_round)
         outcomes, accepted = [], []
         for site, state in zip(sites, states):
             reply = train_round(site, content, state, server_round=server_round, run="bench")
@@ -56,7 +53,7 @@ def federate(config: Config) -> tuple[Evaluation, dict]:
                 accepted.append(reply)
                 bytes_up += exchange.reply_bytes(reply)
                 replies += 1
-        bytes_down += len(sites) * sum(P.record_bytes(r) for r in content.array_records.values())
+        bytes_down += len(sites) * content_bytes(content)
         if accepted:
             exchange.combine(accepted, student, server_round)
         epsilons = [o.epsilon_spent for o in outcomes]

@@ -80,12 +80,8 @@ class DistillStrategy(FedAvg):
     ) -> Iterable[Message]:
         # FedAvg samples the nodes; the content is the exchange's.
         sampled = [m.metadata.dst_node_id for m in super().configure_train(server_round, arrays, config, grid)]
-        content = self.exchange.outgoing(self.global_student)
-        round_config = content.config_records.get(P.CONFIG, ConfigRecord())
-        round_config[P.SERVER_ROUND] = server_round
-        content[P.CONFIG] = round_config
-        size = sum(P.record_bytes(r) for r in content.array_records.values())
-        self.rounds[server_round] = RoundOutcome(sampled=len(sampled), bytes_down=len(sampled) * size)
+        content = round_request(self.exchange, self.global_student, server_round)
+        self.rounds[server_round] = RoundOutcome(sampled=len(sampled), bytes_down=len(sampled) * content_bytes(content))
         return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in sampled]
 
     def aggregate_train(
@@ -119,6 +115,19 @@ class DistillStrategy(FedAvg):
         if msg.has_error():
             return SiteOutcome(f"node-{node_id}", node_id, FAILED, reason=msg.error.reason)
         return read_content(msg.content, node_id, self.exchange)
+
+
+def round_request(exchange: Exchange, global_student: nn.Module, server_round: int) -> RecordDict:
+    """What every sampled site receives this round: the exchange's content and the round number."""
+    content = exchange.outgoing(global_student)
+    round_config = content.config_records.get(P.CONFIG, ConfigRecord())
+    round_config[P.SERVER_ROUND] = server_round
+    content[P.CONFIG] = round_config
+    return content
+
+
+def content_bytes(content: RecordDict) -> int:
+    return sum(P.record_bytes(r) for r in content.array_records.values())
 
 
 def read_content(content: RecordDict, node_id: int, exchange: Exchange) -> SiteOutcome:
