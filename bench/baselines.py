@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import shlex
 import tempfile
 
 import torch
@@ -20,34 +21,47 @@ from torch.utils.data import TensorDataset
 from client.app import load_site, train_round
 from client.dp_train import distill_locally, plan_round
 from common.config import Config, load_config
+from common.policy import SitePolicy, policy_from
 from common.evaluation import Evaluation, Evaluator
 from common.task import Task, build_task
 from server.exchange import build_exchange
-from server.strategy import TRAINED, content_bytes, read_content, round_request
+from server.strategy import TRAINED, allowed_items, content_bytes, for_site, read_content, round_request
 
 
 def compose(overrides: list[str], cache_dir: str) -> Config:
     return load_config(overrides + [f"cache_dir={cache_dir}", f"run_dir={tempfile.mkdtemp(prefix='fedistill-bench-')}"])
 
 
+def site_policy_for(config: Config) -> SitePolicy:
+    """The sites' policy for one benchmark federation: what it asks, a fresh ledger in its run directory."""
+    values = {"ledger_dir": f"{config.run_dir}/ledger", "cache_dir": str(config.cache_path),
+              "require_dp": config.privacy.enabled, "task_sources": [config.task.source]}
+    if config.privacy.enabled:
+        values |= {"epsilon": config.privacy.epsilon, "delta": config.privacy.delta}
+    return policy_from(values)
+
+
 def federate(config: Config) -> tuple[Evaluation, dict]:
     """Run `config.rounds` rounds in-process; returns the final evaluation and what crossed the wire."""
-    overrides = " ".join(config.overrides)
-    sites = [load_site(overrides, i, config.sites, None) for i in range(config.sites)]
+    overrides = shlex.join(config.overrides)
+    policy = site_policy_for(config)
+    sites = [load_site(overrides, i, config.sites, policy) for i in range(config.sites)]
     states = [RecordDict() for _ in sites]  # each site's context.state
     task = task_of(config)
     teacher = task.teacher()
     torch.manual_seed(config.seed)
     student = task.student(config.student)
     exchange = build_exchange(config, task, teacher, student)
+    allowed = allowed_items(config.privacy.enabled)
     bytes_up = bytes_down = replies = 0
     epsilons: list[float] = []
     for server_round in range(1, config.rounds + 1):
         content = round_request(exchange, student, server_round)
         outcomes, accepted = [], []
+        rounds_left = config.rounds - server_round + 1  # every site joins every round
         for site, state in zip(sites, states):
-            reply = train_round(site, content, state, server_round=server_round, run="bench")
-            outcome = read_content(reply, site.index, exchange)
+            reply = train_round(site, for_site(content, rounds_left), state, server_round=server_round, run="bench")
+            outcome = read_content(reply, site.index, exchange, allowed)
             outcomes.append(outcome)
             if outcome.status == TRAINED:
                 accepted.append(reply)
@@ -93,7 +107,7 @@ def distill_non_private(config: Config, inputs: torch.Tensor, labels: torch.Tens
     torch.manual_seed(config.seed)
     student = task.student(config.student)
     distill_locally(student, data, distill=distill, privacy=no_dp, noise_multiplier=None,
-                    plan=plan_round(len(data), distill), seed=config.seed)
+                    plan=plan_round(distill), seed=config.seed)
     return evaluator(task)(student)
 
 

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shlex
 import statistics
 import subprocess
 import sys
@@ -25,7 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from bench.baselines import centralized, compose, evaluator, federate, public_only, task_of
+from bench.baselines import centralized, compose, evaluator, federate, public_only, site_policy_for, task_of
 from client.app import load_site
 from client.dp_train import distill_locally, plan_round
 from common.config import load_config
@@ -94,8 +95,8 @@ def _row(name: str, eps: str, scores: list, bytes_up: float | None) -> dict:
 def step_time_ratio(overrides: list[str], cache: str, repeats: int = 5) -> dict:
     """Seconds per local DP step over seconds per non-DP step, same site, data and plan."""
     config = compose([*overrides, "seed=0"], cache)
-    site = load_site(" ".join(config.overrides), 0, config.sites, None)
-    plan = plan_round(len(site.data), config.distill)
+    site = load_site(shlex.join(config.overrides), 0, config.sites, site_policy_for(config))
+    plan = plan_round(config.distill)
     no_dp = dataclasses.replace(config.privacy, enabled=False)
     timings = {}
     for label, privacy, noise in (("dp", config.privacy, 1.0), ("non_dp", no_dp, None)):

@@ -1,13 +1,20 @@
-"""The ClientApp: a site distills its student on its private data under DP and sends weights or public logits."""
+"""The ClientApp: a site checks the run's request against its policy, distills under DP, replies.
+
+Everything the site sends is listed in `common.payload.RELEASED_UNDER_DP` with the reason it
+may leave; a refusal carries a code and a short reason, and details stay in the site's log.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -17,9 +24,10 @@ from torch.utils.data import TensorDataset
 from client.dp_train import StepPlan, distill_locally, plan_round
 from common import compression
 from common import payload as P
-from common.config import Config, load_config
+from common.config import Config, ConfigError, load_config
+from common.policy import SitePolicy, policy_from, site_policy
+from common.privacy import Budget, BudgetExhausted, DataFingerprint, LedgerError, PrivacyLedger
 from common.public_distill import distill_on_public
-from common.privacy import BudgetExhausted, LedgerError, PrivacyLedger
 from common.task import Task, build_task
 
 log = logging.getLogger(__name__)
@@ -27,16 +35,32 @@ log = logging.getLogger(__name__)
 app = ClientApp()
 
 
+class Refusal(Exception):
+    """A round this site will not train: `code` and `reason` may leave the site, `detail` stays in its log."""
+
+    def __init__(self, code: str, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.code, self.reason, self.detail = code, reason, detail or reason
+
+
 @dataclass(frozen=True)
 class Site:
-    """One site's identity, configuration, and private data with the teacher's logits."""
+    """One site: the run's request, the site's own policy, and its private data with the teacher's logits."""
 
     name: str
-    config: Config
+    config: Config        # the run's request, composed from the run config and checked against `policy`
+    policy: SitePolicy
     task: Task
     index: int
-    data: TensorDataset  # (inputs, labels, teacher logits)
-    ledger_dir: Path
+    data: TensorDataset   # (inputs, labels, teacher logits)
+    fingerprint: DataFingerprint
+
+    @property
+    def ledger_dir(self) -> Path:
+        return self.policy.ledger_root / self.name
+
+    def ledger(self) -> PrivacyLedger:
+        return PrivacyLedger(self.ledger_dir, budget=Budget(self.policy.epsilon, self.policy.delta), data=self.fingerprint)
 
     def new_student(self) -> nn.Module:
         """This site's student: the global architecture, or its own with different students per site."""
@@ -46,88 +70,130 @@ class Site:
         return self.task.student(dataclasses.replace(student, hidden=hidden))
 
 
+def read_request(overrides: str, policy: SitePolicy) -> Config:
+    """The run's configuration as this site will use it, or a Refusal.
+
+    The request may not interpolate (`${...}` is resolved on the site's side, where it
+    could read the site's environment) and must lie inside the policy. The site's cache
+    folder is its policy's, never the request's.
+    """
+    if "${" in overrides:
+        raise Refusal(P.REFUSAL_BAD_REQUEST, "the run config uses interpolation (${...}), which sites do not resolve")
+    try:
+        request = load_config(overrides)
+    except ConfigError as err:
+        raise Refusal(P.REFUSAL_BAD_REQUEST, "the run config is not a valid fedistill configuration",
+                      f"the run config is invalid: {err}") from None
+    problems = policy.violations(request)
+    if problems:
+        raise Refusal(P.REFUSAL_POLICY, "; ".join(problems))
+    return dataclasses.replace(request, cache_dir=policy.cache_dir)
+
+
 @lru_cache(maxsize=2)
-def load_task(overrides: str) -> tuple[Config, Task]:
-    """Config and task once per process, shared by every site this process plays."""
-    config = load_config(overrides)
+def load_task(overrides: str, policy_key: str) -> tuple[Config, Task]:
+    """The checked request and its task once per process, shared by every site this process plays."""
+    config = read_request(overrides, policy_from(json.loads(policy_key)))
     return config, build_task(config)
 
 
-@lru_cache(maxsize=None)
-def load_site(overrides: str, partition_id: int, num_partitions: int, ledger_dir: str | None) -> Site:
-    """Build a site once per process: its private data and the teacher's logits on it.
+def load_site(overrides: str, partition_id: int, num_partitions: int, policy: SitePolicy) -> Site:
+    """The site this process plays for this request, built once per process.
 
     One simulation worker plays many sites in turn, so every site stays cached (a site
     holds only its own slice of the data).
     """
-    config, task = load_task(overrides)
-    if num_partitions != config.sites:
-        raise ValueError(
-            f"this federation has {num_partitions} SuperNodes but the config says sites={config.sites}: "
-            "start as many SuperNodes as sites"
-        )
-    private = task.private_data(partition_id, config.sites)
-    inputs, labels = private.tensors
-    teacher = task.teacher()
+    return _load_site(overrides, partition_id, num_partitions, json.dumps(dataclasses.asdict(policy), sort_keys=True))
+
+
+@lru_cache(maxsize=None)
+def _load_site(overrides: str, partition_id: int, num_partitions: int, policy_key: str) -> Site:
+    config, task = load_task(overrides, policy_key)
+    policy = policy_from(json.loads(policy_key))
+    if policy.data_path is not None:
+        data = task.load_private(Path(policy.data_path).expanduser())
+        records = _digest(data)
+        fingerprint = DataFingerprint(dataset=f"file {records[:16]}", partition="whole", records=records)
+    else:
+        if num_partitions != config.sites:
+            raise ConfigError(
+                f"this federation has {num_partitions} SuperNodes but the config says sites={config.sites}: "
+                "start as many SuperNodes as sites"
+            )
+        data = task.private_data(partition_id, config.sites)
+        dataset, partition = task.partition_identity(config.sites)
+        fingerprint = DataFingerprint(dataset=dataset, partition=partition, records=_digest(data))
+    inputs, labels = data.tensors
+    teacher = task.teacher()  # fitted (once, then cached) outside inference mode
     with torch.inference_mode():
         teacher_logits = teacher(inputs)  # computed once: halves the cost of a KD step
-    name = f"site-{partition_id}"
-    root = Path(ledger_dir) if ledger_dir else config.ledger_root / name
-    return Site(name, config, task, partition_id, TensorDataset(inputs, labels, teacher_logits.clone()), root)
+    return Site(f"site-{partition_id}", config, policy, task, partition_id,
+                TensorDataset(inputs, labels, teacher_logits.clone()), fingerprint)
 
 
-def site_from_context(context: Context) -> Site:
-    node = context.node_config
-    return load_site(
-        str(context.run_config["overrides"]),
-        int(node["partition-id"]),
-        int(node["num-partitions"]),
-        str(node["ledger-dir"]) if "ledger-dir" in node else None,
-    )
+load_site.cache_clear = _load_site.cache_clear  # type: ignore[attr-defined]
+
+
+def _digest(data: TensorDataset) -> str:
+    sha = hashlib.sha256()
+    for tensor in data.tensors:
+        sha.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return sha.hexdigest()
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    site = site_from_context(context)
-    server_round = int(msg.content[P.CONFIG][P.SERVER_ROUND])
-    content = train_round(site, msg.content, context.state, server_round=server_round, run=str(context.run_id))
-    return Message(content=content, reply_to=msg)
+    return Message(content=answer(msg.content, context), reply_to=msg)
+
+
+def answer(content: RecordDict, context: Context) -> RecordDict:
+    """This site's reply to a training request: a trained reply or a refusal, never an exception.
+
+    An exception's text would reach the server in Flower's error reply, so errors are
+    logged here and the server gets a code.
+    """
+    node = context.node_config
+    name = f"site-{node.get('partition-id', 0)}"
+    try:
+        policy = site_policy(node)
+        site = load_site(str(context.run_config.get("overrides", "")), int(node.get("partition-id", 0)),
+                         int(node.get("num-partitions", 1)), policy)
+        server_round = int(content[P.CONFIG][P.SERVER_ROUND])
+        return train_round(site, content, context.state, server_round=server_round, run=str(context.run_id))
+    except Refusal as refused:
+        return refusal(name, refused)
+    except Exception:
+        log.exception("%s: the round failed", name)
+        return refusal(name, Refusal(P.REFUSAL_SITE_ERROR,
+                                     "the site could not take part in this round (details in the site's log)"))
 
 
 def train_round(site: Site, content: RecordDict, state: RecordDict, *, server_round: int, run: str) -> RecordDict:
-    """One round at one site: check the request, reserve budget in the ledger, distill, reply.
+    """One round at one site: check the whole request, record the release in the ledger, distill, reply.
 
-    `state` keeps the site's own student between rounds of a run when no weights are
-    broadcast (exchange=logits broadcast=logits); Flower's `context.state` in the app.
+    Nothing is reserved in the ledger until the request has passed every check. `state`
+    keeps the site's own student between rounds of a run when no weights are broadcast
+    (exchange=logits broadcast=logits); Flower's `context.state` in the app.
     """
     config = site.config
-    exchange = config.exchange
-    if exchange.mode == "logits":
-        problem = public_set_mismatch(site, content.config_records.get(P.CONFIG, ConfigRecord()))
-        if problem:
-            return refusal(site, None, problem)
-    try:
-        # Built before any budget is reserved: a malformed request must not cost epsilon.
-        student = starting_student(site, content, state)
-    except (KeyError, ValueError, RuntimeError) as err:
-        return refusal(site, None, f"the server's request is malformed: {err}")
-    plan = plan_round(len(site.data), config.distill)
-    noise_multiplier = None
     ledger = None
-    if config.privacy.enabled:
+    try:
+        request = content.config_records.get(P.CONFIG, ConfigRecord())
+        rounds_left = check_round(config, request, server_round)
+        if config.exchange.mode == "logits":
+            check_public_set(site, request)
+        student = starting_student(site, content, state, server_round)
+        plan = plan_round(config.distill)
         try:
-            ledger = PrivacyLedger(site.ledger_dir, delta=config.privacy.delta)
-            noise_multiplier = run_noise(ledger, config, plan, run)
-            ledger.reserve(
-                budget=config.privacy.epsilon,
-                noise_multiplier=noise_multiplier,
-                sample_rate=plan.sample_rate,
-                steps=plan.steps,
-                run=run,
-                round=server_round,
-            )
-        except (BudgetExhausted, LedgerError) as err:
-            return refusal(site, ledger, str(err))
+            ledger = site.ledger()
+            noise_multiplier = reserve_round(ledger, config, plan, server_round=server_round, rounds_left=rounds_left, run=run)
+        except LedgerError as err:
+            raise Refusal(P.REFUSAL_LEDGER, "the site's privacy ledger does not allow this round (details in the "
+                          "site's log)", str(err)) from None
+        except BudgetExhausted as err:
+            raise Refusal(P.REFUSAL_BUDGET, f"the site's remaining budget cannot cover this round: {err}") from None
+    except Refusal as refused:
+        return refusal(site.name, refused, site, ledger)
 
     result = distill_locally(
         student,
@@ -138,102 +204,120 @@ def train_round(site: Site, content: RecordDict, state: RecordDict, *, server_ro
         plan=plan,
         seed=config.seed * 1000 + server_round,
     )
-    metrics = MetricRecord(
-        {
-            P.NUM_EXAMPLES: len(site.data),
-            P.DP_STEPS: result.steps,
-            P.TRAIN_SECONDS: result.seconds,
-            **privacy_metrics(site, ledger, noise_multiplier),
-        }
-    )
+    log.info("%s trained round %d: %d steps in %.1f s", site.name, server_round, result.steps, result.seconds)
+    metrics = MetricRecord({P.DP_STEPS: result.steps, **privacy_metrics(site, ledger, noise_multiplier)})
     if not config.privacy.enabled:
         # The training loss is a statistic of the private records outside the DP mechanism:
         # it leaves the site only when there is no DP guarantee to break.
         metrics[P.TRAIN_LOSS] = result.loss
     reply = RecordDict({P.METRICS: metrics, P.CONFIG: ConfigRecord({P.STATUS: P.STATUS_OK, P.SITE: site.name})})
-    if exchange.mode == "weights":
+    if config.exchange.mode == "weights":
         reply[P.ARRAYS] = P.model_to_record(student)
         return reply
-    if exchange.broadcast == "logits":
+    if config.exchange.broadcast == "logits":
         state[P.STUDENT_STATE] = P.model_to_record(student)
     with torch.no_grad():
         public_logits = student(site.task.public_inputs())  # [P, C]
-    encoded = compression.encode(public_logits, method=exchange.compression, k=exchange.topk)
+    encoded = compression.encode(public_logits, method=config.exchange.compression, k=config.exchange.topk)
     reply[P.LOGITS] = ArrayRecord({k: Array(v) for k, v in encoded.items()})
     return reply
 
 
-def public_set_mismatch(site: Site, request: ConfigRecord) -> str:
-    """Why the server's public set is not this site's, or ''."""
+def check_round(config: Config, request: ConfigRecord, server_round: int) -> int:
+    """The rounds this site is told it has left in the run, this one included; a Refusal if impossible."""
+    most = config.rounds - server_round + 1
+    rounds_left = int(request.get(P.ROUNDS_LEFT, most))
+    if not (1 <= server_round <= config.rounds and 1 <= rounds_left <= most):
+        raise Refusal(P.REFUSAL_BAD_REQUEST, f"round {server_round} with {rounds_left} rounds left does not fit a "
+                                             f"run of {config.rounds} rounds")
+    return rounds_left
+
+
+def check_public_set(site: Site, request: ConfigRecord) -> None:
+    """Refuse when the server's public set is not this site's."""
     mine = P.public_manifest(site.task.public_inputs())
     theirs = {k: request.get(k) for k in mine}
     if theirs != mine:
-        return (
-            f"the server's public set {theirs} does not match this site's {mine}: the site will not "
-            "send logits on inputs it cannot check are the agreed public ones"
-        )
-    return ""
+        raise Refusal(P.REFUSAL_PUBLIC_SET, "the server's public set does not match this site's: the site will not "
+                      "send logits on inputs it cannot check are the agreed public ones",
+                      f"server's public set {theirs}, site's {mine}")
 
 
-def starting_student(site: Site, content: RecordDict, state: RecordDict) -> nn.Module:
-    """The student this round's private training starts from; ValueError on a malformed request.
+def starting_student(site: Site, content: RecordDict, state: RecordDict, server_round: int) -> nn.Module:
+    """The student this round's private training starts from; a Refusal on a malformed request.
 
     The global student when weights are broadcast; otherwise the site's own student from
     the previous round, first fitted to the consensus logits on the public inputs (FedMD).
+    Every array the server sends must be finite and within `exchange.max_abs_value`.
     """
     student = site.new_student()
     exchange = site.config.exchange
-    if exchange.mode == "weights" or exchange.broadcast == "weights":
-        if P.ARRAYS not in content.array_records:
-            raise ValueError(f"no {P.ARRAYS!r} (the global student) in the request")
-        P.load_record(student, content[P.ARRAYS])
-        return student
-    if P.STUDENT_STATE in state.array_records:
-        P.load_record(student, state[P.STUDENT_STATE])
-    if P.CONSENSUS in content.array_records and exchange.public_fit_epochs > 0:
-        public = site.task.public_inputs()
-        consensus = torch.from_numpy(content[P.CONSENSUS][P.LOGITS].numpy()).float()
-        expected = (len(public), site.task.num_classes)
-        if tuple(consensus.shape) != expected or not torch.isfinite(consensus).all():
-            raise ValueError(f"consensus logits must be finite with shape {list(expected)}, got {list(consensus.shape)}")
-        fit = dataclasses.replace(exchange.server, epochs=exchange.public_fit_epochs)
-        distill_on_public(student, public, consensus, fit, seed=site.config.seed + site.index)
+    try:
+        if exchange.mode == "weights" or exchange.broadcast == "weights":
+            if P.ARRAYS not in content.array_records:
+                raise ValueError(f"no {P.ARRAYS!r} (the global student) in the request")
+            check_finite(content[P.ARRAYS], exchange.max_abs_value)
+            P.load_record(student, content[P.ARRAYS])
+            return student
+        if P.STUDENT_STATE in state.array_records:
+            P.load_record(student, state[P.STUDENT_STATE])
+        if P.CONSENSUS in content.array_records and exchange.public_fit_epochs > 0:
+            public = site.task.public_inputs()
+            check_finite(content[P.CONSENSUS], exchange.max_abs_value)
+            consensus = torch.from_numpy(content[P.CONSENSUS][P.LOGITS].numpy()).float()
+            expected = (len(public), site.task.num_classes)
+            if tuple(consensus.shape) != expected:
+                raise ValueError(f"consensus logits must have shape {list(expected)}, got {list(consensus.shape)}")
+            fit = dataclasses.replace(exchange.server, epochs=exchange.public_fit_epochs)
+            distill_on_public(student, public, consensus, fit, seed=(site.config.seed * 1000 + site.index) * 1000 + server_round)
+    except (KeyError, ValueError, RuntimeError, TypeError) as err:
+        raise Refusal(P.REFUSAL_BAD_REQUEST, f"the server's request is malformed: {err}") from None
     return student
 
 
-def run_noise(ledger: PrivacyLedger, config: Config, plan: StepPlan, run: str) -> float:
-    """The run's noise multiplier: calibrated once, at the site's first round in the run.
+def check_finite(record: ArrayRecord, max_abs: float) -> None:
+    for name, array in record.items():
+        values = array.numpy()
+        if values.dtype.kind == "f" and values.size and not (np.isfinite(values).all() and np.abs(values).max() <= max_abs):
+            raise ValueError(f"array {name!r} holds NaN, infinite or values beyond exchange.max_abs_value {max_abs:g}")
 
-    It is calibrated so that all of the run's rounds fit in what remains of the budget,
-    and reused for the run's later rounds (the plan does not change within a run). A site
-    whose remaining budget would need more noise than `privacy.max_noise_multiplier`
-    refuses every round of the run, so a nearly spent budget is not used on rounds that
-    could teach the student nothing.
+
+def reserve_round(
+    ledger: PrivacyLedger, config: Config, plan: StepPlan, *, server_round: int, rounds_left: int, run: str
+) -> float | None:
+    """Record this round's release in the ledger before it happens; the noise multiplier under DP.
+
+    Under DP the noise is calibrated every round against what remains of the budget, for
+    the rounds the site has left in the run (the server says how many it sampled the site
+    for; a server that says too few only makes the site spend its budget sooner, never more).
+    Without DP the round is recorded as an unbounded release.
     """
-    noise = ledger.noise_of_run(run)
-    if noise is not None:
-        return noise
-    return ledger.calibrate(
-        budget=config.privacy.epsilon,
-        sample_rate=plan.sample_rate,
-        steps=plan.steps * config.rounds,
-        max_noise_multiplier=config.privacy.max_noise_multiplier,
-    )
+    privacy = config.privacy
+    if not privacy.enabled:
+        ledger.record_release_without_dp(sample_rate=plan.sample_rate, steps=plan.steps, run=run, round=server_round)
+        return None
+    limit = Budget(privacy.epsilon, privacy.delta)
+    noise = ledger.calibrate(limit=limit, sample_rate=plan.sample_rate, steps=plan.steps * rounds_left,
+                             max_noise_multiplier=privacy.max_noise_multiplier)
+    ledger.reserve(limit=limit, noise_multiplier=noise, sample_rate=plan.sample_rate, steps=plan.steps,
+                   run=run, round=server_round)
+    return noise
 
 
 def privacy_metrics(site: Site, ledger: PrivacyLedger | None, noise_multiplier: float | None) -> dict[str, float]:
-    if not site.config.privacy.enabled:
-        return {P.EPSILON_SPENT: float("inf"), P.EPSILON_BUDGET: float("inf"), P.NOISE_MULTIPLIER: 0.0}
-    return {
-        P.EPSILON_SPENT: ledger.epsilon_spent() if ledger is not None else float("nan"),
-        P.EPSILON_BUDGET: site.config.privacy.epsilon,
-        P.NOISE_MULTIPLIER: noise_multiplier or 0.0,
-    }
+    metrics = {P.EPSILON_BUDGET: site.policy.epsilon}
+    if ledger is not None:
+        metrics[P.EPSILON_SPENT] = ledger.epsilon_spent()
+    if noise_multiplier is not None:
+        metrics[P.NOISE_MULTIPLIER] = noise_multiplier
+    return metrics
 
 
-def refusal(site: Site, ledger: PrivacyLedger | None, reason: str) -> RecordDict:
-    """A clear reply that this site will not train this round, and why."""
-    log.warning("%s refuses round: %s", site.name, reason)
-    status = ConfigRecord({P.STATUS: P.STATUS_REFUSED, P.SITE: site.name, P.REASON: reason})
-    metrics = MetricRecord({P.NUM_EXAMPLES: 0, **privacy_metrics(site, ledger, None)})
-    return RecordDict({P.CONFIG: status, P.METRICS: metrics})
+def refusal(name: str, refused: Refusal, site: Site | None = None, ledger: PrivacyLedger | None = None) -> RecordDict:
+    """A reply that this site will not train this round: a code and a short reason."""
+    log.warning("%s refuses the round (%s): %s", name, refused.code, refused.detail)
+    status = ConfigRecord({P.STATUS: P.STATUS_REFUSED, P.SITE: name, P.CODE: refused.code, P.REASON: refused.reason})
+    reply = RecordDict({P.CONFIG: status})
+    if site is not None:
+        reply[P.METRICS] = MetricRecord(privacy_metrics(site, ledger, None))
+    return reply

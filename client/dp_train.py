@@ -1,19 +1,27 @@
 """Local distillation of the student on a site's private data, with Opacus DP-SGD.
 
-The only module of the client that imports Opacus.
+The only module of the client that imports Opacus. Opacus's `make_private` derives the
+sample rate (1 / batches) and the gradient normaliser (the expected batch size) from the
+number of records. Under add/remove-one adjacency that number is private, and anything
+computed from it that leaves the site (the noise calibrated for that sample rate, the
+epsilon figures, the scale of the update) would release it outside the guarantee. So the
+same Opacus parts are assembled here from a step plan that depends on public settings only.
 """
 
 from __future__ import annotations
 
-import math
 import secrets
 import time
 from dataclasses import dataclass
 
 import torch
-from opacus import PrivacyEngine
+from opacus.accountants import RDPAccountant
+from opacus.data_loader import DPDataLoader
+from opacus.grad_sample.utils import prepare_module
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from common.config import DistillConfig, PrivacyConfig
 from common.distill import DistillationLoss
@@ -21,10 +29,11 @@ from common.distill import DistillationLoss
 
 @dataclass(frozen=True)
 class StepPlan:
-    """The DP-SGD steps of one round: what the ledger reserves before training."""
+    """The DP-SGD steps of one round: what the ledger reserves before training. Public."""
 
-    sample_rate: float
+    sample_rate: float        # each record joins a step's batch with this probability (Poisson)
     steps: int
+    expected_batch_size: int  # divides each step's summed clipped gradients plus noise
 
 
 @dataclass(frozen=True)
@@ -34,16 +43,16 @@ class TrainResult:
     seconds: float
 
 
-def plan_round(num_records: int, config: DistillConfig) -> StepPlan:
-    """The steps and sample rate Opacus will take and account for, computed as Opacus does.
+def plan_round(config: DistillConfig) -> StepPlan:
+    """The round's steps from the configuration alone, never from the record count.
 
-    `make_private` turns a loader of `batches` batches into a Poisson loader with rate
-    1 / batches that yields int(1 / rate) steps per epoch (one fewer than `batches` for
-    some values, e.g. 93), and its accountant charges 1 / (that many steps) per step.
+    An epoch is int(1 / sample_rate) steps, Opacus's own definition for Poisson sampling.
     """
-    batches = math.ceil(num_records / config.batch_size)
-    steps_per_epoch = int(1 / (1 / batches))
-    return StepPlan(sample_rate=1 / steps_per_epoch, steps=config.local_epochs * steps_per_epoch)
+    return StepPlan(
+        sample_rate=config.sample_rate,
+        steps=config.local_epochs * int(1 / config.sample_rate),
+        expected_batch_size=config.batch_size,
+    )
 
 
 def distill_locally(
@@ -56,42 +65,45 @@ def distill_locally(
     plan: StepPlan,
     seed: int,
 ) -> TrainResult:
-    """Train `student` in place on `data` = (inputs, labels, teacher logits).
+    """Train `student` in place on `data` = (inputs, labels, teacher logits) for `plan.steps` steps.
 
-    With privacy enabled: Poisson sampling, per-sample clipping to `privacy.max_grad_norm`
-    and Gaussian noise `noise_multiplier`; the steps taken are checked against `plan`
-    (what the ledger reserved) and any difference is an error, never ignored. `seed`
-    orders batches only when privacy is disabled.
+    Batches are Poisson samples at `plan.sample_rate` with or without privacy. With privacy:
+    per-sample clipping to `privacy.max_grad_norm` and Gaussian noise `noise_multiplier`;
+    the steps Opacus's accountant records are checked against `plan` (what the ledger
+    reserved) and any difference is an error, never ignored. `seed` draws batches only when
+    privacy is disabled.
     """
     # DP sampling and noise must not be reproducible from the (public) config seed, or
     # anyone could regenerate and subtract the noise: seed them from the OS's entropy.
     # This is not a CSPRNG: Opacus's secure_mode needs torchcsprng, which has no wheels
     # for current torch.
     generator = torch.Generator().manual_seed(secrets.randbits(63) if privacy.enabled else seed)
-    loader = DataLoader(data, batch_size=distill.batch_size, shuffle=True, generator=generator)
+    loader = DPDataLoader(data, sample_rate=plan.sample_rate, generator=generator)  # int(1/q) steps per pass
     optimizer = torch.optim.SGD(student.parameters(), lr=distill.lr, momentum=distill.momentum)
     criterion = DistillationLoss(temperature=distill.temperature, alpha=distill.alpha)
-    engine = hooks = None
-    student.train()  # Opacus refuses a model in eval mode
+    hooks = accountant = None
+    student.train()
     if privacy.enabled:
         if noise_multiplier is None:
             raise ValueError("privacy is enabled but no noise multiplier was calibrated")
-        engine = PrivacyEngine(accountant="rdp")
-        hooks, optimizer, loader = engine.make_private(
-            module=student,
-            optimizer=optimizer,
-            data_loader=loader,
+        ModuleValidator.validate(student, strict=True)
+        hooks = prepare_module(student, grad_sample_mode="hooks", wrap_model=False,
+                               batch_first=True, loss_reduction="mean")
+        hooks.forbid_grad_accumulation()  # one backward per step: Poisson batches must not accumulate
+        optimizer = DPOptimizer(
+            optimizer,
             noise_multiplier=noise_multiplier,
             max_grad_norm=privacy.max_grad_norm,
-            poisson_sampling=True,
+            expected_batch_size=plan.expected_batch_size,
             loss_reduction="mean",
-            wrap_model=False,
-            noise_generator=generator,
+            generator=generator,
         )
+        accountant = RDPAccountant()
+        optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
     start = time.perf_counter()
     total_loss, seen, steps = 0.0, 0, 0
     try:
-        for _ in range(distill.local_epochs):
+        while steps < plan.steps:
             for inputs, labels, teacher_logits in loader:
                 optimizer.zero_grad(set_to_none=True)
                 loss = criterion(student(inputs), teacher_logits, labels)
@@ -100,15 +112,15 @@ def distill_locally(
                 steps += 1
                 total_loss += loss.item() * len(labels)
                 seen += len(labels)
+                if steps == plan.steps:
+                    break
     finally:
         if hooks is not None:
             hooks.cleanup()
     student.eval()
-    if engine is not None:
-        taken = engine.accountant.history
+    if accountant is not None:
+        taken = [tuple(h) for h in accountant.history]
         expected = [(noise_multiplier, plan.sample_rate, plan.steps)]
-        if [tuple(h) for h in taken] != expected:
+        if taken != expected:
             raise RuntimeError(f"DP steps taken {taken} differ from the steps reserved in the ledger {expected}")
-    elif steps != plan.steps:
-        raise RuntimeError(f"took {steps} steps, planned {plan.steps}")
     return TrainResult(loss=total_loss / max(seen, 1), steps=steps, seconds=time.perf_counter() - start)

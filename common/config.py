@@ -102,6 +102,7 @@ class DistillConfig:
     temperature: float
     alpha: float
     local_epochs: int
+    sample_rate: float
     batch_size: int
     lr: float
     momentum: float
@@ -110,6 +111,7 @@ class DistillConfig:
         _require(self.temperature > 0, f"distill.temperature must be > 0, got {self.temperature}")
         _require(0 <= self.alpha <= 1, f"distill.alpha must be in [0, 1], got {self.alpha}")
         _require(self.local_epochs >= 1, f"distill.local_epochs must be >= 1, got {self.local_epochs}")
+        _fraction("distill.sample_rate", self.sample_rate)
         _require(self.batch_size >= 1, f"distill.batch_size must be >= 1, got {self.batch_size}")
         _require(self.lr > 0, f"distill.lr must be > 0, got {self.lr}")
         _require(0 <= self.momentum < 1, f"distill.momentum must be in [0, 1), got {self.momentum}")
@@ -123,7 +125,6 @@ class PrivacyConfig:
     max_grad_norm: float
     accountant: str
     max_noise_multiplier: float
-    ledger_dir: str | None
 
     def validate(self) -> None:
         _require(
@@ -257,19 +258,16 @@ class Config:
             part.validate()
 
     @property
-    def ledger_root(self) -> Path:
-        """Where sites keep their privacy ledgers (one sub-folder per site)."""
-        if self.privacy.ledger_dir is not None:
-            return Path(self.privacy.ledger_dir).expanduser()
-        _require(self.run_dir is not None, "run_dir must be set to place the default privacy ledger")
-        return Path(self.run_dir) / "ledger"
-
-    @property
     def cache_path(self) -> Path:
-        if self.cache_dir is not None:
-            return Path(self.cache_dir).expanduser()
-        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-        return Path(base) / "fedistill"
+        return cache_path(self.cache_dir)
+
+
+def cache_path(cache_dir: str | None) -> Path:
+    """`cache_dir`, or the user's cache folder for fedistill (fitted teachers, parsed data)."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fedistill"
 
 
 def load_config(overrides: list[str] | str = ()) -> Config:

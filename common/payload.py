@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, RecordDict
 from torch import nn
 
 # RecordDict keys
@@ -18,8 +18,10 @@ STUDENT_STATE = "student"    # a site's own student, kept in Flower's context.st
 
 # ConfigRecord keys
 SERVER_ROUND = "server-round"
+ROUNDS_LEFT = "rounds-left"  # down: the rounds this site is sampled for from this one on, this one included
 STATUS = "status"            # "ok" or "refused"
-REASON = "reason"            # why a site refused
+CODE = "code"                # why a site refused, one of the REFUSAL_* codes
+REASON = "reason"            # a short text for the code; the details stay in the site's log
 SITE = "site"                # the site's name, as it reports it
 PUBLIC_COUNT = "public-count"    # the public set's manifest: how many inputs ...
 PUBLIC_SHA256 = "public-sha256"  # ... and a hash of their contents
@@ -27,17 +29,56 @@ PUBLIC_SHA256 = "public-sha256"  # ... and a hash of their contents
 STATUS_OK = "ok"
 STATUS_REFUSED = "refused"
 
+REFUSAL_POLICY = "policy"            # the request lies outside the site's policy
+REFUSAL_BAD_REQUEST = "bad-request"  # the request is malformed (config, weights, consensus, round numbers)
+REFUSAL_PUBLIC_SET = "public-set"    # the server's public set is not the site's
+REFUSAL_BUDGET = "budget"            # the remaining budget cannot cover the run's rounds
+REFUSAL_LEDGER = "ledger"            # the ledger is unreadable or covers other records
+REFUSAL_SITE_ERROR = "site-error"    # the site failed (its policy, data or code); the error stays in its log
+
 # The ServerApp tags its progress log lines with this; `fedistill simulate` shows only those.
 PROGRESS_TAG = "[fedistill] "
 
 # MetricRecord keys
-NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 EPSILON_SPENT = "epsilon-spent"
 EPSILON_BUDGET = "epsilon-budget"
 NOISE_MULTIPLIER = "noise-multiplier"
 DP_STEPS = "dp-steps"
-TRAIN_SECONDS = "train-seconds"
+
+_FROM_LEDGER = ("computed from the site's policy, the run's public step plan (sample rate and steps come from "
+                "the configuration) and the rounds the site joined: no record and no record count enters it")
+
+# Everything a site's reply may hold under DP, and why it may leave the site. Nothing else
+# does: the server drops a reply that holds any other item, and the privacy report prints
+# this table. Items are named record/key; an ArrayRecord is one item.
+RELEASED_UNDER_DP: dict[str, str] = {
+    ARRAYS: "the student's weights after DP-SGD (weights exchange): the output of the DP mechanism itself",
+    LOGITS: "the DP-trained student's log-probabilities on the public inputs (logits exchange): a function "
+            "of the DP output and of public inputs only, so post-processing",
+    f"{CONFIG}/{STATUS}": "whether the site trained or refused: " + _FROM_LEDGER,
+    f"{CONFIG}/{SITE}": "the site's name: public, it is how the site joined",
+    f"{CONFIG}/{CODE}": "why the site refused, as a code: it depends on the request, the site's policy and its "
+                        "ledger, never on the records",
+    f"{CONFIG}/{REASON}": "a short text for that code, from the same public values (paths and details stay in "
+                          "the site's log)",
+    f"{METRICS}/{EPSILON_SPENT}": "epsilon spent after this round: " + _FROM_LEDGER,
+    f"{METRICS}/{EPSILON_BUDGET}": "the site's total budget: its policy",
+    f"{METRICS}/{NOISE_MULTIPLIER}": "the round's noise multiplier: " + _FROM_LEDGER,
+    f"{METRICS}/{DP_STEPS}": "the round's DP-SGD steps: the public step plan",
+}
+# Sent only by a run without DP, which has no guarantee for them to break.
+RELEASED_WITHOUT_DP: dict[str, str] = {
+    f"{METRICS}/{TRAIN_LOSS}": "the training loss: a statistic of the private records",
+}
+
+
+def reply_items(content: RecordDict) -> set[str]:
+    """The items of a reply, named as in RELEASED_UNDER_DP."""
+    items = set(content.array_records)
+    for name, record in (*content.config_records.items(), *content.metric_records.items()):
+        items |= {f"{name}/{key}" for key in record}
+    return items
 
 
 def model_to_record(model: nn.Module) -> ArrayRecord:

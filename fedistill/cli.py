@@ -15,9 +15,14 @@ from pathlib import Path
 from typing import Callable
 
 import tomli_w
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from common import payload as P
 from common.config import CONF_DIR, Config, ConfigError, load_config
+from common.policy import POLICY_ENV, SitePolicy, policy_from
+
+POLICY_FILE = "site-policy.yaml"  # the virtual sites' policy, written by this command into the run directory
 
 APP_DIR = CONF_DIR.parent  # the folder with pyproject.toml, server/, client/, common/, conf/
 
@@ -29,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         "simulate",
         help="run N virtual sites on this machine",
         description="Run a federated DP distillation on Flower's simulation engine. "
-        "Arguments are Hydra overrides, e.g. task=digits sites=8 rounds=10 privacy.epsilon=1",
+        "Arguments are Hydra overrides, e.g. task=digits sites=8 rounds=10 privacy.epsilon=1; "
+        "site.KEY=VALUE sets the virtual sites' own policy (conf/site.yaml), e.g. site.ledger_dir=~/ledgers",
     )
     simulate.add_argument("overrides", nargs="*", help="Hydra overrides (key=value)")
     simulate.add_argument("-v", "--verbose", action="store_true", help="show all of Flower's log, not only progress")
@@ -57,15 +63,40 @@ def pin(overrides: list[str], key: str, value: str) -> list[str]:
     return kept + [f"{key}={json.dumps(value)}"]
 
 
+def split_site_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """(the run's overrides, the virtual sites' policy overrides `site.KEY=VALUE` without `site.`)."""
+    site = [o.split(".", 1)[1] for o in overrides if o.startswith("site.")]
+    return [o for o in overrides if not o.startswith("site.")], site
+
+
 def resolve_paths(overrides: list[str]) -> tuple[list[str], Config]:
     """Make every path absolute so that the apps, which run elsewhere, agree with this command."""
     config = load_config(overrides)
     run_dir = Path(config.run_dir or Path("outputs") / time.strftime("%Y-%m-%d_%H-%M-%S")).resolve()
     overrides = pin(overrides, "run_dir", str(run_dir))
     overrides = pin(overrides, "cache_dir", str(config.cache_path.resolve()))
-    if config.privacy.ledger_dir is not None:
-        overrides = pin(overrides, "privacy.ledger_dir", str(Path(config.privacy.ledger_dir).expanduser().resolve()))
     return overrides, load_config(overrides)
+
+
+def simulation_policy(site_overrides: list[str], request: Config) -> SitePolicy:
+    """The one policy of every virtual site, from this command line (never from the run config).
+
+    In simulation the person at the command line is every site's administrator: by default
+    the sites accept the budget this command asks for, keep their ledgers in the run
+    directory and share its cache; `site.KEY=VALUE` says otherwise.
+    """
+    values = {"ledger_dir": str(Path(request.run_dir) / "ledger"), "cache_dir": str(request.cache_path)}
+    if request.privacy.enabled:
+        values |= {"epsilon": request.privacy.epsilon, "delta": request.privacy.delta}
+    try:
+        given = OmegaConf.from_dotlist(site_overrides)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"site.* overrides {site_overrides} cannot be read: {err}") from None
+    policy = policy_from(OmegaConf.merge(values, given), origin="site.* on the command line")
+    for key in ("ledger_dir", "cache_dir", "data_path"):
+        if getattr(policy, key) is not None:
+            setattr(policy, key, str(Path(getattr(policy, key)).expanduser().resolve()))
+    return policy
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -104,7 +135,13 @@ def run_simulation(overrides: list[str], echo: Callable[[str], None] = print) ->
     from common.task import build_task
     from fedistill.simulation import SimulationSuperLink
 
+    overrides, site_overrides = split_site_overrides(overrides)
     overrides, config = resolve_paths(overrides)
+    policy = simulation_policy(site_overrides, config)
+    problems = policy.violations(config)
+    if problems:
+        raise ConfigError("every site would refuse this run: " + "; ".join(problems)
+                          + ". In simulation you set the sites' policy too, with site.KEY=VALUE")
     run_dir = Path(config.run_dir)
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run_dir {run_dir} is not empty (an earlier run's files would mix with this one's): "
@@ -114,8 +151,10 @@ def run_simulation(overrides: list[str], echo: Callable[[str], None] = print) ->
     print(f"fedistill: preparing task {config.task.name} (the teacher is fitted once and cached)")
     build_task(config).teacher()
     run_config = write_run_config(run_dir, overrides)
-    print(f"fedistill: {config.sites} sites, {config.rounds} rounds, starting Flower")
-    with SimulationSuperLink(run_dir) as link:
+    policy_file = run_dir / POLICY_FILE
+    policy_file.write_text(OmegaConf.to_yaml(OmegaConf.structured(policy)))
+    print(f"fedistill: {config.sites} sites, {config.rounds} rounds, site policy {policy_file}, starting Flower")
+    with SimulationSuperLink(run_dir, env={POLICY_ENV: str(policy_file)}) as link:
         code = link.run(APP_DIR, run_config, num_supernodes=config.sites,
                         cpus_per_site=config.federation.cpus_per_site, echo=echo)
     summary_path = run_dir / "summary.json"

@@ -39,8 +39,10 @@ def _bin(name: str) -> str:
 class SimulationSuperLink:
     """`with SimulationSuperLink(workdir) as link: link.run(...)`."""
 
-    def __init__(self, workdir: Path, *, start_timeout: float = 90.0, stop_timeout: float = 15.0):
+    def __init__(self, workdir: Path, *, env: dict[str, str] | None = None, start_timeout: float = 90.0,
+                 stop_timeout: float = 15.0):
         self.workdir = workdir
+        self.extra_env = env or {}  # reaches every process the SuperLink starts, sites included
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.flwr_home = workdir / ".flwr"
@@ -80,7 +82,7 @@ class SimulationSuperLink:
         self.stop()
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = {**os.environ, **self.extra_env}
         env["FLWR_HOME"] = str(self.flwr_home)
         env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
         # The venv's console scripts (flwr-serverapp, flwr-simulation) must be found first.

@@ -19,7 +19,7 @@ from common.task import build_task
 from server import rundir as R
 from server.exchange import build_exchange
 from server.report import PrivacyView, describe, mean, privacy_report, progress_line, round_record
-from server.strategy import FAILED, INVALID, DistillStrategy, RoundOutcome
+from server.strategy import FAILED, INVALID, DistillStrategy, ParticipationPlan, RoundOutcome, allowed_items
 
 app = ServerApp()
 
@@ -44,11 +44,14 @@ def run(grid: Grid, config: Config) -> None:
     evaluator = Evaluator(task.test_data(), teacher)
     torch.manual_seed(config.seed)
     student = task.student(config.student)
+    plan = ParticipationPlan(rounds=config.rounds, fraction=config.federation.fraction_train,
+                             min_sites=config.federation.min_sites, seed=config.seed)
     strategy = DistillStrategy(
         exchange=build_exchange(config, task, teacher, student),
         global_student=student,
-        fraction_train=config.federation.fraction_train,
+        plan=plan,
         min_sites=config.federation.min_sites,
+        allowed_items=allowed_items(config.privacy.enabled),
     )
     ledger = PrivacyView()
     dropped: Counter[str] = Counter()

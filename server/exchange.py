@@ -22,6 +22,7 @@ from common.task import Task
 from server.aggregate import aggregate
 
 ArraySpec = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype)
+LOGPROB_TOLERANCE = 1e-2  # float16 rounding of log-probabilities near 0
 
 
 class Exchange(Protocol):
@@ -57,7 +58,8 @@ def _spec(model: nn.Module) -> ArraySpec:
 
 
 def _weights(replies: list[RecordDict]) -> np.ndarray:
-    return np.array([float(r[P.METRICS][P.NUM_EXAMPLES]) for r in replies])
+    """Sites count equally: under DP a site does not say how many records it holds."""
+    return np.ones(len(replies))
 
 
 class WeightsExchange:
@@ -125,17 +127,23 @@ class LogitsExchange:
             return f"reply has no {P.LOGITS!r} ArrayRecord"
         record = content[P.LOGITS]
         problem = check_arrays(record, self.expected, max_abs=self.config.max_abs_value, max_bytes=self.max_bytes)
-        if problem or self.config.compression != "topk":
+        if problem:
             return problem
-        indices = record[compression.INDICES].numpy().astype(np.int64)
-        if indices.size and indices.max() >= self.classes:
-            return f"top-k indices must be < {self.classes} classes, got {indices.max()}"
-        if (np.diff(np.sort(indices, axis=1), axis=1) == 0).any():
-            return "top-k indices repeat a class within a row"
-        values = record[compression.VALUES].numpy().astype(np.float32)
-        lse = record[compression.LOGSUMEXP].numpy()
-        if values.size and (lse < values.max(axis=1) - 1e-2).any():
-            return "logsumexp is below a row's largest logit: the top-k reply is inconsistent"
+        if self.config.compression == "topk":
+            indices = record[compression.INDICES].numpy().astype(np.int64)
+            if indices.size and indices.max() >= self.classes:
+                return f"top-k indices must be < {self.classes} classes, got {indices.max()}"
+            if (np.diff(np.sort(indices, axis=1), axis=1) == 0).any():
+                return "top-k indices repeat a class within a row"
+            values = record[compression.VALUES].numpy().astype(np.float64)
+            mass = np.exp(values).sum(axis=1)
+        else:
+            values = record[compression.LOGITS].numpy().astype(np.float64)
+            mass = np.exp(values).sum(axis=1)
+            if values.size and (np.abs(mass - 1) > LOGPROB_TOLERANCE).any():
+                return "a row's probabilities do not sum to 1: the reply is not log-probabilities"
+        if values.size and (values.max() > LOGPROB_TOLERANCE or mass.max() > 1 + LOGPROB_TOLERANCE):
+            return "the reply's values are not log-probabilities (a value above 0 or a row's mass above 1)"
         return ""
 
     def reply_bytes(self, content: RecordDict) -> int:
@@ -148,17 +156,16 @@ class LogitsExchange:
         w = self.config.teacher_weight
         if w > 0:
             combined = (1 - w) * combined + w * self.teacher_logits
-        self.consensus = combined
         report = distill_on_public(global_student, self.inputs, combined, self.config.server,
                                    seed=self.seed * 1000 + server_round)
+        self.consensus = combined  # sent down only once the global student has learned it
         return {"server_distill_epochs": report.epochs, "server_holdout_kl": report.holdout_loss}
 
     def _decode(self, content: RecordDict) -> np.ndarray:
         arrays = {k: v.numpy() for k, v in content[P.LOGITS].items()}
-        logits = compression.decode(arrays, method=self.config.compression, classes=self.classes)
-        # Aggregate log-probabilities: logits from different students differ by per-row
-        # constants, which would otherwise dominate a coordinate-wise median or mean.
-        return torch.log_softmax(logits, dim=1).numpy()
+        # Log-probabilities, renormalised after float16 rounding: raw logits of different
+        # students differ by per-row constants, which would dominate a median or mean.
+        return torch.log_softmax(compression.decode(arrays, method=self.config.compression, classes=self.classes), dim=1).numpy()
 
 
 def build_exchange(config: Config, task: Task, teacher: nn.Module, global_student: nn.Module) -> Exchange:

@@ -17,15 +17,28 @@ def describe(model: torch.nn.Module, example: torch.Tensor) -> dict:
     return {"params": count_params(model), "size_bytes": size_bytes(model), "latency_ms": latency_ms(model, example)}
 
 
-RELEASED = {
-    "weights": "each site's DP-trained student weights. They are the output of DP-SGD itself, so they "
-               "carry exactly the site's (epsilon, delta); averaging them is post-processing",
-    "logits": "each site's DP-trained student's logits on the public inputs, never weights. They are a "
-              "function of the DP-SGD output and of public data only, so by the post-processing property "
-              "they cost no epsilon beyond the DP training (this holds as long as the public inputs are "
-              "not private records of any site). With broadcast=logits a site first fits its student to "
-              "the consensus on the public inputs: also post-processing of other sites' DP outputs",
-}
+GUARANTEE = (
+    "Each site's records are protected by record-level (epsilon, delta) differential privacy under the "
+    "add/remove-one-record neighbouring relation: DP-SGD with Poisson sampling at a public sample rate, "
+    "per-sample gradient clipping and Gaussian noise, accounted with Opacus's RDP accountant at the site, "
+    "in the site's own ledger, across every run that used those records. Everything a site sends is a "
+    "function of that DP output, of public inputs and of public settings (the items below); no record count, "
+    "training loss or timing leaves a site under DP. Sites count equally when the server combines them"
+)
+TRUST = (
+    "A site must still trust the code it runs: the coordinator ships the app (this project's client code) to "
+    "every site, and that code is what enforces the site's policy and writes its ledger. Pinning the app a site "
+    "runs belongs to the deployment work. DP randomness comes from the operating system's entropy, not a "
+    "cryptographically secure generator (Opacus's secure_mode needs torchcsprng, which has no wheels for "
+    "current torch)"
+)
+
+
+def released_items(config: Config) -> dict[str, str]:
+    """What may leave a site in this run, with why: common.payload's lists for this exchange."""
+    other_payload = P.LOGITS if config.exchange.mode == "weights" else P.ARRAYS
+    items = {k: v for k, v in P.RELEASED_UNDER_DP.items() if k != other_payload}
+    return items if config.privacy.enabled else {**items, **P.RELEASED_WITHOUT_DP}
 
 
 class PrivacyView:
@@ -50,9 +63,9 @@ class PrivacyView:
                 self.budgets[site.site] = site.epsilon_budget
             if site.status == TRAINED:
                 self.trained[site.site] += 1
-                self.noise[site.site] = site.noise_multiplier or 0.0
+                self.noise[site.site] = site.noise_multiplier
             elif site.status == REFUSED:
-                self.refusals[site.site].append({"round": server_round, "reason": site.reason})
+                self.refusals[site.site].append({"round": server_round, "code": site.code, "reason": site.reason})
 
     def summary(self, config: Config) -> dict:
         dp = config.privacy
@@ -60,14 +73,17 @@ class PrivacyView:
             "enabled": dp.enabled,
             "delta": dp.delta,
             "accountant": dp.accountant,
+            "neighbouring_relation": "add/remove one record",
             "mechanism": (
-                "DP-SGD (Opacus): Poisson sampling, per-sample clipping to max_grad_norm "
-                f"{dp.max_grad_norm}, Gaussian noise; record-level (epsilon, delta) per site"
+                "DP-SGD (Opacus): Poisson sampling at sample rate "
+                f"{config.distill.sample_rate:g}, per-sample clipping to max_grad_norm {dp.max_grad_norm}, "
+                "Gaussian noise calibrated by each site; record-level (epsilon, delta) per site"
                 if dp.enabled else "none: privacy.enabled=false, sites trained WITHOUT differential privacy"
             ),
-            "released": RELEASED[config.exchange.mode] if dp.enabled else (
-                f"each site's student {'weights' if config.exchange.mode == 'weights' else 'logits on the public inputs'}, "
-                "trained WITHOUT differential privacy: they carry no privacy guarantee"),
+            "guarantee": GUARANTEE if dp.enabled else "none: the sites' records have no DP guarantee from this run "
+                         "on; each site's ledger records the release as unbounded and refuses DP claims afterwards",
+            "released": released_items(config),
+            "trust": TRUST,
             "sites": [
                 {
                     "site": site,
@@ -105,7 +121,9 @@ def round_record(server_round: int, outcome: RoundOutcome, result: Evaluation, l
         "bytes_down": outcome.bytes_down,
         "round_s": outcome.seconds,
         "server": outcome.server,
-        "problems": [{"site": s.site, "status": s.status, "reason": s.reason} for s in outcome.sites if s.status != TRAINED],
+        "problems": [{"site": s.site, "status": s.status, "code": s.code, "reason": s.reason}
+                     for s in outcome.sites if s.status != TRAINED],
+        "reply_items": sorted(outcome.reply_items),
         "elapsed_s": time.perf_counter() - start,
     }
 
@@ -129,27 +147,27 @@ def progress_line(record: dict, config: Config) -> str:
 
 
 def privacy_report(privacy: dict) -> str:
-    lines = ["# Privacy report", "", f"Mechanism: {privacy['mechanism']}.", ""]
-    lines += [f"Accountant: {privacy['accountant']}; delta = {privacy['delta']:g}.", ""]
-    lines += [f"What leaves a site: {privacy['released']}.", ""]
-    lines += ["| site | epsilon spent | budget | noise multiplier | rounds trained | rounds refused |",
+    lines = ["# Privacy report", "", f"Guarantee: {privacy['guarantee']}.", "",
+             f"Mechanism: {privacy['mechanism']}.", "",
+             f"Accountant: {privacy['accountant']}; delta = {privacy['delta']:g}; neighbouring relation: "
+             f"{privacy['neighbouring_relation']}.", "",
+             "## What leaves a site, and why it may", ""]
+    lines += [f"- `{item}`: {why}." for item, why in privacy["released"].items()]
+    lines += ["", "Nothing else leaves a site: the server drops a reply holding any other item.", "",
+              "## Per site", "",
+              "| site | epsilon spent | budget | noise multiplier | rounds trained | rounds refused |",
               "|---|---|---|---|---|---|"]
     for s in privacy["sites"]:
         lines.append(
             f"| {s['site']} | {_fmt(s['epsilon'])} | {_fmt(s['budget'])} | {_fmt(s['noise_multiplier'])} "
             f"| {s['rounds_trained']} | {s['refused_rounds']} |"
         )
-    lines += ["", "Epsilon is read from each site's own ledger, which counts every DP step the site has",
-              "taken on its data across rounds, runs and restarts.", "",
-              "Besides the DP-protected payload, a site reports its number of records (to weight the",
-              "mean), its epsilon and budget, and its training time. The record count is treated as",
-              "public, as in DP-FedAvg practice; if a site's count is itself sensitive, that site",
-              "should not join. Under DP a site does not report its training loss, a statistic of",
-              "its private records outside the DP mechanism."]
+    lines += ["", "Epsilon is read from each site's own ledger, which counts every release the site has made",
+              "from its records across rounds, runs and restarts.", "", f"What a site must still trust: {privacy['trust']}."]
     refusals = [(s["site"], r) for s in privacy["sites"] for r in s["refusals"]]
     if refusals:
         lines += ["", "## Refused rounds", ""]
-        lines += [f"- round {r['round']}, {site}: {r['reason']}" for site, r in refusals]
+        lines += [f"- round {r['round']}, {site} ({r['code']}): {r['reason']}" for site, r in refusals]
     return "\n".join(lines) + "\n"
 
 

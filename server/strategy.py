@@ -1,14 +1,17 @@
 """The round loop's two steps for DP distillation: send what the exchange says, combine what is valid.
 
 Flower's `Strategy.start()` runs the rounds; this FedAvg subclass only overrides the
-configure and aggregate steps. Each sampled site's outcome (trained, refused, failed,
+configure and aggregate steps. Sites are sampled from a participation plan drawn ahead,
+so that each sampled site is told how many rounds it has left and can calibrate its noise
+to spend its budget on those. Each sampled site's outcome (trained, refused, failed,
 invalid) is kept per round: a refusal or failure is data, and a reply that fails the
-exchange's checks is dropped and counted, never combined.
+exchange's checks or holds anything a site may not release is dropped and counted.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -16,6 +19,7 @@ from dataclasses import dataclass, field
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from torch import nn
 
 from common import payload as P
@@ -34,7 +38,7 @@ class SiteOutcome:
     node_id: int
     status: str  # TRAINED, REFUSED, FAILED or INVALID
     reason: str = ""
-    num_examples: int = 0
+    code: str = ""
     train_loss: float | None = None
     epsilon_spent: float | None = None
     epsilon_budget: float | None = None
@@ -50,39 +54,68 @@ class RoundOutcome:
     seconds: float = 0.0  # from sending the round's messages to the new global student
     sites: list[SiteOutcome] = field(default_factory=list)
     server: dict = field(default_factory=dict)  # what the exchange reports of its combine step
+    reply_items: set[str] = field(default_factory=set)  # what the trained replies held, for the record
 
     def count(self, status: str) -> int:
         return sum(s.status == status for s in self.sites)
+
+
+class ParticipationPlan:
+    """Which rounds each site trains in, drawn ahead: each round samples `fraction` of the sites
+    (at least `min_sites`), as FedAvg does, but the whole run's draw is known in advance.
+
+    It is redrawn for the remaining rounds whenever the connected sites change.
+    """
+
+    def __init__(self, *, rounds: int, fraction: float, min_sites: int, seed: int):
+        self.rounds, self.fraction, self.min_sites, self.seed = rounds, fraction, min_sites, seed
+        self.nodes: list[int] = []
+        self.sampled: dict[int, list[int]] = {}  # round -> node ids
+
+    def sample(self, server_round: int, connected: list[int]) -> dict[int, int]:
+        """This round's sampled nodes -> the rounds each has left in the run, this one included."""
+        if sorted(connected) != self.nodes:
+            self.nodes = sorted(connected)
+            rng = random.Random(f"{self.seed}-{server_round}-{len(self.nodes)}")
+            size = min(len(self.nodes), max(int(len(self.nodes) * self.fraction), self.min_sites))
+            for r in range(server_round, self.rounds + 1):
+                self.sampled[r] = rng.sample(self.nodes, size)
+        later = [self.sampled[r] for r in range(server_round, self.rounds + 1)]
+        return {node: sum(node in nodes for nodes in later) for node in self.sampled[server_round]}
 
 
 class DistillStrategy(FedAvg):
     """Samples sites like FedAvg; `exchange` decides what is sent and how replies are combined.
 
     The global student is a module owned by the server; `rounds[r]` holds round r's outcome.
+    `allowed_items` is everything a site's reply may hold (common.payload's release lists).
     """
 
-    def __init__(self, *, exchange: Exchange, global_student: nn.Module, fraction_train: float, min_sites: int):
+    def __init__(self, *, exchange: Exchange, global_student: nn.Module, plan: ParticipationPlan, min_sites: int,
+                 allowed_items: set[str]):
         super().__init__(
-            fraction_train=fraction_train,
+            fraction_train=plan.fraction,
             fraction_evaluate=0.0,  # the server evaluates the global student itself
             min_train_nodes=min_sites,
             min_available_nodes=min_sites,
-            weighted_by_key=P.NUM_EXAMPLES,
             arrayrecord_key=P.ARRAYS,
             configrecord_key=P.CONFIG,
         )
         self.exchange = exchange
         self.global_student = global_student
+        self.plan = plan
+        self.allowed_items = allowed_items
         self.rounds: dict[int, RoundOutcome] = {}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        # FedAvg samples the nodes; the content is the exchange's.
-        sampled = [m.metadata.dst_node_id for m in super().configure_train(server_round, arrays, config, grid)]
+        _, connected = sample_nodes(grid, self.min_available_nodes, 0)  # waits for enough sites
+        sampled = self.plan.sample(server_round, connected)
         content = round_request(self.exchange, self.global_student, server_round)
         self.rounds[server_round] = RoundOutcome(sampled=len(sampled), bytes_down=len(sampled) * content_bytes(content))
-        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in sampled]
+        return [Message(content=for_site(content, rounds_left), message_type=MessageType.TRAIN, dst_node_id=node)
+                for node, rounds_left in sampled.items()]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -94,6 +127,7 @@ class DistillStrategy(FedAvg):
             outcome.sites.append(site)
             if site.status == TRAINED:
                 outcome.bytes_up += self.exchange.reply_bytes(msg.content)
+                outcome.reply_items |= P.reply_items(msg.content)
                 accepted.append(msg.content)
             else:
                 log.warning("Round %d: %s (node %d) %s: %s", server_round, site.site, site.node_id, site.status, site.reason)
@@ -107,14 +141,13 @@ class DistillStrategy(FedAvg):
         outcome.seconds = time.perf_counter() - outcome.started
         if not accepted:
             return None, None
-        total = sum(s.num_examples for s in outcome.sites if s.status == TRAINED)
-        return P.model_to_record(self.global_student), MetricRecord({P.NUM_EXAMPLES: total})
+        return P.model_to_record(self.global_student), MetricRecord({"sites-combined": len(accepted)})
 
     def read_reply(self, msg: Message) -> SiteOutcome:
         node_id = msg.metadata.src_node_id
         if msg.has_error():
             return SiteOutcome(f"node-{node_id}", node_id, FAILED, reason=msg.error.reason)
-        return read_content(msg.content, node_id, self.exchange)
+        return read_content(msg.content, node_id, self.exchange, self.allowed_items)
 
 
 def round_request(exchange: Exchange, global_student: nn.Module, server_round: int) -> RecordDict:
@@ -126,23 +159,38 @@ def round_request(exchange: Exchange, global_student: nn.Module, server_round: i
     return content
 
 
+def for_site(content: RecordDict, rounds_left: int) -> RecordDict:
+    """`content` for one site, told how many rounds it has left (the arrays are shared, not copied)."""
+    site_content = RecordDict(dict(content.array_records))
+    site_content[P.CONFIG] = ConfigRecord({**content[P.CONFIG], P.ROUNDS_LEFT: rounds_left})
+    return site_content
+
+
 def content_bytes(content: RecordDict) -> int:
     return sum(P.record_bytes(r) for r in content.array_records.values())
 
 
-def read_content(content: RecordDict, node_id: int, exchange: Exchange) -> SiteOutcome:
-    """A site's reply as an outcome; a trained reply that fails the exchange's checks is INVALID."""
+def allowed_items(privacy_enabled: bool) -> set[str]:
+    """What a site's reply may hold in this run."""
+    allowed = set(P.RELEASED_UNDER_DP)
+    return allowed if privacy_enabled else allowed | set(P.RELEASED_WITHOUT_DP)
+
+
+def read_content(content: RecordDict, node_id: int, exchange: Exchange, allowed: set[str]) -> SiteOutcome:
+    """A site's reply as an outcome; a trained reply that fails the exchange's checks, or holds an
+    item a site may not release, is INVALID."""
     try:
         site = _outcome(content, node_id)
     except (TypeError, ValueError, OverflowError) as err:
         return SiteOutcome(f"node-{node_id}", node_id, INVALID, reason=f"reply metadata is unreadable: {err}")
-    if site.status == TRAINED:
+    extra = sorted(P.reply_items(content) - allowed)
+    if extra:
+        site.status, site.reason = INVALID, f"reply holds items a site may not release: {extra}"
+    elif site.status == TRAINED:
         try:
             problem = exchange.check(content)
         except Exception as err:  # a malformed reply must not stop the round
             problem = f"reply could not be checked: {err!r}"
-        if not problem and site.num_examples <= 0:
-            problem = f"reply metrics must carry {P.NUM_EXAMPLES!r} > 0"
         if problem:
             site.status, site.reason = INVALID, problem
     return site
@@ -156,7 +204,7 @@ def _outcome(content: RecordDict, node_id: int) -> SiteOutcome:
         node_id=node_id,
         status=REFUSED if status.get(P.STATUS) == P.STATUS_REFUSED else TRAINED,
         reason=str(status.get(P.REASON, "")),
-        num_examples=int(metrics.get(P.NUM_EXAMPLES, 0)),
+        code=str(status.get(P.CODE, "")),
         train_loss=_float(metrics.get(P.TRAIN_LOSS)),
         epsilon_spent=_float(metrics.get(P.EPSILON_SPENT)),
         epsilon_budget=_float(metrics.get(P.EPSILON_BUDGET)),

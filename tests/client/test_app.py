@@ -1,119 +1,247 @@
-"""A site's round without Flower's processes: the ledger decides, the reply says why."""
+"""A site's round without Flower's processes: the policy and the ledger decide, the reply says why."""
 
+import math
 import shlex
 
-import pytest
 import numpy as np
+import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
-from client.app import load_site, train_round
+import client.app as client_app
+from client.app import answer, load_site, starting_student, train_round
 from common import payload as P
-from common.privacy import LEDGER_FILE, PrivacyLedger
+from common.policy import POLICY_ENV, policy_from
+from common.privacy import LEDGER_FILE
+from server.strategy import allowed_items, for_site
 
 
 @pytest.fixture
-def site(small_config, tmp_path):
+def policy(tmp_path, cache_dir):
+    return policy_from({"ledger_dir": str(tmp_path / "ledgers"), "cache_dir": cache_dir})
+
+
+@pytest.fixture
+def site(small_config, policy):
     load_site.cache_clear()
-    return load_site(shlex.join(small_config.overrides), 0, small_config.sites, str(tmp_path / "ledger"))
+    return load_site(shlex.join(small_config.overrides), 0, small_config.sites, policy)
 
 
-def _global(site):
+def _global(site, rounds_left=None):
     torch.manual_seed(0)
-    return RecordDict({P.ARRAYS: P.model_to_record(site.task.student(site.config.student))})
+    content = RecordDict({P.ARRAYS: P.model_to_record(site.task.student(site.config.student)),
+                          P.CONFIG: ConfigRecord({P.SERVER_ROUND: 1})})
+    return content if rounds_left is None else for_site(content, rounds_left)
 
 
-def test_a_round_trains_reserves_in_the_ledger_and_reports_epsilon(site):
+def _entries(site):
+    return site.ledger().entries
+
+
+def test_a_dp_round_reserves_in_the_ledger_and_replies_only_what_may_leave_the_site(site):
     reply = train_round(site, _global(site), RecordDict(), server_round=1, run="t")
     assert reply[P.CONFIG][P.STATUS] == P.STATUS_OK
-    ledger = PrivacyLedger(site.ledger_dir, delta=site.config.privacy.delta)
-    assert len(ledger.entries) == 1 and ledger.entries[0].round == 1
-    assert reply[P.METRICS][P.EPSILON_SPENT] == pytest.approx(ledger.epsilon_spent())
-    assert 0 < ledger.epsilon_spent() < site.config.privacy.epsilon
-    assert reply[P.METRICS][P.NUM_EXAMPLES] == len(site.data)
+    [entry] = _entries(site)
+    assert entry.round == 1 and entry.dp and entry.steps == reply[P.METRICS][P.DP_STEPS]
+    assert reply[P.METRICS][P.EPSILON_SPENT] == pytest.approx(site.ledger().epsilon_spent())
+    assert 0 < reply[P.METRICS][P.EPSILON_SPENT] < site.config.privacy.epsilon
+    # no record count, no loss, no timing: exactly the items the privacy report lists
+    assert P.reply_items(reply) == {P.ARRAYS, "config/status", "config/site", "metrics/epsilon-spent",
+                                    "metrics/epsilon-budget", "metrics/noise-multiplier", "metrics/dp-steps"}
+    assert P.reply_items(reply) <= allowed_items(privacy_enabled=True)
+
+
+def test_the_ledger_holds_the_round_before_training_starts(site, monkeypatch):
+    seen = []
+
+    def training_that_fails(*args, **kwargs):
+        seen.append([e.round for e in site.ledger().entries])  # read from disk, as another process would
+        raise RuntimeError("the machine lost power")
+
+    monkeypatch.setattr(client_app, "distill_locally", training_that_fails)
+    with pytest.raises(RuntimeError):
+        train_round(site, _global(site), RecordDict(), server_round=1, run="t")
+    assert seen == [[1]]
+
+
+def test_noise_is_calibrated_for_the_rounds_the_site_has_left(site):
+    # told this is its only round of two, the site spends its whole budget now
+    reply = train_round(site, _global(site, rounds_left=1), RecordDict(), server_round=1, run="t")
+    assert reply[P.METRICS][P.EPSILON_SPENT] == pytest.approx(site.config.privacy.epsilon, rel=1e-3)
+    assert reply[P.METRICS][P.EPSILON_SPENT] <= site.config.privacy.epsilon
 
 
 def test_a_site_whose_budget_is_spent_refuses(site):
     for rnd in (1, 2):  # the run's two rounds spend the whole budget
         assert train_round(site, _global(site), RecordDict(), server_round=rnd, run="first")[P.CONFIG][P.STATUS] == P.STATUS_OK
-    spent = PrivacyLedger(site.ledger_dir, delta=site.config.privacy.delta).epsilon_spent()
-    assert spent == pytest.approx(site.config.privacy.epsilon, rel=0.02)
+    assert site.ledger().epsilon_spent() == pytest.approx(site.config.privacy.epsilon, rel=1e-3)
     reply = train_round(site, _global(site), RecordDict(), server_round=1, run="second")
-    assert reply[P.CONFIG][P.STATUS] == P.STATUS_REFUSED
-    assert "budget" in reply[P.CONFIG][P.REASON]
+    assert (reply[P.CONFIG][P.STATUS], reply[P.CONFIG][P.CODE]) == (P.STATUS_REFUSED, P.REFUSAL_BUDGET)
     assert P.ARRAYS not in reply.array_records
-    assert len(PrivacyLedger(site.ledger_dir, delta=site.config.privacy.delta).entries) == 2
+    assert len(_entries(site)) == 2
 
 
-def test_a_corrupt_ledger_makes_the_site_refuse_and_stays_as_it_was(site):
+def test_a_corrupt_ledger_makes_the_site_refuse_without_sending_its_path(site):
     site.ledger_dir.mkdir(parents=True, exist_ok=True)
-    (site.ledger_dir / LEDGER_FILE).write_text('{"format": "fedistill-privacy-ledger", "version": 1, "entr')
+    (site.ledger_dir / LEDGER_FILE).write_text('{"format": "fedistill-privacy-ledger", "version": 2, "entr')
     reply = train_round(site, _global(site), RecordDict(), server_round=1, run="t")
-    assert reply[P.CONFIG][P.STATUS] == P.STATUS_REFUSED
-    assert "corrupt" in reply[P.CONFIG][P.REASON]
+    assert reply[P.CONFIG][P.CODE] == P.REFUSAL_LEDGER
+    assert str(site.ledger_dir) not in str(reply[P.CONFIG]) and "/" not in reply[P.CONFIG][P.REASON]
     assert (site.ledger_dir / LEDGER_FILE).read_text().endswith('"entr')
 
 
-def test_sites_hold_disjoint_private_data_that_covers_the_private_part(small_config):
+def test_sites_hold_disjoint_private_data_that_covers_the_private_part(small_config, policy):
     load_site.cache_clear()
     overrides = shlex.join(small_config.overrides)
-    sites = [load_site(overrides, i, small_config.sites, None) for i in range(small_config.sites)]
+    sites = [load_site(overrides, i, small_config.sites, policy) for i in range(small_config.sites)]
     rows = [tuple(x.flatten().tolist()) for site in sites for x in site.data.tensors[0]]
     private = sites[0].task._parts["private"].tensors[0]
     assert len(rows) == len(private)
     assert set(rows) == {tuple(x.flatten().tolist()) for x in private}
 
 
-def test_a_malformed_request_is_refused_before_any_budget_is_spent(site):
-    bad = RecordDict({P.ARRAYS: ArrayRecord({"net.1.weight": Array(np.zeros((3, 3), dtype=np.float32))})})
-    reply = train_round(site, bad, RecordDict(), server_round=1, run="t")
-    assert reply[P.CONFIG][P.STATUS] == P.STATUS_REFUSED
-    assert "malformed" in reply[P.CONFIG][P.REASON]
+@pytest.mark.parametrize("corrupt", ["shape", "nan", "inf", "huge"])
+def test_a_malformed_request_is_refused_before_any_budget_is_spent(site, corrupt):
+    request = _global(site)
+    arrays = {k: v.numpy().copy() for k, v in request[P.ARRAYS].items()}
+    if corrupt == "shape":
+        arrays["net.1.weight"] = np.zeros((3, 3), dtype=np.float32)
+    else:
+        arrays["net.1.weight"][0, 0] = {"nan": np.nan, "inf": np.inf, "huge": 1e9}[corrupt]
+    request[P.ARRAYS] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    reply = train_round(site, request, RecordDict(), server_round=1, run="t")
+    assert reply[P.CONFIG][P.CODE] == P.REFUSAL_BAD_REQUEST
     assert not (site.ledger_dir / LEDGER_FILE).exists()
 
 
+@pytest.mark.parametrize("server_round, rounds_left", [(3, 1), (1, 3), (2, 0)])
+def test_impossible_round_numbers_are_refused_before_any_budget_is_spent(site, server_round, rounds_left):
+    reply = train_round(site, _global(site, rounds_left), RecordDict(), server_round=server_round, run="t")
+    assert reply[P.CONFIG][P.CODE] == P.REFUSAL_BAD_REQUEST
+    assert not (site.ledger_dir / LEDGER_FILE).exists()
+
+
+def _context(overrides, partition=0, sites=3, node_config=None):
+    node = {"partition-id": partition, "num-partitions": sites, **(node_config or {})}
+    return Context(run_id=7, node_id=1, node_config=node, state=RecordDict(), run_config={"overrides": overrides})
+
+
+@pytest.mark.parametrize(
+    "request_override, reason",
+    [
+        ("privacy=none", "site.require_dp"),
+        ("privacy.epsilon=8", "site.epsilon"),
+        ("privacy.delta=1e-4", "site.delta"),
+        ("task=mnist", "site.task_sources"),
+        ("rounds=500", "site.max_rounds"),
+    ],
+)
+def test_a_request_outside_the_sites_policy_is_refused_before_anything_is_loaded(
+        small_config, tmp_path, monkeypatch, request_override, reason):
+    load_site.cache_clear()
+    policy_file = tmp_path / "site.yaml"
+    policy_file.write_text(f"ledger_dir: {tmp_path / 'ledgers'}\ntask_sources: [digits]\n")
+    monkeypatch.setenv(POLICY_ENV, str(policy_file))
+    request = shlex.join(small_config.overrides + [request_override])
+    reply = answer(RecordDict({P.CONFIG: ConfigRecord({P.SERVER_ROUND: 1})}), _context(request))
+    assert (reply[P.CONFIG][P.STATUS], reply[P.CONFIG][P.CODE]) == (P.STATUS_REFUSED, P.REFUSAL_POLICY)
+    assert reason in reply[P.CONFIG][P.REASON]
+    assert not (tmp_path / "ledgers").exists()
+
+
+@pytest.mark.parametrize("request_override", ["privacy.ledger_dir=/tmp/elsewhere", "task.name=${oc.env:HOME}"])
+def test_a_request_cannot_move_the_ledger_or_read_the_sites_environment(small_config, tmp_path, monkeypatch,
+                                                                         request_override):
+    load_site.cache_clear()
+    monkeypatch.setenv(POLICY_ENV, str(tmp_path / "site.yaml"))
+    (tmp_path / "site.yaml").write_text(f"ledger_dir: {tmp_path / 'ledgers'}\n")
+    request = shlex.join(small_config.overrides + [request_override])
+    reply = answer(RecordDict({P.CONFIG: ConfigRecord({P.SERVER_ROUND: 1})}), _context(request))
+    assert reply[P.CONFIG][P.CODE] == P.REFUSAL_BAD_REQUEST
+    assert str(tmp_path) not in str(reply[P.CONFIG]) and "/root" not in str(reply[P.CONFIG])
+
+
+def test_a_site_error_sends_a_code_and_keeps_the_details(small_config, tmp_path, monkeypatch):
+    load_site.cache_clear()
+    monkeypatch.setenv(POLICY_ENV, str(tmp_path / "missing-policy.yaml"))
+    reply = answer(RecordDict({P.CONFIG: ConfigRecord({P.SERVER_ROUND: 1})}), _context(shlex.join(small_config.overrides)))
+    assert reply[P.CONFIG][P.CODE] == P.REFUSAL_SITE_ERROR
+    assert "missing-policy" not in str(reply[P.CONFIG])
+
+
+def test_a_round_without_dp_is_recorded_and_later_dp_claims_are_refused(small_config, policy, tmp_path):
+    load_site.cache_clear()
+    allowing = policy_from({"ledger_dir": str(tmp_path / "ledgers"), "cache_dir": policy.cache_dir, "require_dp": False})
+    baseline = load_site(shlex.join(small_config.overrides + ["privacy=none"]), 0, 3, allowing)
+    reply = train_round(baseline, _global(baseline), RecordDict(), server_round=1, run="baseline")
+    assert reply[P.CONFIG][P.STATUS] == P.STATUS_OK and P.TRAIN_LOSS in reply[P.METRICS]
+    assert math.isinf(reply[P.METRICS][P.EPSILON_SPENT])
+    dp = load_site(shlex.join(small_config.overrides), 0, 3, allowing)
+    later = train_round(dp, _global(dp), RecordDict(), server_round=1, run="later")
+    assert later[P.CONFIG][P.CODE] == P.REFUSAL_BUDGET and "without DP" in later[P.CONFIG][P.REASON]
+
+
 @pytest.fixture
-def logits_site(small_config, tmp_path):
+def logits_site(small_config, policy):
     load_site.cache_clear()
     overrides = small_config.overrides + ["exchange=logits", "exchange.compression=topk", "exchange.topk=2"]
-    return load_site(shlex.join(overrides), 1, small_config.sites, str(tmp_path / "ledger-logits"))
+    return load_site(shlex.join(overrides), 1, small_config.sites, policy)
 
 
 def _logits_request(site, **manifest_changes):
     manifest = {**P.public_manifest(site.task.public_inputs()), **manifest_changes}
     content = _global(site)
-    content[P.CONFIG] = ConfigRecord(manifest)
+    content[P.CONFIG] = ConfigRecord({**manifest, P.SERVER_ROUND: 1})
     return content
 
 
 def test_a_site_with_another_public_set_refuses_before_spending_budget(logits_site):
     reply = train_round(logits_site, _logits_request(logits_site, **{P.PUBLIC_SHA256: "0" * 64}),
                         RecordDict(), server_round=1, run="t")
-    assert reply[P.CONFIG][P.STATUS] == P.STATUS_REFUSED
-    assert "does not match" in reply[P.CONFIG][P.REASON]
+    assert reply[P.CONFIG][P.CODE] == P.REFUSAL_PUBLIC_SET
     assert not (logits_site.ledger_dir / LEDGER_FILE).exists()
 
 
-def test_logits_mode_sends_compressed_public_logits_and_never_weights(logits_site):
+def test_logits_mode_sends_top_k_log_probabilities_and_never_weights(logits_site):
     reply = train_round(logits_site, _logits_request(logits_site), RecordDict(), server_round=1, run="t")
     assert reply[P.CONFIG][P.STATUS] == P.STATUS_OK
     assert P.ARRAYS not in reply.array_records
     rows = len(logits_site.task.public_inputs())
-    assert {k: tuple(v.shape) for k, v in reply[P.LOGITS].items()} == {"values": (rows, 2), "indices": (rows, 2), "logsumexp": (rows,)}
+    assert {k: tuple(v.shape) for k, v in reply[P.LOGITS].items()} == {"values": (rows, 2), "indices": (rows, 2)}
+    values = reply[P.LOGITS]["values"].numpy().astype(np.float64)
+    assert values.max() <= 0 and np.exp(values).sum(axis=1).max() <= 1 + 1e-3
 
 
-def test_broadcast_logits_keeps_each_sites_own_student_of_its_own_shape(small_config, tmp_path):
+@pytest.fixture
+def fedmd_site(small_config, policy):
     load_site.cache_clear()
     overrides = shlex.join(small_config.overrides + [
         "exchange=logits", "exchange.broadcast=logits", "exchange.site_students=[[8],[16,4]]"])
-    site = load_site(overrides, 1, small_config.sites, str(tmp_path / "ledger-own"))
-    request = RecordDict({P.CONFIG: ConfigRecord(P.public_manifest(site.task.public_inputs()))})
+    return load_site(overrides, 1, small_config.sites, policy)
+
+
+def test_broadcast_logits_keeps_each_sites_own_student_of_its_own_shape(fedmd_site):
+    request = RecordDict({P.CONFIG: ConfigRecord({**P.public_manifest(fedmd_site.task.public_inputs()), P.SERVER_ROUND: 1})})
     state = RecordDict()
-    first = train_round(site, request, state, server_round=1, run="t")
-    assert first[P.CONFIG][P.STATUS] == P.STATUS_OK
+    assert train_round(fedmd_site, request, state, server_round=1, run="t")[P.CONFIG][P.STATUS] == P.STATUS_OK
     kept = state[P.STUDENT_STATE]
     assert [tuple(v.shape) for v in kept.values()] == [(16, 64), (16,), (4, 16), (4,), (10, 4), (10,)]
-    rows = len(site.task.public_inputs())
-    request[P.CONSENSUS] = ArrayRecord({P.LOGITS: Array(np.zeros((rows, 10), dtype=np.float32))})
-    train_round(site, request, state, server_round=2, run="t")
-    assert not np.allclose(state[P.STUDENT_STATE]["net.1.weight"].numpy(), kept["net.1.weight"].numpy())
+    # the next round starts from the kept student, not from a fresh one
+    resumed = starting_student(fedmd_site, request, state, server_round=2)
+    assert all(torch.equal(resumed.state_dict()[k], torch.as_tensor(v.numpy())) for k, v in kept.items())
+
+
+def test_the_consensus_is_fitted_before_private_training(fedmd_site):
+    public = fedmd_site.task.public_inputs()
+    torch.manual_seed(1)
+    target = torch.log_softmax(torch.randn(len(public), 10) * 3, dim=1)
+    request = RecordDict({P.CONSENSUS: ArrayRecord({P.LOGITS: Array(target.numpy())})})
+
+    def kl_to_target(model):
+        with torch.no_grad():
+            return torch.nn.functional.kl_div(torch.log_softmax(model(public), 1), target, log_target=True,
+                                              reduction="batchmean").item()
+
+    fresh = fedmd_site.new_student()
+    fitted = starting_student(fedmd_site, request, RecordDict(), server_round=2)
+    assert kl_to_target(fitted) < kl_to_target(fresh) - 1e-3  # a few Adam steps (exchange.public_fit_epochs=2)

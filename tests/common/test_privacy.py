@@ -1,11 +1,23 @@
 import json
+import math
 
 import pytest
 from opacus.accountants import RDPAccountant
 
-from common.privacy import LEDGER_FILE, BudgetExhausted, LedgerError, PrivacyLedger, epsilon_of
+from common.privacy import (LEDGER_FILE, Budget, BudgetExhausted, DataFingerprint, LedgerError, PrivacyLedger,
+                            epsilon_of)
 
 DELTA = 1e-5
+DATA = DataFingerprint(dataset="digits abc", partition="seed 0, 3 sites", records="r0")
+
+
+def _ledger(path, epsilon=3.0, data=DATA, delta=DELTA):
+    return PrivacyLedger(path, budget=Budget(epsilon, delta), data=data)
+
+
+def _reserve(ledger, *, sigma=1.5, steps=50, run="r", rnd=1, limit=None):
+    return ledger.reserve(limit=limit or ledger.budget, noise_multiplier=sigma, sample_rate=0.1, steps=steps,
+                          run=run, round=rnd)
 
 
 def test_epsilon_equals_opacus_rdp_accountant():
@@ -17,63 +29,111 @@ def test_epsilon_equals_opacus_rdp_accountant():
 
 @pytest.mark.parametrize("budget, rate, steps", [(1.0, 1 / 8, 80), (3.0, 1 / 10, 100), (8.0, 0.05, 400)])
 def test_calibrated_noise_spends_at_most_the_budget_and_close_to_it(tmp_path, budget, rate, steps):
-    ledger = PrivacyLedger(tmp_path, delta=DELTA)
-    sigma = ledger.calibrate(budget=budget, sample_rate=rate, steps=steps, max_noise_multiplier=50)
-    spent = ledger.epsilon_after(noise_multiplier=sigma, sample_rate=rate, steps=steps)
-    assert spent <= budget
-    assert spent >= 0.97 * budget
+    ledger = _ledger(tmp_path / "s", epsilon=budget)
+    sigma = ledger.calibrate(limit=ledger.budget, sample_rate=rate, steps=steps, max_noise_multiplier=50)
+    spent = epsilon_of([(sigma, rate, steps)], delta=DELTA)
+    assert 0.97 * budget <= spent <= budget
     # and a little less noise would break the budget: the calibration is tight
-    assert ledger.epsilon_after(noise_multiplier=0.97 * sigma, sample_rate=rate, steps=steps) > budget
+    assert epsilon_of([(0.97 * sigma, rate, steps)], delta=DELTA) > budget
+
+
+def test_a_run_asking_for_less_than_the_site_allows_is_held_to_its_own_limit(tmp_path):
+    ledger = _ledger(tmp_path / "s", epsilon=8.0)
+    limit = Budget(2.0, 1e-6)  # smaller epsilon and smaller delta than the site's
+    sigma = ledger.calibrate(limit=limit, sample_rate=0.1, steps=100, max_noise_multiplier=50)
+    _reserve(ledger, sigma=sigma, steps=100, limit=limit)
+    assert 0.97 * 2.0 <= ledger.epsilon_spent(1e-6) <= 2.0
+    assert ledger.epsilon_spent() < 2.0  # at the site's larger delta, less
 
 
 def test_ledger_accumulates_across_processes_and_runs(tmp_path):
-    first = PrivacyLedger(tmp_path, delta=DELTA)
-    first.reserve(budget=5, noise_multiplier=1.5, sample_rate=0.1, steps=50, run="run-1", round=1)
-    after_one = first.epsilon_spent()
-    second = PrivacyLedger(tmp_path, delta=DELTA)  # a new process reads the same disk
-    assert second.epsilon_spent() == pytest.approx(after_one)
-    second.reserve(budget=5, noise_multiplier=1.5, sample_rate=0.1, steps=50, run="run-2", round=1)
-    assert PrivacyLedger(tmp_path, delta=DELTA).epsilon_spent() == pytest.approx(
-        epsilon_of([(1.5, 0.1, 100)], delta=DELTA)
-    )
-    assert [e.run for e in PrivacyLedger(tmp_path, delta=DELTA).entries] == ["run-1", "run-2"]
+    first = _ledger(tmp_path / "s", epsilon=5)
+    _reserve(first, run="run-1")
+    second = _ledger(tmp_path / "s", epsilon=5)  # a new process reads the same disk
+    assert second.epsilon_spent() == pytest.approx(first.epsilon_spent())
+    _reserve(second, run="run-2")
+    assert _ledger(tmp_path / "s", epsilon=5).epsilon_spent() == pytest.approx(epsilon_of([(1.5, 0.1, 100)], delta=DELTA))
+    assert [e.run for e in _ledger(tmp_path / "s", epsilon=5).entries] == ["run-1", "run-2"]
 
 
 def test_reserve_refuses_past_the_budget_and_records_nothing(tmp_path):
-    ledger = PrivacyLedger(tmp_path, delta=DELTA)
-    ledger.reserve(budget=3, noise_multiplier=2.0, sample_rate=0.1, steps=60, run="r", round=1)
-    before = (tmp_path / LEDGER_FILE).read_text()
-    with pytest.raises(BudgetExhausted, match="over the budget"):
-        ledger.reserve(budget=3, noise_multiplier=2.0, sample_rate=0.1, steps=5000, run="r", round=2)
-    assert (tmp_path / LEDGER_FILE).read_text() == before
+    ledger = _ledger(tmp_path / "s")
+    _reserve(ledger, sigma=2.0, steps=60)
+    before = (tmp_path / "s" / LEDGER_FILE).read_text()
+    with pytest.raises(BudgetExhausted, match="over the limit"):
+        _reserve(ledger, sigma=2.0, steps=5000, rnd=2)
+    assert (tmp_path / "s" / LEDGER_FILE).read_text() == before
 
 
-def test_a_budget_cannot_be_raised_once_spending_has_started(tmp_path):
-    PrivacyLedger(tmp_path, delta=DELTA).reserve(budget=1.0, noise_multiplier=3.0, sample_rate=0.1, steps=10, run="a", round=1)
-    ledger = PrivacyLedger(tmp_path, delta=DELTA)
-    for attempt in (
-        lambda: ledger.calibrate(budget=5.0, sample_rate=0.1, steps=10, max_noise_multiplier=20),
-        lambda: ledger.reserve(budget=5.0, noise_multiplier=3.0, sample_rate=0.1, steps=10, run="b", round=1),
-    ):
-        with pytest.raises(LedgerError, match="set privacy.epsilon=1"):
-            attempt()
-    assert len(PrivacyLedger(tmp_path, delta=DELTA).entries) == 1
+def test_a_budget_cannot_be_changed_once_spending_has_started(tmp_path):
+    _reserve(_ledger(tmp_path / "s", epsilon=1.0), sigma=3.0, steps=10)
+    with pytest.raises(LedgerError, match="set site.epsilon=1.0"):
+        _ledger(tmp_path / "s", epsilon=5.0)
+    assert len(_ledger(tmp_path / "s", epsilon=1.0).entries) == 1
 
 
 def test_calibrate_refuses_when_the_budget_is_spent(tmp_path):
-    ledger = PrivacyLedger(tmp_path, delta=DELTA)
-    sigma = ledger.calibrate(budget=1.0, sample_rate=0.1, steps=100, max_noise_multiplier=20)
-    ledger.reserve(budget=1.0, noise_multiplier=sigma, sample_rate=0.1, steps=100, run="r", round=1)
+    ledger = _ledger(tmp_path / "s", epsilon=1.0)
+    sigma = ledger.calibrate(limit=ledger.budget, sample_rate=0.1, steps=100, max_noise_multiplier=20)
+    _reserve(ledger, sigma=sigma, steps=100)
     with pytest.raises(BudgetExhausted):
-        PrivacyLedger(tmp_path, delta=DELTA).calibrate(budget=1.0, sample_rate=0.1, steps=100, max_noise_multiplier=20)
+        _ledger(tmp_path / "s", epsilon=1.0).calibrate(limit=Budget(1.0, DELTA), sample_rate=0.1, steps=100,
+                                                  max_noise_multiplier=20)
 
 
 def test_calibration_against_what_remains_keeps_the_total_within_budget(tmp_path):
-    ledger = PrivacyLedger(tmp_path, delta=DELTA)
+    ledger = _ledger(tmp_path / "s")
     for rnd in range(1, 5):  # 4 rounds of 20 steps, calibrated each round against the rounds left
-        sigma = ledger.calibrate(budget=3.0, sample_rate=0.1, steps=20 * (5 - rnd), max_noise_multiplier=50)
-        ledger.reserve(budget=3.0, noise_multiplier=sigma, sample_rate=0.1, steps=20, run="r", round=rnd)
-    assert 0.95 * 3.0 <= ledger.epsilon_spent() <= 3.0
+        sigma = ledger.calibrate(limit=ledger.budget, sample_rate=0.1, steps=20 * (5 - rnd), max_noise_multiplier=50)
+        _reserve(ledger, sigma=sigma, steps=20, rnd=rnd)
+    assert 0.99 * 3.0 <= ledger.epsilon_spent() <= 3.0
+
+
+def test_a_release_without_dp_makes_epsilon_infinite_and_refuses_every_later_dp_claim(tmp_path):
+    ledger = _ledger(tmp_path / "s")
+    _reserve(ledger, sigma=4.0, steps=10)
+    ledger.record_release_without_dp(sample_rate=0.1, steps=30, run="baseline", round=1)
+    reread = _ledger(tmp_path / "s")  # recorded on disk, not only in memory
+    assert math.isinf(reread.epsilon_spent())
+    for attempt in (
+        lambda: reread.calibrate(limit=reread.budget, sample_rate=0.1, steps=10, max_noise_multiplier=50),
+        lambda: _reserve(reread, sigma=50.0, steps=1, run="later"),
+    ):
+        with pytest.raises(BudgetExhausted, match="released without DP"):
+            attempt()
+    assert [e.dp for e in _ledger(tmp_path / "s").entries] == [True, False]
+
+
+def test_a_ledger_refuses_other_records(tmp_path):
+    _reserve(_ledger(tmp_path / "site-0"))
+    other = DataFingerprint(dataset=DATA.dataset, partition=DATA.partition, records="r-other")
+    with pytest.raises(LedgerError, match="covers other records"):
+        _ledger(tmp_path / "site-0", data=other)
+
+
+def test_a_new_ledger_refuses_the_same_data_set_under_another_partition(tmp_path):
+    _reserve(_ledger(tmp_path / "site-0"))
+    same_partition = DataFingerprint(dataset=DATA.dataset, partition=DATA.partition, records="r1")
+    _reserve(_ledger(tmp_path / "site-1", data=same_partition))  # a sibling of the same partition is fine
+    repartitioned = DataFingerprint(dataset=DATA.dataset, partition="seed 0, 4 sites", records="r3")
+    with pytest.raises(LedgerError, match="under another partition"):
+        _ledger(tmp_path / "site-3", data=repartitioned)
+    assert not (tmp_path / "site-3" / LEDGER_FILE).exists()
+    unrelated = DataFingerprint(dataset="mnist xyz", partition="seed 0, 4 sites", records="r9")
+    _ledger(tmp_path / "site-9", data=unrelated)  # another data set may share the folder
+
+
+def test_a_new_ledger_refuses_records_another_ledger_already_charges(tmp_path):
+    _reserve(_ledger(tmp_path / "site-0"))
+    with pytest.raises(LedgerError, match="already charges these very records"):
+        _ledger(tmp_path / "site-1")
+
+
+def _doc(**changes):
+    doc = {"format": "fedistill-privacy-ledger", "version": 2, "accountant": "rdp", "delta": DELTA, "budget": 3.0,
+           "data": {"dataset": DATA.dataset, "partition": DATA.partition, "records": DATA.records},
+           "entries": [{"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 5, "run": "r", "round": 1, "time": 0}]}
+    return json.dumps({**doc, **changes})
 
 
 @pytest.mark.parametrize(
@@ -81,22 +141,25 @@ def test_calibration_against_what_remains_keeps_the_total_within_budget(tmp_path
     [
         ("{not json", "unreadable or corrupt"),
         ("", "unreadable or corrupt"),
-        (json.dumps({"format": "something-else", "version": 1}), "not a version-1"),
-        (json.dumps({"format": "fedistill-privacy-ledger", "version": 1, "accountant": "rdp", "delta": 1e-6, "entries": []}), "set privacy.delta=1e-06"),
-        (json.dumps({"format": "fedistill-privacy-ledger", "version": 1, "accountant": "rdp", "delta": DELTA, "entries": [{"steps": 1}]}), "unreadable or corrupt"),
-        (json.dumps({"format": "fedistill-privacy-ledger", "version": 1, "accountant": "rdp", "delta": DELTA, "budget": 3,
-                     "entries": [{"noise_multiplier": -1, "sample_rate": 0.1, "steps": 5, "run": "r", "round": 1, "time": 0}]}), "impossible entry"),
+        (json.dumps({"format": "something-else", "version": 2}), "not a version-2"),
+        (_doc(version=1), "not a version-2"),
+        (_doc(delta=1e-6), "set site.delta=1e-06"),
+        (_doc(entries=[{"steps": 1}]), "unreadable or corrupt"),
+        (_doc(data={"dataset": "x"}), "unreadable or corrupt"),
+        (_doc(entries=[{"noise_multiplier": -1, "sample_rate": 0.1, "steps": 5, "run": "r", "round": 1, "time": 0}]),
+         "impossible entry"),
     ],
 )
 def test_a_corrupt_ledger_is_refused_never_reset(tmp_path, content, match):
-    (tmp_path / LEDGER_FILE).write_text(content)
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / LEDGER_FILE).write_text(content)
     with pytest.raises(LedgerError, match=match):
-        PrivacyLedger(tmp_path, delta=DELTA)
-    assert (tmp_path / LEDGER_FILE).read_text() == content
+        _ledger(tmp_path / "s")
+    assert (tmp_path / "s" / LEDGER_FILE).read_text() == content
 
 
 def test_writes_are_atomic_and_leave_no_temporary_files(tmp_path):
-    ledger = PrivacyLedger(tmp_path, delta=DELTA)
-    ledger.reserve(budget=5, noise_multiplier=2.0, sample_rate=0.1, steps=10, run="r", round=1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [LEDGER_FILE, LEDGER_FILE + ".lock"]
-    assert json.loads((tmp_path / LEDGER_FILE).read_text())["entries"][0]["steps"] == 10
+    _reserve(_ledger(tmp_path / "s"), sigma=2.0, steps=10)
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [LEDGER_FILE, LEDGER_FILE + ".lock"]
+    doc = json.loads((tmp_path / "s" / LEDGER_FILE).read_text())
+    assert doc["entries"][0]["steps"] == 10 and doc["data"]["records"] == DATA.records

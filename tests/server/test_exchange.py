@@ -7,7 +7,9 @@ from common import payload as P
 from common.config import load_config
 from common.task import build_task
 from server.exchange import LogitsExchange, WeightsExchange, check_arrays
-from server.strategy import INVALID, TRAINED, read_content
+from server.strategy import INVALID, TRAINED, allowed_items, read_content
+
+ALLOWED = allowed_items(privacy_enabled=True)
 
 SPEC = {"logits": ((4, 3), "float32")}
 
@@ -43,10 +45,10 @@ def config(tmp_path, cache_dir):
                         f"run_dir={tmp_path}", f"cache_dir={cache_dir}"])
 
 
-def _reply(logits, examples=10):
+def _reply(logits, **extra_metrics):
     return RecordDict({
-        P.LOGITS: ArrayRecord({"logits": Array(logits)}),
-        P.METRICS: MetricRecord({P.NUM_EXAMPLES: examples}),
+        P.LOGITS: ArrayRecord({"logits": Array(np.asarray(logits, dtype=np.float32))}),
+        P.METRICS: MetricRecord({P.EPSILON_SPENT: 1.0, **extra_metrics}),
         P.CONFIG: ConfigRecord({P.STATUS: P.STATUS_OK, P.SITE: "site-x"}),
     })
 
@@ -55,17 +57,43 @@ def test_logits_exchange_drops_bad_replies_and_distills_on_good_ones(config):
     task = build_task(config)
     exchange = LogitsExchange(config, task, task.teacher())
     rows = len(task.public_inputs())
-    good = exchange.teacher_logits.numpy().astype(np.float32)  # learnable targets
-    assert read_content(_reply(good), 1, exchange).status == TRAINED
-    bad = read_content(_reply(good[:-1]), 2, exchange)
+    good = torch.log_softmax(exchange.teacher_logits, dim=1).numpy()  # learnable targets
+    assert read_content(_reply(good), 1, exchange, ALLOWED).status == TRAINED
+    bad = read_content(_reply(good[:-1]), 2, exchange, ALLOWED)
     assert bad.status == INVALID and "expected float32" in bad.reason
-    assert read_content(_reply(good, examples=0), 3, exchange).status == INVALID
+    raw = read_content(_reply(exchange.teacher_logits.numpy()), 3, exchange, ALLOWED)
+    assert raw.status == INVALID and "not log-probabilities" in raw.reason
     student = task.student(config.student)
     before = P.model_to_record(student)["net.1.weight"].numpy().copy()
     report = exchange.combine([_reply(good), _reply(good)], student, server_round=1)
     assert report["server_distill_epochs"] >= 1
     assert not np.allclose(before, P.model_to_record(student)["net.1.weight"].numpy())
     assert exchange.consensus.shape == (rows, 10)
+
+
+def test_a_reply_holding_anything_a_site_may_not_release_is_dropped(config):
+    task = build_task(config)
+    exchange = LogitsExchange(config, task, task.teacher())
+    good = torch.log_softmax(exchange.teacher_logits, dim=1).numpy()
+    for leak in ({"num-examples": 590}, {P.TRAIN_LOSS: 0.3}, {"train-seconds": 4.2}):
+        outcome = read_content(_reply(good, **leak), 1, exchange, ALLOWED)
+        assert outcome.status == INVALID and next(iter(leak)) in outcome.reason
+    # without DP there is no guarantee to break, and the loss may travel
+    assert read_content(_reply(good, **{P.TRAIN_LOSS: 0.3}), 1, exchange, allowed_items(False)).status == TRAINED
+
+
+def test_the_consensus_is_kept_only_once_the_global_student_has_learned_it(config, monkeypatch):
+    task = build_task(config)
+    exchange = LogitsExchange(config, task, task.teacher())
+    good = torch.log_softmax(exchange.teacher_logits, dim=1).numpy()
+
+    def failing_fit(*args, **kwargs):
+        raise RuntimeError("server-side distillation failed")
+
+    monkeypatch.setattr("server.exchange.distill_on_public", failing_fit)
+    with pytest.raises(RuntimeError):
+        exchange.combine([_reply(good)], task.student(config.student), server_round=1)
+    assert exchange.consensus is None
 
 
 def test_logits_exchange_sends_the_public_manifest(config):
@@ -82,29 +110,41 @@ def test_weights_exchange_refuses_a_student_of_another_shape(config):
     student = task.student(config.student)
     exchange = WeightsExchange(config, student)
     other = torch.nn.Linear(3, 3)
-    reply = RecordDict({P.ARRAYS: P.model_to_record(other), P.METRICS: MetricRecord({P.NUM_EXAMPLES: 5})})
-    assert "expected arrays" in exchange.check(reply)
+    assert "expected arrays" in exchange.check(RecordDict({P.ARRAYS: P.model_to_record(other)}))
     assert exchange.check(RecordDict({P.ARRAYS: P.model_to_record(student)})) == ""
 
 
-def test_inconsistent_topk_replies_are_invalid_and_nan_counts_do_not_crash(tmp_path, cache_dir):
+def test_weights_exchange_counts_sites_equally(config):
+    task = build_task(config)
+    student = task.student(config.student)
+    exchange = WeightsExchange(config, student)
+    replies = []
+    for value in (0.0, 0.0, 3.0):
+        model = task.student(config.student)
+        for p in model.parameters():
+            p.data.fill_(value)
+        replies.append(RecordDict({P.ARRAYS: P.model_to_record(model)}))
+    exchange.combine(replies, student, server_round=1)
+    assert all(torch.allclose(p, torch.ones_like(p)) for p in student.parameters())
+
+
+def test_inconsistent_topk_replies_are_invalid(tmp_path, cache_dir):
     config = load_config(["task=digits", "sites=3", "exchange=logits", "exchange.compression=topk", "exchange.topk=3",
                           f"run_dir={tmp_path}", f"cache_dir={cache_dir}"])
     task = build_task(config)
     exchange = LogitsExchange(config, task, task.teacher())
     rows = len(task.public_inputs())
 
-    def reply(indices, lse=5.0, examples=10.0):
+    def reply(indices, value=-2.0):
         return RecordDict({
-            P.LOGITS: ArrayRecord({"values": Array(np.ones((rows, 3), dtype=np.float16)),
-                                   "indices": Array(np.asarray(indices, dtype=np.uint16)),
-                                   "logsumexp": Array(np.full(rows, lse, dtype=np.float32))}),
-            P.METRICS: MetricRecord({P.NUM_EXAMPLES: examples}),
+            P.LOGITS: ArrayRecord({"values": Array(np.full((rows, 3), value, dtype=np.float16)),
+                                   "indices": Array(np.asarray(indices, dtype=np.uint16))}),
+            P.METRICS: MetricRecord({P.EPSILON_SPENT: 1.0}),
         })
 
     good = np.tile([0, 1, 2], (rows, 1))
-    assert read_content(reply(good), 1, exchange).status == TRAINED
-    assert "< 10 classes" in read_content(reply(np.tile([0, 1, 12], (rows, 1))), 1, exchange).reason
-    assert "repeat" in read_content(reply(np.tile([0, 1, 1], (rows, 1))), 1, exchange).reason
-    assert "logsumexp" in read_content(reply(good, lse=0.0), 1, exchange).reason
-    assert read_content(reply(good, examples=float("nan")), 1, exchange).status == INVALID
+    assert read_content(reply(good), 1, exchange, ALLOWED).status == TRAINED
+    assert "< 10 classes" in read_content(reply(np.tile([0, 1, 12], (rows, 1))), 1, exchange, ALLOWED).reason
+    assert "repeat" in read_content(reply(np.tile([0, 1, 1], (rows, 1))), 1, exchange, ALLOWED).reason
+    assert "not log-probabilities" in read_content(reply(good, value=0.5), 1, exchange, ALLOWED).reason
+    assert "not log-probabilities" in read_content(reply(good, value=-0.5), 1, exchange, ALLOWED).reason  # mass 1.8

@@ -1,3 +1,4 @@
+from common import payload as P
 from common.config import load_config
 from server.report import PrivacyView, privacy_report
 from server.strategy import REFUSED, TRAINED, RoundOutcome, SiteOutcome
@@ -6,20 +7,27 @@ from server.strategy import REFUSED, TRAINED, RoundOutcome, SiteOutcome
 def _view():
     view = PrivacyView()
     view.update(1, RoundOutcome(sites=[SiteOutcome("site-0", 1, TRAINED, epsilon_spent=1.5, epsilon_budget=3.0, noise_multiplier=2.0),
-                                       SiteOutcome("site-1", 2, REFUSED, reason="budget spent", epsilon_spent=3.0, epsilon_budget=3.0)]))
+                                       SiteOutcome("site-1", 2, REFUSED, reason="budget spent", code="budget",
+                                                   epsilon_spent=3.0, epsilon_budget=3.0)]))
     return view
 
 
-def test_report_says_what_leaves_a_site_and_counts_refusals():
+def test_report_states_the_guarantee_and_lists_what_leaves_a_site():
     summary = _view().summary(load_config(["exchange=logits"]))
-    assert "post-processing" in summary["released"] and "logits" in summary["released"]
+    assert summary["neighbouring_relation"] == "add/remove one record"
+    assert set(summary["released"]) == set(P.RELEASED_UNDER_DP) - {P.ARRAYS}  # logits mode sends no weights
+    assert "post-processing" in summary["released"][P.LOGITS]
     assert [(s["site"], s["epsilon"], s["rounds_trained"], s["refused_rounds"]) for s in summary["sites"]] == [
         ("site-0", 1.5, 1, 0), ("site-1", 3.0, 0, 1)]
     text = privacy_report(summary)
-    assert "round 1, site-1: budget spent" in text
+    assert "round 1, site-1 (budget): budget spent" in text
+    for item in summary["released"]:
+        assert f"`{item}`" in text
+    assert "record count" in text and "must still trust" in text
 
 
 def test_report_without_dp_claims_no_guarantee():
     summary = _view().summary(load_config(["privacy=none"]))
-    assert "WITHOUT differential privacy" in summary["released"]
+    assert P.RELEASED_WITHOUT_DP.keys() <= summary["released"].keys()
     assert "WITHOUT differential privacy" in summary["mechanism"]
+    assert summary["guarantee"].startswith("none")

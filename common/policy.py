@@ -1,0 +1,124 @@
+"""A site's privacy policy: what a site will do with its private records, read on its side only.
+
+A run's configuration reaches a site as a *request* from whoever submits the run. The site
+checks it against its policy and refuses what lies outside: the server cannot make a site
+train without DP, spend more epsilon, account at a larger delta, move the site's ledger
+or cache, point it at other data, or make it import code it has not listed.
+
+Where the policy comes from, in this order (never from the run config):
+1. the file named by the SuperNode's node config key `site-policy`;
+2. the file named by the environment variable FEDISTILL_SITE_POLICY (`fedistill simulate`
+   writes one for its virtual sites from its own command line and sets it on the processes
+   it starts);
+3. the built-in defaults in conf/site.yaml.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from common.config import CONF_DIR, Config, ConfigError, cache_path
+
+POLICY_FILE = CONF_DIR / "site.yaml"
+POLICY_NODE_KEY = "site-policy"
+POLICY_ENV = "FEDISTILL_SITE_POLICY"
+
+
+@dataclass
+class SitePolicy:
+    epsilon: float
+    delta: float
+    require_dp: bool
+    max_rounds: int
+    ledger_dir: str | None
+    cache_dir: str | None
+    data_path: str | None
+    task_sources: list[str]
+
+    def validate(self) -> None:
+        checks = (
+            (0 < self.epsilon < math.inf, f"site.epsilon must be a finite number > 0, got {self.epsilon}"),
+            (0 < self.delta < 1, f"site.delta must be in (0, 1), got {self.delta}"),
+            (self.max_rounds >= 1, f"site.max_rounds must be >= 1, got {self.max_rounds}"),
+            (all(isinstance(s, str) and s for s in self.task_sources),
+             f"site.task_sources must be a list of task sources, got {self.task_sources}"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def ledger_root(self) -> Path:
+        """The folder of the site's privacy ledgers (one sub-folder per site name)."""
+        if self.ledger_dir is not None:
+            return Path(self.ledger_dir).expanduser()
+        base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+        return Path(base) / "fedistill" / "ledgers"
+
+    @property
+    def cache_path(self) -> Path:
+        return cache_path(self.cache_dir)
+
+    def violations(self, request: Config) -> list[str]:
+        """Why `request` lies outside this policy; empty when the site may accept it.
+
+        Each reason names the setting and says what the site allows. None depends on the
+        site's records, so the reasons may leave the site.
+        """
+        asked = request.privacy
+        problems = []
+        if not asked.enabled:
+            if self.require_dp:
+                problems.append("privacy.enabled=false: the site's policy requires DP (site.require_dp)")
+        else:
+            if asked.epsilon > self.epsilon:
+                problems.append(f"privacy.epsilon={asked.epsilon:g} exceeds the site's budget {self.epsilon:g} (site.epsilon)")
+            if asked.delta > self.delta:
+                problems.append(f"privacy.delta={asked.delta:g} exceeds the site's delta {self.delta:g} (site.delta)")
+        if request.rounds > self.max_rounds:
+            problems.append(f"rounds={request.rounds} exceeds the site's limit of {self.max_rounds} per run (site.max_rounds)")
+        if request.task.source not in self.task_sources:
+            problems.append(f"task.source={request.task.source!r} is not one of the site's task sources "
+                            f"{list(self.task_sources)} (site.task_sources)")
+        return problems
+
+
+def policy_from(values: Mapping | None = None, *, origin: str = "the site policy") -> SitePolicy:
+    """conf/site.yaml's defaults with `values` on top, validated."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(SitePolicy), OmegaConf.load(POLICY_FILE), values or {})
+        policy = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        known = ", ".join(f.name for f in SitePolicy.__dataclass_fields__.values())
+        raise ConfigError(f"{origin}: key {key!r} is not accepted ({str(err).splitlines()[0]}); "
+                          f"the keys of a site policy are: {known}") from None
+    assert isinstance(policy, SitePolicy)
+    policy.validate()
+    return policy
+
+
+def load_policy(path: Path | str) -> SitePolicy:
+    """A site policy file (YAML): any keys of conf/site.yaml; the rest keep their defaults."""
+    path = Path(path).expanduser()
+    try:
+        values = OmegaConf.load(path)
+    except (OSError, OmegaConfBaseException, ValueError) as err:
+        raise ConfigError(f"site policy {path} cannot be read ({err}): give the path of a YAML file "
+                          f"with keys of {POLICY_FILE.name}") from None
+    if not isinstance(values, Mapping) and values is not None and not OmegaConf.is_dict(values):
+        raise ConfigError(f"site policy {path} must be a YAML mapping of keys to values")
+    return policy_from(values, origin=f"site policy {path}")
+
+
+def site_policy(node_config: Mapping) -> SitePolicy:
+    """This site's policy: the node config's file, the environment's, or the built-in defaults."""
+    path = node_config.get(POLICY_NODE_KEY) or os.environ.get(POLICY_ENV)
+    return load_policy(str(path)) if path else policy_from()
