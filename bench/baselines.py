@@ -41,8 +41,12 @@ def site_policy_for(config: Config) -> SitePolicy:
     return policy_from(values)
 
 
-def federate(config: Config) -> tuple[Evaluation, dict]:
-    """Run `config.rounds` rounds in-process; returns the final evaluation and what crossed the wire."""
+def federate(config: Config, *, weight_by_count: bool = False) -> tuple[Evaluation, dict]:
+    """Run `config.rounds` rounds in-process; returns the final evaluation and what crossed the wire.
+
+    `weight_by_count` combines sites in proportion to their record counts, which no site
+    sends under DP: a non-private reference for the cost of counting sites equally.
+    """
     overrides = shlex.join(config.overrides)
     policy = site_policy_for(config)
     sites = [load_site(overrides, i, config.sites, policy) for i in range(config.sites)]
@@ -57,7 +61,7 @@ def federate(config: Config) -> tuple[Evaluation, dict]:
     epsilons: list[float] = []
     for server_round in range(1, config.rounds + 1):
         content = round_request(exchange, student, server_round)
-        outcomes, accepted = [], []
+        outcomes, accepted, counts = [], [], []
         rounds_left = config.rounds - server_round + 1  # every site joins every round
         for site, state in zip(sites, states):
             reply = train_round(site, for_site(content, rounds_left), state, server_round=server_round, run="bench")
@@ -65,11 +69,12 @@ def federate(config: Config) -> tuple[Evaluation, dict]:
             outcomes.append(outcome)
             if outcome.status == TRAINED:
                 accepted.append(reply)
+                counts.append(len(site.data))
                 bytes_up += exchange.reply_bytes(reply)
                 replies += 1
         bytes_down += len(sites) * content_bytes(content)
         if accepted:
-            exchange.combine(accepted, student, server_round)
+            exchange.combine(accepted, student, server_round, weights=counts if weight_by_count else None)
         epsilons = [o.epsilon_spent for o in outcomes]
     wire = {"bytes_up_per_site_round": bytes_up / max(replies, 1),
             "bytes_down_per_site_round": bytes_down / (len(sites) * config.rounds)}

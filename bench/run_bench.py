@@ -2,7 +2,8 @@
 
 Side by side in one run, over several seeds, on the default task: the teacher; a student
 distilled on the public inputs alone; the federated DP student with the teacher at several
-epsilons and without DP; the same federation on hard labels only; centralized non-private
+epsilons and without DP; the same federation on hard labels only; the same with sites
+weighted by their true record counts (a non-private reference); centralized non-private
 distillation on all private data (the ceiling). Then DP step time over non-DP step time,
 and the wall time of the default `fedistill simulate` split into start-up, training and
 evaluation. Prints tables and writes bench/results/bench.json.
@@ -33,6 +34,9 @@ from common.config import load_config
 
 RESULTS = Path(__file__).parent / "results"
 EPSILONS = ["1", "3", "8"]
+# Sites combined in proportion to their record counts, which no site sends under DP: what
+# counting sites equally costs, as a reference outside the guarantee.
+COUNT_WEIGHTED = "weights, with teacher, weighted by true record counts (reference, not private)"
 
 
 def settings_for(include_logits: bool, epsilons: list[str]) -> list[tuple[str, str, list[str]]]:
@@ -41,6 +45,7 @@ def settings_for(include_logits: bool, epsilons: list[str]) -> list[tuple[str, s
     settings: list[tuple[str, str, list[str]]] = [("teacher", "-", []), ("public inputs only (no sites)", "-", [])]
     for name, extra in (("weights, with teacher", []), ("weights, hard labels only", ["distill.alpha=0"])):
         settings += [(name, eps, extra + privacy) for eps, privacy in levels]
+    settings += [(COUNT_WEIGHTED, eps, privacy) for eps, privacy in levels]
     if include_logits:
         for broadcast in ("weights", "logits"):
             extra = ["exchange=logits", f"exchange.broadcast={broadcast}"]
@@ -69,7 +74,7 @@ def rows_for(overrides: list[str], cache: str, args: argparse.Namespace, on_row:
             elif name.startswith("centralized"):
                 scores.append(centralized(config, baseline_epochs))
             else:
-                score, wire = federate(config)
+                score, wire = federate(config, weight_by_count=name == COUNT_WEIGHTED)
                 scores.append(score)
                 wires.append(wire["bytes_up_per_site_round"])
         rows.append(_row(name, eps, scores, statistics.mean(wires) if wires else None))

@@ -8,8 +8,8 @@ import numpy as np
 def aggregate(stack: np.ndarray, weights: np.ndarray, *, method: str, trim_fraction: float = 0.2) -> np.ndarray:
     """stack [S, ...] from S sites, weights [S] -> [...].
 
-    `mean` weights each site by `weights` (examples); `median` and `trimmed_mean` treat
-    sites equally, so that one site cannot move the result far by claiming many examples.
+    `mean` weights each site by `weights`; `median` and `trimmed_mean` treat sites equally
+    and resist a few extreme sites.
     """
     stack = np.asarray(stack, dtype=np.float64)
     if method == "mean":

@@ -29,7 +29,8 @@ class Exchange(Protocol):
     def outgoing(self, global_student: nn.Module) -> RecordDict: ...
     def check(self, content: RecordDict) -> str: ...
     def reply_bytes(self, content: RecordDict) -> int: ...
-    def combine(self, replies: list[RecordDict], global_student: nn.Module, server_round: int) -> dict: ...
+    def combine(self, replies: list[RecordDict], global_student: nn.Module, server_round: int,
+                weights: np.ndarray | None = None) -> dict: ...
 
 
 def check_arrays(record: ArrayRecord, expected: ArraySpec, *, max_abs: float, max_bytes: int) -> str:
@@ -57,9 +58,10 @@ def _spec(model: nn.Module) -> ArraySpec:
     return {k: (tuple(v.shape), str(v.numpy().dtype)) for k, v in P.model_to_record(model).items()}
 
 
-def _weights(replies: list[RecordDict]) -> np.ndarray:
-    """Sites count equally: under DP a site does not say how many records it holds."""
-    return np.ones(len(replies))
+def _weights(replies: list[RecordDict], weights: np.ndarray | None) -> np.ndarray:
+    """Sites count equally unless told otherwise: under DP a site does not say how many records it
+    holds (the benchmark passes true counts for a non-private reference)."""
+    return np.ones(len(replies)) if weights is None else np.asarray(weights, dtype=np.float64)
 
 
 class WeightsExchange:
@@ -81,8 +83,9 @@ class WeightsExchange:
     def reply_bytes(self, content: RecordDict) -> int:
         return P.record_bytes(content[P.ARRAYS])
 
-    def combine(self, replies: list[RecordDict], global_student: nn.Module, server_round: int) -> dict:
-        weights = _weights(replies)
+    def combine(self, replies: list[RecordDict], global_student: nn.Module, server_round: int,
+                weights: np.ndarray | None = None) -> dict:
+        weights = _weights(replies, weights)
         merged = {}
         for name, (_, dtype) in self.expected.items():
             stack = np.stack([r[P.ARRAYS][name].numpy() for r in replies])
@@ -149,9 +152,10 @@ class LogitsExchange:
     def reply_bytes(self, content: RecordDict) -> int:
         return P.record_bytes(content[P.LOGITS])
 
-    def combine(self, replies: list[RecordDict], global_student: nn.Module, server_round: int) -> dict:
+    def combine(self, replies: list[RecordDict], global_student: nn.Module, server_round: int,
+                weights: np.ndarray | None = None) -> dict:
         site_logits = np.stack([self._decode(r) for r in replies])  # [S, P, C]
-        combined = torch.from_numpy(aggregate(site_logits, _weights(replies), method=self.config.aggregation,
+        combined = torch.from_numpy(aggregate(site_logits, _weights(replies, weights), method=self.config.aggregation,
                                               trim_fraction=self.config.trim_fraction)).float()
         w = self.config.teacher_weight
         if w > 0:

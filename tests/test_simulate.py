@@ -42,7 +42,7 @@ def simulate(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
 def first_run(tmp_path_factory, cache_dir):
     root = tmp_path_factory.mktemp("e2e")
     ledger = root / "ledger"
-    overrides = ["task=digits", "sites=3", "rounds=2", f"cache_dir={cache_dir}", f"privacy.ledger_dir={ledger}"]
+    overrides = ["task=digits", "sites=3", "rounds=2", f"cache_dir={cache_dir}", f"site.ledger_dir={ledger}"]
     result = simulate(root / "run1", *overrides)
     assert result.returncode == 0, result.stdout + result.stderr
     return root, overrides, result
@@ -71,6 +71,15 @@ def test_simulation_writes_every_run_file_and_the_summary_keys(first_run):
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(r["sites_trained"] == 3 for r in rounds)
     assert "round 2/2" in result.stdout and "global student" in result.stdout
+    assert (root / "ledger" / "site-0" / "ledger.json").exists() and not (run_dir / "ledger").exists()
+
+
+def test_a_dp_reply_on_the_wire_holds_no_record_count_loss_or_timing(first_run):
+    root, _, _ = first_run
+    rounds = [json.loads(line) for line in (root / "run1" / "metrics.jsonl").read_text().splitlines()]
+    for record in rounds:
+        assert record["reply_items"] == ["arrays", "config/site", "config/status", "metrics/dp-steps",
+                                         "metrics/epsilon-budget", "metrics/epsilon-spent", "metrics/noise-multiplier"]
 
 
 def test_second_run_on_the_same_ledger_refuses_once_the_budget_is_spent(first_run):
@@ -83,13 +92,35 @@ def test_second_run_on_the_same_ledger_refuses_once_the_budget_is_spent(first_ru
         assert s["refused_rounds"] == 2 and s["epsilon"] <= s["budget"]
     first = json.loads((root / "run1" / "summary.json").read_text())
     assert [s["epsilon"] for s in summary["privacy"]["sites"]] == [s["epsilon"] for s in first["privacy"]["sites"]]
+    assert {r["code"] for s in summary["privacy"]["sites"] for r in s["refusals"]} == {"budget"}
     assert "refused" in result.stdout
 
 
-def test_bad_config_is_refused_before_any_process_starts(tmp_path):
-    result = simulate(tmp_path / "run", "privacy.delta=2")
+def test_the_same_ledger_under_another_partition_is_refused(first_run):
+    """sites=3 then sites=4 on one ledger folder: the records of every site would be charged again."""
+    root, overrides, _ = first_run
+    result = simulate(root / "run-4-sites", *[o.replace("sites=3", "sites=4") for o in overrides])
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((root / "run-4-sites" / "summary.json").read_text())
+    assert summary["rounds_completed"] == 0
+    sites = summary["privacy"]["sites"]
+    assert len(sites) == 4
+    assert all(r["code"] == "ledger" for s in sites for r in s["refusals"]) and all(s["refused_rounds"] == 2 for s in sites)
+    assert not (root / "ledger" / "site-3" / "ledger.json").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["privacy.delta=2"], "privacy.delta must be in (0, 1), got 2.0"),
+        (["privacy=none"], "site.require_dp"),
+        (["site.epsilon=1", "privacy.epsilon=3"], "exceeds the site's budget 1"),
+    ],
+)
+def test_bad_config_is_refused_before_any_process_starts(tmp_path, overrides, message):
+    result = simulate(tmp_path / "run", *overrides)
     assert result.returncode == 2
-    assert "privacy.delta must be in (0, 1), got 2.0" in result.stderr
+    assert message in result.stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -113,9 +144,9 @@ def test_logits_exchange_runs_end_to_end_with_the_same_run_files(tmp_path, cache
     assert summary["exchange"] == "logits" and summary["rounds_completed"] == 2
     public_rows = 90  # 5% of digits' 1,797 images
     per_site = summary["communication"]["bytes_up_per_site_round"]
-    payload, arrays = (public_rows * 10 * 2, 1) if "exchange.compression=float16" in extra else (public_rows * (3 * 4 + 4), 3)
+    payload, arrays = (public_rows * 10 * 2, 1) if "exchange.compression=float16" in extra else (public_rows * 3 * (2 + 2), 2)
     assert payload <= per_site <= payload + 128 * arrays  # each array also carries a small .npy header
-    assert "no epsilon beyond the DP training" in (run_dir / "privacy.md").read_text()
+    assert "log-probabilities on the public inputs" in (run_dir / "privacy.md").read_text()
 
 
 FAULTY_CLIENT = '''
@@ -148,7 +179,8 @@ def train(msg, context):
 '''
 
 
-def test_bad_replies_are_dropped_and_counted_while_the_run_completes(tmp_path, cache_dir):
+def test_bad_replies_are_dropped_and_counted_while_the_run_completes(tmp_path, cache_dir, write_policy):
+    from common.policy import POLICY_ENV
     from fedistill.cli import APP_DIR, resolve_paths, write_run_config
     from fedistill.simulation import SimulationSuperLink
 
@@ -165,7 +197,8 @@ def test_bad_replies_are_dropped_and_counted_while_the_run_completes(tmp_path, c
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True)
     try:
-        with SimulationSuperLink(run_dir) as link:
+        policy = write_policy(tmp_path / "site.yaml", ledger_dir=str(tmp_path / "ledger"))
+        with SimulationSuperLink(run_dir, env={POLICY_ENV: str(policy)}) as link:
             code = link.run(app_dir, write_run_config(run_dir, overrides), num_supernodes=5, cpus_per_site=2, echo=lambda line: None)
     finally:
         leftovers = _processes_using(run_dir)

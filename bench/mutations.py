@@ -1,0 +1,142 @@
+"""Do the tests fail when a privacy-critical line is removed or inverted?
+
+Each mutation changes one line of the project's code, runs the tests that claim to guard
+it, and restores the line. A mutation that leaves those tests green is a test that does
+not test what it claims. Prints a table and writes bench/results/mutations.json.
+
+    python -m bench.mutations [--only NAME]
+
+It edits the checkout in place (and always restores it): do not run it beside other work
+on the same tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str
+    line: str         # the line as it stands (stripped), found exactly once
+    replacement: str  # what it becomes (same indentation)
+    tests: tuple[str, ...]
+
+
+APP, DP, LEDGER, POLICY = "client/app.py", "client/dp_train.py", "common/privacy.py", "common/policy.py"
+T_APP, T_DP, T_LEDGER = "tests/client/test_app.py", "tests/client/test_dp_train.py", "tests/common/test_privacy.py"
+T_EXCHANGE, T_POLICY = "tests/server/test_exchange.py", "tests/common/test_policy.py"
+
+MUTATIONS = [
+    Mutation("noise added", DP, "noise_multiplier=noise_multiplier,", "noise_multiplier=0.0,",
+             (f"{T_DP}::test_more_noise_moves_the_weights_further_at_the_same_clipping",)),
+    Mutation("noise not from the config seed", DP,
+             "generator = torch.Generator().manual_seed(secrets.randbits(63) if privacy.enabled else seed)",
+             "generator = torch.Generator().manual_seed(seed)",
+             (f"{T_DP}::test_dp_noise_is_not_reproducible_from_the_config_seed",)),
+    Mutation("clipping on", DP, "max_grad_norm=privacy.max_grad_norm,", "max_grad_norm=1e9,",
+             (f"{T_DP}::test_per_sample_gradients_are_clipped",)),
+    Mutation("ledger written before training", APP,
+             "ledger.reserve(limit=limit, noise_multiplier=noise, sample_rate=plan.sample_rate, steps=plan.steps,",
+             "(lambda **kw: None)(limit=limit, noise_multiplier=noise, sample_rate=plan.sample_rate, steps=plan.steps,",
+             (f"{T_APP}::test_the_ledger_holds_the_round_before_training_starts",)),
+    Mutation("release without DP recorded", APP,
+             "ledger.record_release_without_dp(sample_rate=plan.sample_rate, steps=plan.steps, run=run, round=server_round)",
+             "pass",
+             (f"{T_APP}::test_a_round_without_dp_is_recorded_and_later_dp_claims_are_refused",)),
+    Mutation("budget checked at reservation", LEDGER, "if any(eps > b.epsilon for eps, b in zip(after, limits)):",
+             "if False:", (f"{T_LEDGER}::test_reserve_refuses_past_the_budget_and_records_nothing",)),
+    Mutation("ledger refuses other records", LEDGER, "if recorded != self.data:", "if False:",
+             (f"{T_LEDGER}::test_a_ledger_refuses_other_records",)),
+    Mutation("ledger refuses another partition", LEDGER, "self._refuse_overlapping_partition()", "pass",
+             (f"{T_LEDGER}::test_a_new_ledger_refuses_the_same_data_set_under_another_partition",)),
+    Mutation("loss withheld under DP", APP, "if not config.privacy.enabled:", "if True:",
+             (f"{T_APP}::test_a_dp_round_reserves_in_the_ledger_and_replies_only_what_may_leave_the_site",)),
+    Mutation("count withheld", APP,
+             "metrics = MetricRecord({P.DP_STEPS: result.steps, **privacy_metrics(site, ledger, noise_multiplier)})",
+             'metrics = MetricRecord({"num-examples": len(site.data), P.DP_STEPS: result.steps, '
+             "**privacy_metrics(site, ledger, noise_multiplier)})",
+             (f"{T_APP}::test_a_dp_round_reserves_in_the_ledger_and_replies_only_what_may_leave_the_site",)),
+    Mutation("server drops unlisted items", "server/strategy.py", "extra = sorted(P.reply_items(content) - allowed)",
+             "extra = []", (f"{T_EXCHANGE}::test_a_reply_holding_anything_a_site_may_not_release_is_dropped",)),
+    Mutation("policy enforced", APP, "problems = policy.violations(request)", "problems = []",
+             (f"{T_APP}::test_a_request_outside_the_sites_policy_is_refused_before_anything_is_loaded",)),
+    Mutation("policy: epsilon", POLICY, "if asked.epsilon > self.epsilon:", "if False:",
+             (f"{T_POLICY}::test_each_request_outside_the_policy_is_named",)),
+    Mutation("policy: DP required", POLICY, "if self.require_dp:", "if False:",
+             (f"{T_POLICY}::test_each_request_outside_the_policy_is_named",)),
+    Mutation("request checked before budget", APP,
+             "check_finite(content[P.ARRAYS], exchange.max_abs_value)", "pass",
+             (f"{T_APP}::test_a_malformed_request_is_refused_before_any_budget_is_spent",)),
+    Mutation("FedMD state kept", APP, "if P.STUDENT_STATE in state.array_records:", "if False:",
+             (f"{T_APP}::test_broadcast_logits_keeps_each_sites_own_student_of_its_own_shape",)),
+    Mutation("consensus fitted", APP,
+             "distill_on_public(student, public, consensus, fit, seed=(site.config.seed * 1000 + site.index) * 1000 + server_round)",
+             "pass", (f"{T_APP}::test_the_consensus_is_fitted_before_private_training",)),
+    Mutation("consensus kept only once learned", "server/exchange.py",
+             "report = distill_on_public(global_student, self.inputs, combined, self.config.server,",
+             "self.consensus = combined; report = distill_on_public(global_student, self.inputs, combined, self.config.server,",
+             (f"{T_EXCHANGE}::test_the_consensus_is_kept_only_once_the_global_student_has_learned_it",)),
+]
+
+
+def apply(mutation: Mutation) -> str:
+    """Mutate the file; returns its original text."""
+    path = ROOT / mutation.path
+    original = path.read_text()
+    lines = original.splitlines(keepends=True)
+    found = [i for i, line in enumerate(lines) if line.strip() == mutation.line]
+    if len(found) != 1:
+        raise SystemExit(f"{mutation.name}: the line {mutation.line!r} is in {mutation.path} {len(found)} times, not once")
+    i = found[0]
+    indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
+    lines[i] = indent + mutation.replacement + "\n"
+    mutated = "".join(lines)
+    compile(mutated, str(path), "exec")  # a mutation must be killed by a test, not by a syntax error
+    path.write_text(mutated)
+    return original
+
+
+def killed(mutation: Mutation) -> bool:
+    original = apply(mutation)
+    try:
+        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutation.tests],
+                                cwd=ROOT, capture_output=True, text=True)
+    finally:
+        (ROOT / mutation.path).write_text(original)
+    return result.returncode != 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", action="append", default=[], help="run only mutations whose name starts with this")
+    args = parser.parse_args()
+    rows = []
+    print("| mutation | file | test that should fail | killed |\n|---|---|---|---|")
+    for m in MUTATIONS:
+        if args.only and not any(m.name.startswith(o) for o in args.only):
+            continue
+        row = {"mutation": m.name, "file": m.path, "line": m.line, "replacement": m.replacement,
+               "tests": list(m.tests), "killed": killed(m)}
+        rows.append(row)
+        tests = ", ".join(t.split("::")[1] for t in m.tests)
+        print(f"| {m.name}: `{m.line}` -> `{m.replacement}` | {m.path} | {tests} | {'yes' if row['killed'] else 'NO'} |",
+              flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "mutations.json").write_text(json.dumps(rows, indent=2))
+    survivors = [r["mutation"] for r in rows if not r["killed"]]
+    print(f"\n{len(rows) - len(survivors)} of {len(rows)} mutations killed" + (f"; survivors: {survivors}" if survivors else ""))
+    sys.exit(1 if survivors else 0)
+
+
+if __name__ == "__main__":
+    main()

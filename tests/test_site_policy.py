@@ -1,0 +1,149 @@
+"""Real Flower runs where the point is the wire: the run config is a request, the site's policy rules.
+
+Each SuperLink here gets its virtual sites' policy through its environment, as `fedistill
+simulate` gives it, and runs are submitted to it with whatever run config a coordinator
+chooses, including ones the sites must refuse.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+import pytest
+
+from common.policy import POLICY_ENV
+from fedistill.cli import APP_DIR, resolve_paths, write_run_config
+from fedistill.simulation import SimulationSuperLink
+
+
+def _leftovers(folder: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if str(folder) in proc.environ().get("FLWR_HOME", ""):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+@contextmanager
+def sites_with_policy(root: Path, policy: Path):
+    """A simulation SuperLink whose virtual sites all follow `policy`; stopped afterwards."""
+    link_dir = root / "link"
+    link_dir.mkdir(parents=True)
+    try:
+        with SimulationSuperLink(link_dir, env={POLICY_ENV: str(policy)}) as link:
+            yield link
+    finally:
+        leftovers = _leftovers(link_dir)
+        for proc in leftovers:
+            proc.kill()
+        assert not leftovers, f"processes left running: {leftovers}"
+
+
+def submit(link: SimulationSuperLink, run_dir: Path, cache_dir: str, *overrides: str, sites: int = 2) -> dict:
+    """Submit one run (`flwr run` with this run config) and return its summary."""
+    overrides, _ = resolve_paths(["task=digits", f"sites={sites}", "rounds=1", f"cache_dir={cache_dir}",
+                                  f"run_dir={run_dir}", *overrides])
+    run_dir.mkdir(parents=True)
+    code = link.run(APP_DIR, write_run_config(run_dir, overrides), num_supernodes=sites, cpus_per_site=1,
+                    echo=lambda line: None)
+    assert code == 0
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def refusals(summary: dict) -> list[dict]:
+    return [r for s in summary["privacy"]["sites"] for r in s["refusals"]]
+
+
+@pytest.fixture(scope="module")
+def strict(tmp_path_factory, cache_dir):
+    """Sites that require DP at epsilon <= 3, delta <= 1e-5, load only digits, keep ledgers in their own folder."""
+    root = tmp_path_factory.mktemp("strict")
+    policy = root / "site.yaml"
+    policy.write_text(f"epsilon: 3.0\ndelta: 1.0e-5\ntask_sources: [digits]\nledger_dir: {root / 'ledgers'}\n"
+                      f"cache_dir: {cache_dir}\n")
+    with sites_with_policy(root, policy) as link:
+        yield root, link
+
+
+@pytest.mark.parametrize(
+    "request_overrides, named",
+    [
+        (["privacy=none"], "site.require_dp"),
+        (["privacy.epsilon=8"], "privacy.epsilon=8 exceeds the site's budget 3"),
+        (["privacy.delta=1e-4"], "privacy.delta=0.0001 exceeds the site's delta 1e-05"),
+    ],
+    ids=["without-dp", "larger-epsilon", "larger-delta"],
+)
+def test_a_request_outside_the_policy_is_refused_by_every_site(strict, cache_dir, request_overrides, named):
+    root, link = strict
+    summary = submit(link, root / "-".join(request_overrides).replace("=", "_"), cache_dir, *request_overrides)
+    assert summary["rounds_completed"] == 0
+    assert len(summary["privacy"]["sites"]) == 2
+    assert all(r["code"] == "policy" and named in r["reason"] for r in refusals(summary))
+    assert len(refusals(summary)) == 2
+    assert not list((root / "ledgers").glob("*/ledger.json"))  # nothing recorded, nothing spent
+
+
+def test_a_new_run_directory_does_not_give_the_sites_a_fresh_budget(strict, cache_dir):
+    root, link = strict
+    first = submit(link, root / "spend", cache_dir)
+    assert first["rounds_completed"] == 1
+    assert all(s["epsilon"] == pytest.approx(3.0, rel=1e-3) for s in first["privacy"]["sites"])
+    again = submit(link, root / "fresh-run-dir", cache_dir)
+    assert again["rounds_completed"] == 0
+    assert {r["code"] for r in refusals(again)} == {"budget"}
+    assert sorted(p.parent.name for p in (root / "ledgers").glob("*/ledger.json")) == ["site-0", "site-1"]
+    assert not list((root / "fresh-run-dir").rglob("ledger.json"))
+
+
+def test_an_unlisted_task_source_is_refused_by_every_site(tmp_path, cache_dir):
+    policy = tmp_path / "site.yaml"
+    policy.write_text(f"task_sources: [mnist]\nledger_dir: {tmp_path / 'ledgers'}\ncache_dir: {cache_dir}\n")
+    with sites_with_policy(tmp_path, policy) as link:
+        summary = submit(link, tmp_path / "run", cache_dir)
+    assert summary["rounds_completed"] == 0
+    assert all(r["code"] == "policy" and "task.source='digits'" in r["reason"] for r in refusals(summary))
+
+
+def test_a_round_without_dp_is_recorded_and_later_dp_claims_are_refused(tmp_path, cache_dir):
+    policy = tmp_path / "site.yaml"
+    policy.write_text(f"require_dp: false\ntask_sources: [digits]\nledger_dir: {tmp_path / 'ledgers'}\n"
+                      f"cache_dir: {cache_dir}\n")
+    with sites_with_policy(tmp_path, policy) as link:
+        baseline = submit(link, tmp_path / "no-dp", cache_dir, "privacy=none")
+        assert baseline["rounds_completed"] == 1
+        assert all(s["epsilon"] is None for s in baseline["privacy"]["sites"])  # infinite, written as null
+        ledger = json.loads((tmp_path / "ledgers" / "site-0" / "ledger.json").read_text())
+        assert [e["dp"] for e in ledger["entries"]] == [False]
+        later = submit(link, tmp_path / "dp", cache_dir)
+    assert later["rounds_completed"] == 0
+    assert all(r["code"] == "budget" and "without DP" in r["reason"] for r in refusals(later))
+
+
+def test_with_half_the_sites_sampled_each_participating_site_spends_its_budget(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "fedistill.cli", "simulate", "task=digits", "sites=4", "rounds=4",
+         "federation.fraction_train=0.5", f"cache_dir={cache_dir}", f"run_dir={run_dir}"],
+        capture_output=True, text=True, timeout=900)
+    leftovers = _leftovers(run_dir)
+    for proc in leftovers:
+        proc.kill()
+    assert result.returncode == 0 and not leftovers, result.stdout + result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["sites_sampled"] == 2 for r in rounds)
+    joined = [s for s in summary["privacy"]["sites"] if s["rounds_trained"] > 0]
+    assert joined and all(s["rounds_trained"] < 4 for s in joined) or len(joined) == 4
+    for s in joined:
+        assert 0.9 * s["budget"] <= s["epsilon"] <= s["budget"], s
+        assert math.isfinite(s["epsilon"])
