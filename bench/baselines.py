@@ -106,7 +106,8 @@ def distill_non_private(config: Config, inputs: torch.Tensor, labels: torch.Tens
     distill = config.distill
     if labels is None:
         labels, distill = teacher_logits.argmax(-1), dataclasses.replace(distill, alpha=1.0)
-    distill = dataclasses.replace(distill, local_epochs=epochs)
+    # Non-private and centralised: the record count is no secret here, so batches of batch_size.
+    distill = dataclasses.replace(distill, local_epochs=epochs, sample_rate=min(1.0, distill.batch_size / len(inputs)))
     no_dp = dataclasses.replace(config.privacy, enabled=False)
     data = TensorDataset(inputs, labels, teacher_logits)
     torch.manual_seed(config.seed)

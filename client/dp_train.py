@@ -107,7 +107,9 @@ def distill_locally(
             for inputs, labels, teacher_logits in loader:
                 optimizer.zero_grad(set_to_none=True)
                 loss = criterion(student(inputs), teacher_logits, labels)
-                loss.backward()  # one backward per step: Opacus needs it for per-sample gradients
+                # One backward per step (Opacus needs it for per-sample gradients). Without DP
+                # the mean is rescaled as DPOptimizer does: summed gradients / expected batch size.
+                (loss if privacy.enabled else loss * len(labels) / plan.expected_batch_size).backward()
                 optimizer.step()
                 steps += 1
                 total_loss += loss.item() * len(labels)
