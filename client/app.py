@@ -226,7 +226,10 @@ def train_round(site: Site, content: RecordDict, state: RecordDict, *, server_ro
 def check_round(config: Config, request: ConfigRecord, server_round: int) -> int:
     """The rounds this site is told it has left in the run, this one included; a Refusal if impossible."""
     most = config.rounds - server_round + 1
-    rounds_left = int(request.get(P.ROUNDS_LEFT, most))
+    try:
+        rounds_left = int(request.get(P.ROUNDS_LEFT, most))
+    except (TypeError, ValueError):
+        raise Refusal(P.REFUSAL_BAD_REQUEST, f"{P.ROUNDS_LEFT} must be a whole number") from None
     if not (1 <= server_round <= config.rounds and 1 <= rounds_left <= most):
         raise Refusal(P.REFUSAL_BAD_REQUEST, f"round {server_round} with {rounds_left} rounds left does not fit a "
                                              f"run of {config.rounds} rounds")

@@ -170,17 +170,26 @@ def _stop(process: subprocess.Popen, *, timeout: float, flwr_home: Path | None =
 
 def _family(process: subprocess.Popen, flwr_home: Path | None) -> set[psutil.Process]:
     """Live processes in `process`'s group, below it, or using `flwr_home`."""
-    found: set[psutil.Process] = set()
+    found: set[psutil.Process] = set(processes_using(flwr_home)) if flwr_home is not None else set()
     if process.poll() is None:  # once reaped, its PID may belong to someone else
         with contextlib.suppress(psutil.NoSuchProcess):
             leader = psutil.Process(process.pid)
             found |= {leader, *leader.children(recursive=True)}
     for proc in psutil.process_iter():
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
-            if proc.pid == os.getpid():
-                continue
-            if os.getpgid(proc.pid) == process.pid or (
-                flwr_home is not None and proc.environ().get("FLWR_HOME") == str(flwr_home)
-            ):
+            if proc.pid != os.getpid() and os.getpgid(proc.pid) == process.pid:
                 found.add(proc)
+    return found
+
+
+def processes_using(folder: Path) -> list[psutil.Process]:
+    """Live processes, other than this one, whose FLWR_HOME lies in `folder`: everything a run
+    started inherits it, also children that changed process group or lost their parent."""
+    folder = Path(folder)
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+            home = proc.environ().get("FLWR_HOME")
+            if proc.pid != os.getpid() and home and (Path(home) == folder or folder in Path(home).parents):
+                found.append(proc)
     return found

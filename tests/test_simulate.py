@@ -9,29 +9,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
+
+from fedistill.simulation import processes_using
 
 FEDISTILL = [sys.executable, "-m", "fedistill.cli", "simulate"]
 RUN_FILES = ["config.yaml", "metrics.jsonl", "summary.json", "student.safetensors", "student.json",
              "privacy.json", "privacy.md", "progress.png"]
 
 
-def _processes_using(folder: Path) -> list[psutil.Process]:
-    """Processes whose FLWR_HOME lies in `folder`: everything the run started inherits it."""
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if str(folder) in proc.environ().get("FLWR_HOME", ""):
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return found
-
-
 def simulate(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     result = subprocess.run([*FEDISTILL, f"run_dir={run_dir}", *overrides], capture_output=True, text=True, timeout=900)
-    leftovers = _processes_using(run_dir)
+    leftovers = processes_using(run_dir)
     for proc in leftovers:  # clean up before failing, so one bad test does not poison the rest
         proc.kill()
     assert not leftovers, f"processes left running after fedistill exited: {leftovers}"
@@ -201,7 +190,7 @@ def test_bad_replies_are_dropped_and_counted_while_the_run_completes(tmp_path, c
         with SimulationSuperLink(run_dir, env={POLICY_ENV: str(policy)}) as link:
             code = link.run(app_dir, write_run_config(run_dir, overrides), num_supernodes=5, cpus_per_site=2, echo=lambda line: None)
     finally:
-        leftovers = _processes_using(run_dir)
+        leftovers = processes_using(run_dir)
         for proc in leftovers:
             proc.kill()
     assert code == 0 and not leftovers
@@ -225,13 +214,13 @@ def test_ctrl_c_stops_every_flower_process(tmp_path, cache_dir):
         for line in proc.stdout:  # wait until the federation is really running
             if "round 1/50" in line:
                 break
-        assert _processes_using(run_dir), "the run should have Flower processes before the interrupt"
+        assert processes_using(run_dir), "the run should have Flower processes before the interrupt"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 130
     finally:
         if proc.poll() is None:
             proc.kill()
-    leftovers = _processes_using(run_dir)
+    leftovers = processes_using(run_dir)
     for p in leftovers:
         p.kill()
     assert not leftovers, f"processes left running after Ctrl-C: {leftovers}"

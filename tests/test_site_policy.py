@@ -14,23 +14,11 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-import psutil
 import pytest
 
 from common.policy import POLICY_ENV
 from fedistill.cli import APP_DIR, resolve_paths, write_run_config
-from fedistill.simulation import SimulationSuperLink
-
-
-def _leftovers(folder: Path) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if str(folder) in proc.environ().get("FLWR_HOME", ""):
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return found
+from fedistill.simulation import SimulationSuperLink, processes_using
 
 
 @contextmanager
@@ -42,7 +30,7 @@ def sites_with_policy(root: Path, policy: Path):
         with SimulationSuperLink(link_dir, env={POLICY_ENV: str(policy)}) as link:
             yield link
     finally:
-        leftovers = _leftovers(link_dir)
+        leftovers = processes_using(link_dir)
         for proc in leftovers:
             proc.kill()
         assert not leftovers, f"processes left running: {leftovers}"
@@ -135,7 +123,7 @@ def test_with_half_the_sites_sampled_each_participating_site_spends_its_budget(t
         [sys.executable, "-m", "fedistill.cli", "simulate", "task=digits", "sites=4", "rounds=4",
          "federation.fraction_train=0.5", f"cache_dir={cache_dir}", f"run_dir={run_dir}"],
         capture_output=True, text=True, timeout=900)
-    leftovers = _leftovers(run_dir)
+    leftovers = processes_using(run_dir)
     for proc in leftovers:
         proc.kill()
     assert result.returncode == 0 and not leftovers, result.stdout + result.stderr
