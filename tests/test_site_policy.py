@@ -131,7 +131,8 @@ def test_with_half_the_sites_sampled_each_participating_site_spends_its_budget(t
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(r["sites_sampled"] == 2 for r in rounds)
     joined = [s for s in summary["privacy"]["sites"] if s["rounds_trained"] > 0]
-    assert joined and all(s["rounds_trained"] < 4 for s in joined) or len(joined) == 4
+    assert sum(s["rounds_trained"] for s in joined) == 8
+    assert min(s["rounds_trained"] for s in joined) < 4  # some sites sat rounds out
     for s in joined:
         assert 0.9 * s["budget"] <= s["epsilon"] <= s["budget"], s
         assert math.isfinite(s["epsilon"])
