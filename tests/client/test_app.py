@@ -11,6 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 import client.app as client_app
 from client.app import answer, load_site, starting_student, train_round
 from common import payload as P
+from common.config import ConfigError
 from common.policy import POLICY_ENV, policy_from
 from common.privacy import LEDGER_FILE
 from server.strategy import allowed_items, for_site
@@ -245,3 +246,33 @@ def test_the_consensus_is_fitted_before_private_training(fedmd_site):
     fresh = fedmd_site.new_student()
     fitted = starting_student(fedmd_site, request, RecordDict(), server_round=2)
     assert kl_to_target(fitted) < kl_to_target(fresh) - 1e-3  # a few Adam steps (exchange.public_fit_epochs=2)
+
+
+def test_a_site_trains_on_its_own_records_from_its_policy(small_config, policy, tmp_path):
+    load_site.cache_clear()
+    rng = np.random.default_rng(0)
+    path = tmp_path / "records.npz"
+    np.savez(path, images=rng.random((40, 8, 8), dtype=np.float32), labels=rng.integers(0, 10, 40))
+    own = policy_from({"ledger_dir": policy.ledger_dir, "cache_dir": policy.cache_dir, "data_path": str(path)})
+    site = load_site(shlex.join(small_config.overrides), 0, 1, own)
+    assert len(site.data) == 40 and site.fingerprint.partition == "whole"
+    assert train_round(site, _global(site), RecordDict(), server_round=1, run="t")[P.CONFIG][P.STATUS] == P.STATUS_OK
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"images": np.zeros((4, 7, 7), np.float32), "labels": np.zeros(4, np.int64)}, "images have shape"),
+        ({"images": np.zeros((4, 8, 8), np.float32), "labels": np.full(4, 10)}, "labels are not integers in"),
+        ({"images": np.full((4, 8, 8), 255.0, np.float32), "labels": np.zeros(4, np.int64)}, "in \\[0, 1\\]"),
+        ({"pictures": np.zeros((4, 8, 8), np.float32)}, "cannot be read"),
+    ],
+)
+def test_a_bad_site_data_file_is_named_with_the_fix(small_config, policy, tmp_path, arrays, message):
+    load_site.cache_clear()
+    path = tmp_path / "records.npz"
+    np.savez(path, **arrays)
+    own = policy_from({"ledger_dir": policy.ledger_dir, "cache_dir": policy.cache_dir, "data_path": str(path)})
+    with pytest.raises(ConfigError, match=message) as err:
+        load_site(shlex.join(small_config.overrides), 0, 1, own)
+    assert str(path) in str(err.value) and ".npz file with" in str(err.value)
