@@ -3,7 +3,8 @@
 Side by side in one run, over several seeds, on the default task: the teacher; a student
 distilled on the public inputs alone; the federated DP student with the teacher at several
 epsilons and without DP; the same federation on hard labels only; the same with sites
-weighted by their true record counts (a non-private reference); centralized non-private
+weighted by noisy record counts (charged in their ledgers) and by their true record counts
+(a non-private reference); centralized non-private
 distillation on all private data (the ceiling). Then DP step time over non-DP step time,
 and the wall time of the default `fedistill simulate` split into start-up, training and
 evaluation. Prints tables and writes bench/results/bench.json.
@@ -37,6 +38,7 @@ EPSILONS = ["1", "3", "8"]
 # Sites combined in proportion to their record counts, which no site sends under DP: what
 # counting sites equally costs, as a reference outside the guarantee.
 COUNT_WEIGHTED = "weights, with teacher, weighted by true record counts (reference, not private)"
+NOISY_COUNT_WEIGHTED = "weights, with teacher, weighted by noisy record counts"
 
 
 def settings_for(include_logits: bool, epsilons: list[str]) -> list[tuple[str, str, list[str]]]:
@@ -45,6 +47,7 @@ def settings_for(include_logits: bool, epsilons: list[str]) -> list[tuple[str, s
     settings: list[tuple[str, str, list[str]]] = [("teacher", "-", []), ("public inputs only (no sites)", "-", [])]
     for name, extra in (("weights, with teacher", []), ("weights, hard labels only", ["distill.alpha=0"])):
         settings += [(name, eps, extra + privacy) for eps, privacy in levels]
+    settings += [(NOISY_COUNT_WEIGHTED, eps, ["exchange.weighting=noisy_count"] + privacy) for eps, privacy in levels]
     settings += [(COUNT_WEIGHTED, eps, privacy) for eps, privacy in levels]
     if include_logits:
         for broadcast in ("weights", "logits"):

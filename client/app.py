@@ -186,6 +186,7 @@ def train_round(site: Site, content: RecordDict, state: RecordDict, *, server_ro
         plan = plan_round(config.distill)
         try:
             ledger = site.ledger()
+            count = release_count(site, ledger, server_round=server_round, run=run)
             noise_multiplier = reserve_round(ledger, config, plan, server_round=server_round, rounds_left=rounds_left, run=run)
         except LedgerError as err:
             raise Refusal(P.REFUSAL_LEDGER, "the site's privacy ledger does not allow this round (details in the "
@@ -206,6 +207,8 @@ def train_round(site: Site, content: RecordDict, state: RecordDict, *, server_ro
     )
     log.info("%s trained round %d: %d steps in %.1f s", site.name, server_round, result.steps, result.seconds)
     metrics = MetricRecord({P.DP_STEPS: result.steps, **privacy_metrics(site, ledger, noise_multiplier)})
+    if count is not None:
+        metrics[P.NOISY_COUNT] = count
     if not config.privacy.enabled:
         # The training loss is a statistic of the private records outside the DP mechanism:
         # it leaves the site only when there is no DP guarantee to break.
@@ -283,6 +286,18 @@ def check_finite(record: ArrayRecord, max_abs: float) -> None:
         values = array.numpy()
         if values.dtype.kind == "f" and values.size and not (np.isfinite(values).all() and np.abs(values).max() <= max_abs):
             raise ValueError(f"array {name!r} holds NaN, infinite or values beyond exchange.max_abs_value {max_abs:g}")
+
+
+def release_count(site: Site, ledger: PrivacyLedger, *, server_round: int, run: str) -> float | None:
+    """With exchange.weighting=noisy_count, the site's record count plus Gaussian noise, charged in
+    the ledger before it leaves (once per set of records); None with uniform weighting."""
+    exchange = site.config.exchange
+    if exchange.weighting != "noisy_count":
+        return None
+    privacy = site.config.privacy
+    limit = Budget(privacy.epsilon, privacy.delta) if privacy.enabled else ledger.budget
+    return ledger.release_noisy_count(limit=limit, count=len(site.data), noise=exchange.count_noise,
+                                      run=run, round=server_round)
 
 
 def reserve_round(

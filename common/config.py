@@ -173,12 +173,15 @@ EXCHANGE_MODES = ("weights", "logits")
 AGGREGATIONS = ("mean", "median", "trimmed_mean")
 BROADCASTS = ("weights", "logits")
 COMPRESSIONS = ("float32", "float16", "topk")
+WEIGHTINGS = ("uniform", "noisy_count")
 
 
 @dataclass
 class ExchangeConfig:
     mode: str
     aggregation: str
+    weighting: str
+    count_noise: float
     trim_fraction: float
     max_abs_value: float
     max_reply_mb: float
@@ -191,10 +194,11 @@ class ExchangeConfig:
     server: ServerDistillConfig
 
     def validate(self) -> None:
-        for key, allowed in (("mode", EXCHANGE_MODES), ("aggregation", AGGREGATIONS),
+        for key, allowed in (("mode", EXCHANGE_MODES), ("aggregation", AGGREGATIONS), ("weighting", WEIGHTINGS),
                              ("broadcast", BROADCASTS), ("compression", COMPRESSIONS)):
             value = getattr(self, key)
             _require(value in allowed, f"exchange.{key} must be one of {', '.join(allowed)}; got {value!r}")
+        _require(self.count_noise > 0, f"exchange.count_noise must be > 0, got {self.count_noise}")
         _require(0 <= self.trim_fraction < 0.5, f"exchange.trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
         _require(self.max_abs_value > 0, f"exchange.max_abs_value must be > 0, got {self.max_abs_value}")
         _require(self.max_reply_mb > 0, f"exchange.max_reply_mb must be > 0, got {self.max_reply_mb}")

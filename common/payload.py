@@ -45,6 +45,7 @@ EPSILON_SPENT = "epsilon-spent"
 EPSILON_BUDGET = "epsilon-budget"
 NOISE_MULTIPLIER = "noise-multiplier"
 DP_STEPS = "dp-steps"
+NOISY_COUNT = "noisy-count"  # exchange.weighting=noisy_count: the record count plus Gaussian noise
 
 _FROM_LEDGER = ("computed from the site's policy, the run's public step plan (sample rate and steps come from "
                 "the configuration) and the rounds the site joined: no record and no record count enters it")
@@ -66,6 +67,10 @@ RELEASED_UNDER_DP: dict[str, str] = {
     f"{METRICS}/{EPSILON_BUDGET}": "the site's total budget: its policy",
     f"{METRICS}/{NOISE_MULTIPLIER}": "the round's noise multiplier: " + _FROM_LEDGER,
     f"{METRICS}/{DP_STEPS}": "the round's DP-SGD steps: the public step plan",
+    f"{METRICS}/{NOISY_COUNT}": "the site's record count plus Gaussian noise (exchange.weighting=noisy_count), "
+                                "to weight the site: a Gaussian mechanism of sensitivity 1 under add/remove-one, "
+                                "charged in the site's ledger before it is sent, released once per set of "
+                                "records and reused after that",
 }
 # Sent only by a run without DP, which has no guarantee for them to break.
 RELEASED_WITHOUT_DP: dict[str, str] = {

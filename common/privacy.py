@@ -19,6 +19,7 @@ import fcntl
 import functools
 import json
 import math
+import random
 import time
 import warnings
 from contextlib import contextmanager
@@ -74,6 +75,7 @@ class LedgerEntry:
     round: int
     time: float
     dp: bool = True
+    released: float | None = None  # the value a one-off Gaussian release published (a noisy record count)
 
     @property
     def accountant_step(self) -> tuple[float, float, int]:
@@ -132,10 +134,6 @@ class PrivacyLedger:
     # -- queries ----------------------------------------------------------------------
 
     @property
-    def steps(self) -> int:
-        return sum(e.steps for e in self.entries if e.dp)
-
-    @property
     def released_without_dp(self) -> LedgerEntry | None:
         return next((e for e in self.entries if not e.dp), None)
 
@@ -183,7 +181,7 @@ class PrivacyLedger:
                 low = mid
         return high
 
-    # -- the two mutations ------------------------------------------------------------
+    # -- the mutations ----------------------------------------------------------------
 
     def reserve(
         self, *, limit: Budget, noise_multiplier: float, sample_rate: float, steps: int, run: str, round: int
@@ -206,6 +204,29 @@ class PrivacyLedger:
                 )
             self._append(entry)
         return after[0]
+
+    def release_noisy_count(self, *, limit: Budget, count: int, noise: float, run: str, round: int) -> float:
+        """`count` plus Gaussian noise of standard deviation `noise`, recorded before it leaves the site.
+
+        Adding or removing one record changes the count by 1, so this is the Gaussian
+        mechanism with noise multiplier `noise` at sample rate 1 for one step, and the
+        ledger charges it as such. It is released once per set of records: later calls with
+        the same `noise` return the recorded value, which costs nothing more (post-processing).
+        """
+        with self._locked():
+            self.entries = self._read()
+            done = [e.released for e in self.entries if e.released is not None and e.noise_multiplier == noise]
+            if done:
+                return done[0]
+            if self.released_without_dp is None:  # with no guarantee left there is no limit to keep
+                limits = [self.budget, limit]
+                after = self._epsilons_after(noise, 1.0, 1, limits)
+                if any(eps > b.epsilon for eps, b in zip(after, limits)):
+                    raise BudgetExhausted(f"releasing a noisy record count (noise {noise:g}) would bring epsilon "
+                                          f"to {max(after):.4g}, over the limit {min(b.epsilon for b in limits):.4g}")
+            value = count + random.SystemRandom().gauss(0.0, noise)  # the operating system's entropy
+            self._append(LedgerEntry(noise, 1.0, 1, run, round, time.time(), released=value))
+        return value
 
     def record_release_without_dp(self, *, sample_rate: float, steps: int, run: str, round: int) -> None:
         """Record, before it happens, a round trained and released without DP: from now on no

@@ -58,10 +58,24 @@ def _spec(model: nn.Module) -> ArraySpec:
     return {k: (tuple(v.shape), str(v.numpy().dtype)) for k, v in P.model_to_record(model).items()}
 
 
-def _weights(replies: list[RecordDict], weights: np.ndarray | None) -> np.ndarray:
-    """Sites count equally unless told otherwise: under DP a site does not say how many records it
-    holds (the benchmark passes true counts for a non-private reference)."""
-    return np.ones(len(replies)) if weights is None else np.asarray(weights, dtype=np.float64)
+def _weights(replies: list[RecordDict], weighting: str, weights: np.ndarray | None) -> np.ndarray:
+    """Per-site weights for the mean: equal (a site sends no record count), or each site's noisy
+    count (at least 1); `weights` overrides both (the benchmark's non-private reference)."""
+    if weights is not None:
+        return np.asarray(weights, dtype=np.float64)
+    if weighting == "noisy_count":
+        return np.array([max(1.0, float(r[P.METRICS][P.NOISY_COUNT])) for r in replies])
+    return np.ones(len(replies))
+
+
+def check_count(content: RecordDict, weighting: str) -> str:
+    """Why a reply cannot be weighted as `weighting` says, or ''."""
+    if weighting != "noisy_count":
+        return ""
+    count = content.metric_records.get(P.METRICS, {}).get(P.NOISY_COUNT)
+    if count is None or not np.isfinite(float(count)):
+        return f"reply has no finite {P.NOISY_COUNT!r} to weight it by (exchange.weighting=noisy_count)"
+    return ""
 
 
 class WeightsExchange:
@@ -78,14 +92,15 @@ class WeightsExchange:
     def check(self, content: RecordDict) -> str:
         if P.ARRAYS not in content.array_records:
             return f"reply has no {P.ARRAYS!r} ArrayRecord"
-        return check_arrays(content[P.ARRAYS], self.expected, max_abs=self.config.max_abs_value, max_bytes=self.max_bytes)
+        return (check_arrays(content[P.ARRAYS], self.expected, max_abs=self.config.max_abs_value, max_bytes=self.max_bytes)
+                or check_count(content, self.config.weighting))
 
     def reply_bytes(self, content: RecordDict) -> int:
         return P.record_bytes(content[P.ARRAYS])
 
     def combine(self, replies: list[RecordDict], global_student: nn.Module, server_round: int,
                 weights: np.ndarray | None = None) -> dict:
-        weights = _weights(replies, weights)
+        weights = _weights(replies, self.config.weighting, weights)
         merged = {}
         for name, (_, dtype) in self.expected.items():
             stack = np.stack([r[P.ARRAYS][name].numpy() for r in replies])
@@ -129,7 +144,8 @@ class LogitsExchange:
         if P.LOGITS not in content.array_records:
             return f"reply has no {P.LOGITS!r} ArrayRecord"
         record = content[P.LOGITS]
-        problem = check_arrays(record, self.expected, max_abs=self.config.max_abs_value, max_bytes=self.max_bytes)
+        problem = (check_arrays(record, self.expected, max_abs=self.config.max_abs_value, max_bytes=self.max_bytes)
+                   or check_count(content, self.config.weighting))
         if problem:
             return problem
         if self.config.compression == "topk":
@@ -155,7 +171,7 @@ class LogitsExchange:
     def combine(self, replies: list[RecordDict], global_student: nn.Module, server_round: int,
                 weights: np.ndarray | None = None) -> dict:
         site_logits = np.stack([self._decode(r) for r in replies])  # [S, P, C]
-        combined = torch.from_numpy(aggregate(site_logits, _weights(replies, weights), method=self.config.aggregation,
+        combined = torch.from_numpy(aggregate(site_logits, _weights(replies, self.config.weighting, weights), method=self.config.aggregation,
                                               trim_fraction=self.config.trim_fraction)).float()
         w = self.config.teacher_weight
         if w > 0:

@@ -23,7 +23,8 @@ GUARANTEE = (
     "per-sample gradient clipping and Gaussian noise, accounted with Opacus's RDP accountant at the site, "
     "in the site's own ledger, across every run that used those records. Everything a site sends is a "
     "function of that DP output, of public inputs and of public settings (the items below); no record count, "
-    "training loss or timing leaves a site under DP. Sites count equally when the server combines them"
+    "training loss or timing leaves a site under DP. Sites count equally when the server combines them, "
+    "unless each releases a noisy record count, charged in its ledger (exchange.weighting=noisy_count)"
 )
 TRUST = (
     "A site must still trust the code it runs: the coordinator ships the app (this project's client code) to "
@@ -37,7 +38,8 @@ TRUST = (
 def released_items(config: Config) -> dict[str, str]:
     """What may leave a site in this run, with why: common.payload's lists for this exchange."""
     other_payload = P.LOGITS if config.exchange.mode == "weights" else P.ARRAYS
-    items = {k: v for k, v in P.RELEASED_UNDER_DP.items() if k != other_payload}
+    unused = {other_payload} | ({f"{P.METRICS}/{P.NOISY_COUNT}"} if config.exchange.weighting == "uniform" else set())
+    items = {k: v for k, v in P.RELEASED_UNDER_DP.items() if k not in unused}
     return items if config.privacy.enabled else {**items, **P.RELEASED_WITHOUT_DP}
 
 
