@@ -276,3 +276,16 @@ def test_a_bad_site_data_file_is_named_with_the_fix(small_config, policy, tmp_pa
     with pytest.raises(ConfigError, match=message) as err:
         load_site(shlex.join(small_config.overrides), 0, 1, own)
     assert str(path) in str(err.value) and ".npz file with" in str(err.value)
+
+
+def test_noisy_count_weighting_sends_a_count_charged_in_the_ledger(small_config, policy):
+    load_site.cache_clear()
+    site = load_site(shlex.join(small_config.overrides + ["exchange.weighting=noisy_count"]), 0, 3, policy)
+    first = train_round(site, _global(site), RecordDict(), server_round=1, run="t")
+    count = first[P.METRICS][P.NOISY_COUNT]
+    assert abs(count - len(site.data)) < 8 * site.config.exchange.count_noise
+    [release, dp] = _entries(site)
+    assert release.released == count and (release.sample_rate, release.steps) == (1.0, 1) and dp.released is None
+    second = train_round(site, _global(site), RecordDict(), server_round=2, run="t")
+    assert second[P.METRICS][P.NOISY_COUNT] == count and len(_entries(site)) == 3  # released once
+    assert P.reply_items(first) <= allowed_items(privacy_enabled=True)

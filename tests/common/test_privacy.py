@@ -163,3 +163,19 @@ def test_writes_are_atomic_and_leave_no_temporary_files(tmp_path):
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [LEDGER_FILE, LEDGER_FILE + ".lock"]
     doc = json.loads((tmp_path / "s" / LEDGER_FILE).read_text())
     assert doc["entries"][0]["steps"] == 10 and doc["data"]["records"] == DATA.records
+
+
+def test_a_noisy_count_is_charged_once_as_a_gaussian_mechanism_and_then_reused(tmp_path):
+    ledger = _ledger(tmp_path / "s")
+    first = ledger.release_noisy_count(limit=ledger.budget, count=500, noise=10.0, run="a", round=1)
+    assert abs(first - 500) < 80  # 8 standard deviations
+    assert ledger.epsilon_spent() == pytest.approx(epsilon_of([(10.0, 1.0, 1)], delta=DELTA))
+    again = _ledger(tmp_path / "s").release_noisy_count(limit=ledger.budget, count=500, noise=10.0, run="b", round=1)
+    assert again == first and len(_ledger(tmp_path / "s").entries) == 1  # post-processing: free
+
+
+def test_a_noisy_count_beyond_the_limit_is_refused_and_not_recorded(tmp_path):
+    ledger = _ledger(tmp_path / "s", epsilon=0.5)
+    with pytest.raises(BudgetExhausted, match="noisy record count"):
+        ledger.release_noisy_count(limit=ledger.budget, count=500, noise=0.5, run="a", round=1)
+    assert not (tmp_path / "s" / LEDGER_FILE).exists()

@@ -148,3 +148,23 @@ def test_inconsistent_topk_replies_are_invalid(tmp_path, cache_dir):
     assert "repeat" in read_content(reply(np.tile([0, 1, 1], (rows, 1))), 1, exchange, ALLOWED).reason
     assert "not log-probabilities" in read_content(reply(good, value=0.5), 1, exchange, ALLOWED).reason
     assert "not log-probabilities" in read_content(reply(good, value=-0.5), 1, exchange, ALLOWED).reason  # mass 1.8
+
+
+def test_noisy_count_weighting_weights_sites_by_their_counts_and_drops_replies_without_one(tmp_path, cache_dir):
+    config = load_config(["task=digits", "sites=3", "exchange.weighting=noisy_count",
+                          f"run_dir={tmp_path}", f"cache_dir={cache_dir}"])
+    task = build_task(config)
+    student = task.student(config.student)
+    exchange = WeightsExchange(config, student)
+
+    def reply(value, count):
+        model = task.student(config.student)
+        for p in model.parameters():
+            p.data.fill_(value)
+        metrics = MetricRecord({} if count is None else {P.NOISY_COUNT: count})
+        return RecordDict({P.ARRAYS: P.model_to_record(model), P.METRICS: metrics})
+
+    assert "noisy-count" in exchange.check(reply(0.0, None))
+    assert "noisy-count" in exchange.check(reply(0.0, float("nan")))
+    exchange.combine([reply(0.0, 300.0), reply(4.0, 100.0)], student, server_round=1)
+    assert all(torch.allclose(p, torch.ones_like(p)) for p in student.parameters())

@@ -15,7 +15,10 @@ def _view():
 def test_report_states_the_guarantee_and_lists_what_leaves_a_site():
     summary = _view().summary(load_config(["exchange=logits"]))
     assert summary["neighbouring_relation"] == "add/remove one record"
-    assert set(summary["released"]) == set(P.RELEASED_UNDER_DP) - {P.ARRAYS}  # logits mode sends no weights
+    # logits mode sends no weights, and uniform weighting no count
+    assert set(summary["released"]) == set(P.RELEASED_UNDER_DP) - {P.ARRAYS, f"{P.METRICS}/{P.NOISY_COUNT}"}
+    noisy = _view().summary(load_config(["exchange.weighting=noisy_count"]))
+    assert f"{P.METRICS}/{P.NOISY_COUNT}" in noisy["released"] and P.LOGITS not in noisy["released"]
     assert "post-processing" in summary["released"][P.LOGITS]
     assert [(s["site"], s["epsilon"], s["rounds_trained"], s["refused_rounds"]) for s in summary["sites"]] == [
         ("site-0", 1.5, 1, 0), ("site-1", 3.0, 0, 1)]
