@@ -332,5 +332,8 @@ class PrivacyLedger:
 
 
 def _difference(recorded: DataFingerprint, current: DataFingerprint) -> str:
-    return ", ".join(f"{name} {getattr(recorded, name)[:40]} recorded, {getattr(current, name)[:40]} now"
+    """What differs, e.g. 'partition "... 3 sites ..." recorded, "... 4 sites ..." now'; hashes shortened."""
+    def show(name: str, value: str) -> str:
+        return value[:16] if name == "records" else value
+    return "; ".join(f"{name} {show(name, getattr(recorded, name))!r} recorded, {show(name, getattr(current, name))!r} now"
                      for name in ("dataset", "partition", "records") if getattr(recorded, name) != getattr(current, name))

@@ -194,6 +194,7 @@ def final_table(summary: dict) -> str:
     if refusals:
         site, first = refusals[0]
         lines.append(f"\n{len(refusals)} site-rounds refused; first: {site} in round {first['round']}: {first['reason']}")
+        lines.append("(sites keep the details of a refusal in their own log: in simulation, the run's flower.log)")
     return "\n".join(lines)
 
 
