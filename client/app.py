@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shlex
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -74,11 +75,15 @@ def read_request(overrides: str, policy: SitePolicy) -> Config:
     """The run's configuration as this site will use it, or a Refusal.
 
     The request may not interpolate (`${...}` is resolved on the site's side, where it
-    could read the site's environment) and must lie inside the policy. The site's cache
+    could read the site's environment) nor set Hydra's own keys (a search path would read
+    the site's files), and must lie inside the policy. The site's cache
     folder is its policy's, never the request's.
     """
     if "${" in overrides:
         raise Refusal(P.REFUSAL_BAD_REQUEST, "the run config uses interpolation (${...}), which sites do not resolve")
+    if any(token.split("=", 1)[0].lstrip("+~").startswith("hydra") for token in shlex.split(overrides)):
+        raise Refusal(P.REFUSAL_BAD_REQUEST, "the run config sets hydra.* keys (e.g. a config search path on the "
+                                             "site's disk), which sites do not accept")
     try:
         request = load_config(overrides)
     except ConfigError as err:

@@ -150,7 +150,8 @@ def test_a_request_outside_the_sites_policy_is_refused_before_anything_is_loaded
     assert not (tmp_path / "ledgers").exists()
 
 
-@pytest.mark.parametrize("request_override", ["privacy.ledger_dir=/tmp/elsewhere", "task.name=${oc.env:HOME}"])
+@pytest.mark.parametrize("request_override", ["privacy.ledger_dir=/tmp/elsewhere", "task.name=${oc.env:HOME}",
+                                              "hydra.searchpath=[file:///root]"])
 def test_a_request_cannot_move_the_ledger_or_read_the_sites_environment(small_config, tmp_path, monkeypatch,
                                                                          request_override):
     load_site.cache_clear()
