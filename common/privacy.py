@@ -195,15 +195,10 @@ class PrivacyLedger:
         with self._locked():
             self.entries = self._read()
             self._refuse_without_guarantee()
-            limits = [self.budget, limit]
-            after = self._epsilons_after(noise_multiplier, sample_rate, steps, limits)
-            if any(eps > b.epsilon for eps, b in zip(after, limits)):
-                raise BudgetExhausted(
-                    f"{steps} steps at noise multiplier {noise_multiplier:.4g} would bring epsilon to "
-                    f"{max(after):.4g}, over the limit {min(b.epsilon for b in limits):.4g}"
-                )
+            after = self._refuse_beyond([self.budget, limit], noise_multiplier, sample_rate, steps,
+                                        f"{steps} steps at noise multiplier {noise_multiplier:.4g}")
             self._append(entry)
-        return after[0]
+        return after
 
     def release_noisy_count(self, *, limit: Budget, count: int, noise: float, run: str, round: int) -> float:
         """`count` plus Gaussian noise of standard deviation `noise`, recorded before it leaves the site.
@@ -219,11 +214,7 @@ class PrivacyLedger:
             if done:
                 return done[0]
             if self.released_without_dp is None:  # with no guarantee left there is no limit to keep
-                limits = [self.budget, limit]
-                after = self._epsilons_after(noise, 1.0, 1, limits)
-                if any(eps > b.epsilon for eps, b in zip(after, limits)):
-                    raise BudgetExhausted(f"releasing a noisy record count (noise {noise:g}) would bring epsilon "
-                                          f"to {max(after):.4g}, over the limit {min(b.epsilon for b in limits):.4g}")
+                self._refuse_beyond([self.budget, limit], noise, 1.0, 1, f"releasing a noisy record count (noise {noise:g})")
             value = count + random.SystemRandom().gauss(0.0, noise)  # the operating system's entropy
             self._append(LedgerEntry(noise, 1.0, 1, run, round, time.time(), released=value))
         return value
@@ -239,6 +230,15 @@ class PrivacyLedger:
     def _append(self, entry: LedgerEntry) -> None:
         self._write(self.entries + [entry])
         self.entries.append(entry)
+
+    def _refuse_beyond(self, limits: list[Budget], noise_multiplier: float, sample_rate: float, steps: int,
+                       what: str) -> float:
+        """Epsilon (at the site's delta) after `what`; BudgetExhausted if it would exceed any of `limits`."""
+        after = self._epsilons_after(noise_multiplier, sample_rate, steps, limits)
+        if any(eps > b.epsilon for eps, b in zip(after, limits)):
+            raise BudgetExhausted(f"{what} would bring epsilon to {max(after):.4g}, over the limit "
+                                  f"{min(b.epsilon for b in limits):.4g}")
+        return after[0]
 
     def _refuse_without_guarantee(self) -> None:
         release = self.released_without_dp
