@@ -209,7 +209,10 @@ def test_bad_replies_are_dropped_and_counted_while_the_run_completes(tmp_path, c
 def test_ctrl_c_stops_every_flower_process(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     command = [*FEDISTILL, f"run_dir={run_dir}", "task=digits", "sites=2", "rounds=50", f"cache_dir={cache_dir}"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A shell starts background jobs with SIGINT ignored, and Python keeps it so: give the
+    # command the default disposition, as a terminal would.
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in proc.stdout:  # wait until the federation is really running
             if "round 1/50" in line:
