@@ -25,7 +25,8 @@ from common.policy import SitePolicy, policy_from
 from common.evaluation import Evaluation, Evaluator
 from common.task import Task, build_task
 from server.exchange import build_exchange
-from server.strategy import TRAINED, allowed_items, content_bytes, for_site, read_content, round_request
+from server.report import released_items
+from server.strategy import TRAINED, content_bytes, for_site, read_content, round_request
 
 
 def compose(overrides: list[str], cache_dir: str) -> Config:
@@ -56,7 +57,7 @@ def federate(config: Config, *, weight_by_count: bool = False) -> tuple[Evaluati
     torch.manual_seed(config.seed)
     student = task.student(config.student)
     exchange = build_exchange(config, task, teacher, student)
-    allowed = allowed_items(config.privacy.enabled)
+    allowed = set(released_items(config))
     bytes_up = bytes_down = replies = 0
     epsilons: list[float] = []
     for server_round in range(1, config.rounds + 1):

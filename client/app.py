@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 import shlex
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,7 +26,7 @@ from torch.utils.data import TensorDataset
 from client.dp_train import StepPlan, distill_locally, plan_round
 from common import compression
 from common import payload as P
-from common.config import Config, ConfigError, load_config
+from common.config import CONF_DIR, Config, ConfigError, load_config
 from common.policy import SitePolicy, policy_from, site_policy
 from common.privacy import Budget, BudgetExhausted, DataFingerprint, LedgerError, PrivacyLedger
 from common.public_distill import distill_on_public
@@ -34,6 +35,8 @@ from common.task import Task, build_task
 log = logging.getLogger(__name__)
 
 app = ClientApp()
+
+CONFIG_GROUPS = frozenset(p.name for p in CONF_DIR.iterdir() if p.is_dir())  # task, privacy, exchange, ...
 
 
 class Refusal(Exception):
@@ -81,9 +84,18 @@ def read_request(overrides: str, policy: SitePolicy) -> Config:
     """
     if "${" in overrides:
         raise Refusal(P.REFUSAL_BAD_REQUEST, "the run config uses interpolation (${...}), which sites do not resolve")
-    if any(token.split("=", 1)[0].lstrip("+~").startswith("hydra") for token in shlex.split(overrides)):
-        raise Refusal(P.REFUSAL_BAD_REQUEST, "the run config sets hydra.* keys (e.g. a config search path on the "
-                                             "site's disk), which sites do not accept")
+    try:
+        tokens = [token.split("=", 1) for token in shlex.split(overrides)]
+    except ValueError:
+        raise Refusal(P.REFUSAL_BAD_REQUEST, "the run config's overrides are not a shell-quoted list") from None
+    for key, *value in tokens:
+        key = key.lstrip("+~")
+        if key.startswith("hydra"):
+            raise Refusal(P.REFUSAL_BAD_REQUEST, "the run config sets hydra.* keys (e.g. a config search path on "
+                                                 "the site's disk), which sites do not accept")
+        if key in CONFIG_GROUPS and not (value and re.fullmatch(r"[A-Za-z0-9_-]+", value[0])):
+            raise Refusal(P.REFUSAL_BAD_REQUEST, f"the run config chooses {key}= by a path; sites accept only the "
+                                                 f"names in conf/{key}/")
     try:
         request = load_config(overrides)
     except ConfigError as err:
@@ -191,6 +203,7 @@ def train_round(site: Site, content: RecordDict, state: RecordDict, *, server_ro
         plan = plan_round(config.distill)
         try:
             ledger = site.ledger()
+            check_not_replayed(ledger, site, server_round=server_round, run=run)
             count = release_count(site, ledger, server_round=server_round, run=run)
             noise_multiplier = reserve_round(ledger, config, plan, server_round=server_round, rounds_left=rounds_left, run=run)
         except LedgerError as err:
@@ -236,12 +249,23 @@ def check_round(config: Config, request: ConfigRecord, server_round: int) -> int
     most = config.rounds - server_round + 1
     try:
         rounds_left = int(request.get(P.ROUNDS_LEFT, most))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise Refusal(P.REFUSAL_BAD_REQUEST, f"{P.ROUNDS_LEFT} must be a whole number") from None
     if not (1 <= server_round <= config.rounds and 1 <= rounds_left <= most):
         raise Refusal(P.REFUSAL_BAD_REQUEST, f"round {server_round} with {rounds_left} rounds left does not fit a "
                                              f"run of {config.rounds} rounds")
     return rounds_left
+
+
+def check_not_replayed(ledger: PrivacyLedger, site: Site, *, server_round: int, run: str) -> None:
+    """Refuse a round this run already trained, or one more than the run and the policy allow."""
+    trained = ledger.rounds_of(run)
+    if server_round in trained:
+        raise Refusal(P.REFUSAL_BAD_REQUEST, f"round {server_round} of this run was already trained")
+    most = min(site.config.rounds, site.policy.max_rounds)
+    if len(trained) >= most:
+        raise Refusal(P.REFUSAL_POLICY, f"this run already trained {len(trained)} rounds, its limit "
+                                        f"(rounds, site.max_rounds)")
 
 
 def check_public_set(site: Site, request: ConfigRecord) -> None:
@@ -328,9 +352,11 @@ def reserve_round(
 
 
 def privacy_metrics(site: Site, ledger: PrivacyLedger | None, noise_multiplier: float | None) -> dict[str, float]:
-    metrics = {P.EPSILON_BUDGET: site.policy.epsilon}
+    """Epsilon spent at the run's delta, against the run's limit: the terms the run's report states."""
+    privacy = site.config.privacy
+    metrics = {P.EPSILON_BUDGET: privacy.epsilon}
     if ledger is not None:
-        metrics[P.EPSILON_SPENT] = ledger.epsilon_spent()
+        metrics[P.EPSILON_SPENT] = ledger.epsilon_spent(privacy.delta)
     if noise_multiplier is not None:
         metrics[P.NOISE_MULTIPLIER] = noise_multiplier
     return metrics

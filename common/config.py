@@ -17,6 +17,12 @@ from omegaconf.errors import OmegaConfBaseException
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
+# Upper bounds on noise settings: beyond them the accountant's analysis overflows or never
+# returns, and noise that large teaches nothing.
+MAX_NOISE_MULTIPLIER = 1000.0
+MAX_COUNT_NOISE = 1e6
+
+
 class ConfigError(ValueError):
     """A configuration key or value that fedistill refuses, with what is allowed."""
 
@@ -146,8 +152,8 @@ class PrivacyConfig:
                 f"privacy.max_grad_norm must be > 0, got {self.max_grad_norm}",
             )
             _require(
-                self.max_noise_multiplier > 0,
-                f"privacy.max_noise_multiplier must be > 0, got {self.max_noise_multiplier}",
+                0 < self.max_noise_multiplier <= MAX_NOISE_MULTIPLIER,
+                f"privacy.max_noise_multiplier must be in (0, {MAX_NOISE_MULTIPLIER:g}], got {self.max_noise_multiplier}",
             )
 
 
@@ -198,7 +204,8 @@ class ExchangeConfig:
                              ("broadcast", BROADCASTS), ("compression", COMPRESSIONS)):
             value = getattr(self, key)
             _require(value in allowed, f"exchange.{key} must be one of {', '.join(allowed)}; got {value!r}")
-        _require(self.count_noise > 0, f"exchange.count_noise must be > 0, got {self.count_noise}")
+        _require(0 < self.count_noise <= MAX_COUNT_NOISE,
+                 f"exchange.count_noise must be in (0, {MAX_COUNT_NOISE:g}] records, got {self.count_noise}")
         _require(0 <= self.trim_fraction < 0.5, f"exchange.trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
         _require(self.max_abs_value > 0, f"exchange.max_abs_value must be > 0, got {self.max_abs_value}")
         _require(self.max_reply_mb > 0, f"exchange.max_reply_mb must be > 0, got {self.max_reply_mb}")

@@ -47,8 +47,9 @@ NOISE_MULTIPLIER = "noise-multiplier"
 DP_STEPS = "dp-steps"
 NOISY_COUNT = "noisy-count"  # exchange.weighting=noisy_count: the record count plus Gaussian noise
 
-_FROM_LEDGER = ("computed from the site's policy, the run's public step plan (sample rate and steps come from "
-                "the configuration) and the rounds the site joined: no record and no record count enters it")
+_FROM_LEDGER = ("computed from the site's policy and its ledger, whose entries are public step plans (sample "
+                "rate and steps come from the configuration), the rounds the site joined in this and earlier runs "
+                "and any noisy count it released: no record and no record count enters it")
 
 # Everything a site's reply may hold under DP, and why it may leave the site. Nothing else
 # does: the server drops a reply that holds any other item, and the privacy report prints
@@ -63,19 +64,28 @@ RELEASED_UNDER_DP: dict[str, str] = {
                         "ledger, never on the records",
     f"{CONFIG}/{REASON}": "a short text for that code, from the same public values (paths and details stay in "
                           "the site's log)",
-    f"{METRICS}/{EPSILON_SPENT}": "epsilon spent after this round: " + _FROM_LEDGER,
-    f"{METRICS}/{EPSILON_BUDGET}": "the site's total budget: its policy",
+    f"{METRICS}/{EPSILON_SPENT}": "epsilon spent after this round, at the run's delta: " + _FROM_LEDGER,
+    f"{METRICS}/{EPSILON_BUDGET}": "the run's epsilon limit, which the site's policy allowed",
     f"{METRICS}/{NOISE_MULTIPLIER}": "the round's noise multiplier: " + _FROM_LEDGER,
     f"{METRICS}/{DP_STEPS}": "the round's DP-SGD steps: the public step plan",
     f"{METRICS}/{NOISY_COUNT}": "the site's record count plus Gaussian noise (exchange.weighting=noisy_count), "
                                 "to weight the site: a Gaussian mechanism of sensitivity 1 under add/remove-one, "
                                 "charged in the site's ledger before it is sent, released once per set of "
-                                "records and reused after that",
+                                "records and noise level and reused after that",
 }
 # Sent only by a run without DP, which has no guarantee for them to break.
 RELEASED_WITHOUT_DP: dict[str, str] = {
     f"{METRICS}/{TRAIN_LOSS}": "the training loss: a statistic of the private records",
 }
+
+
+def released_items(*, mode: str, weighting: str, dp: bool) -> dict[str, str]:
+    """What a site's reply may hold in a run of this exchange mode, weighting and privacy, with why."""
+    unused = {LOGITS if mode == "weights" else ARRAYS}
+    if weighting == "uniform":
+        unused.add(f"{METRICS}/{NOISY_COUNT}")
+    items = {k: v for k, v in RELEASED_UNDER_DP.items() if k not in unused}
+    return items if dp else {**items, **RELEASED_WITHOUT_DP}
 
 
 def reply_items(content: RecordDict) -> set[str]:

@@ -86,7 +86,7 @@ class SitePolicy:
             problems.append(f"rounds={request.rounds} exceeds the site's limit of {self.max_rounds} per run (site.max_rounds)")
         if request.task.source not in self.task_sources:
             problems.append(f"task.source={request.task.source!r} is not one of the site's task sources "
-                            f"{list(self.task_sources)} (site.task_sources)")
+                            "(site.task_sources)")
         return problems
 
 

@@ -137,6 +137,10 @@ class PrivacyLedger:
     def released_without_dp(self) -> LedgerEntry | None:
         return next((e for e in self.entries if not e.dp), None)
 
+    def rounds_of(self, run: str) -> set[int]:
+        """The rounds of `run` this ledger recorded a training release for."""
+        return {e.round for e in self.entries if e.run == run and e.released is None}
+
     def epsilon_spent(self, delta: float | None = None) -> float:
         """Epsilon spent at `delta` (the site's by default); infinite after a release without DP."""
         if self.released_without_dp is not None:
@@ -228,6 +232,12 @@ class PrivacyLedger:
             self._append(entry)
 
     def _append(self, entry: LedgerEntry) -> None:
+        """Write `entry`; the caller holds the lock. A first entry re-checks the sibling ledgers,
+        under the same lock, so two new ledgers cannot both pass that check."""
+        if not entry.is_possible():
+            raise LedgerError(f"refusing to record an impossible entry {entry}")
+        if not self.path.exists():
+            self._refuse_overlapping_partition()
         self._write(self.entries + [entry])
         self.entries.append(entry)
 
@@ -252,7 +262,9 @@ class PrivacyLedger:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        with open(self.directory / (LEDGER_FILE + ".lock"), "a") as lock:
+        """One lock for every ledger in the folder: writes are rare, and a new ledger's check of
+        its siblings must not race another new ledger."""
+        with open(self.directory.parent / ".ledgers.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield

@@ -18,8 +18,8 @@ from common.evaluation import Evaluator
 from common.task import build_task
 from server import rundir as R
 from server.exchange import build_exchange
-from server.report import PrivacyView, describe, mean, privacy_report, progress_line, round_record
-from server.strategy import FAILED, INVALID, DistillStrategy, ParticipationPlan, RoundOutcome, allowed_items
+from server.report import PrivacyView, describe, mean, privacy_report, progress_line, released_items, round_record
+from server.strategy import FAILED, INVALID, DistillStrategy, ParticipationPlan, RoundOutcome
 
 app = ServerApp()
 
@@ -51,7 +51,7 @@ def run(grid: Grid, config: Config) -> None:
         global_student=student,
         plan=plan,
         min_sites=config.federation.min_sites,
-        allowed_items=allowed_items(config.privacy.enabled),
+        allowed_items=set(released_items(config)),
     )
     ledger = PrivacyView()
     dropped: Counter[str] = Counter()

@@ -37,10 +37,7 @@ TRUST = (
 
 def released_items(config: Config) -> dict[str, str]:
     """What may leave a site in this run, with why: common.payload's lists for this exchange."""
-    other_payload = P.LOGITS if config.exchange.mode == "weights" else P.ARRAYS
-    unused = {other_payload} | ({f"{P.METRICS}/{P.NOISY_COUNT}"} if config.exchange.weighting == "uniform" else set())
-    items = {k: v for k, v in P.RELEASED_UNDER_DP.items() if k not in unused}
-    return items if config.privacy.enabled else {**items, **P.RELEASED_WITHOUT_DP}
+    return P.released_items(mode=config.exchange.mode, weighting=config.exchange.weighting, dp=config.privacy.enabled)
 
 
 class PrivacyView:

@@ -132,10 +132,12 @@ class DistillStrategy(FedAvg):
             else:
                 log.warning("Round %d: %s (node %d) %s: %s", server_round, site.site, site.node_id, site.status, site.reason)
         if accepted:
+            previous = P.model_to_record(self.global_student)
             try:
                 outcome.server = self.exchange.combine(accepted, self.global_student, server_round)
             except Exception as err:  # keep the previous global student and the run going
                 log.error("Round %d: combining %d replies failed: %r", server_round, len(accepted), err)
+                P.load_record(self.global_student, previous)  # a combine may fail after changing it
                 outcome.server = {"error": repr(err)}
                 accepted = []
         outcome.seconds = time.perf_counter() - outcome.started
@@ -170,10 +172,6 @@ def content_bytes(content: RecordDict) -> int:
     return sum(P.record_bytes(r) for r in content.array_records.values())
 
 
-def allowed_items(privacy_enabled: bool) -> set[str]:
-    """What a site's reply may hold in this run."""
-    allowed = set(P.RELEASED_UNDER_DP)
-    return allowed if privacy_enabled else allowed | set(P.RELEASED_WITHOUT_DP)
 
 
 def read_content(content: RecordDict, node_id: int, exchange: Exchange, allowed: set[str]) -> SiteOutcome:

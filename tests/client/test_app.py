@@ -14,7 +14,7 @@ from common import payload as P
 from common.config import ConfigError
 from common.policy import POLICY_ENV, policy_from
 from common.privacy import LEDGER_FILE
-from server.strategy import allowed_items, for_site
+from server.strategy import for_site
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def test_a_dp_round_reserves_in_the_ledger_and_replies_only_what_may_leave_the_s
     # no record count, no loss, no timing: exactly the items the privacy report lists
     assert P.reply_items(reply) == {P.ARRAYS, "config/status", "config/site", "metrics/epsilon-spent",
                                     "metrics/epsilon-budget", "metrics/noise-multiplier", "metrics/dp-steps"}
-    assert P.reply_items(reply) <= allowed_items(privacy_enabled=True)
+    assert P.reply_items(reply) <= set(P.released_items(mode="weights", weighting="uniform", dp=True))
 
 
 def test_the_ledger_holds_the_round_before_training_starts(site, monkeypatch):
@@ -151,7 +151,7 @@ def test_a_request_outside_the_sites_policy_is_refused_before_anything_is_loaded
 
 
 @pytest.mark.parametrize("request_override", ["privacy.ledger_dir=/tmp/elsewhere", "task.name=${oc.env:HOME}",
-                                              "hydra.searchpath=[file:///root]"])
+                                              "hydra.searchpath=[file:///root]", "task=../site", "'unbalanced"])
 def test_a_request_cannot_move_the_ledger_or_read_the_sites_environment(small_config, tmp_path, monkeypatch,
                                                                          request_override):
     load_site.cache_clear()
@@ -289,4 +289,19 @@ def test_noisy_count_weighting_sends_a_count_charged_in_the_ledger(small_config,
     assert release.released == count and (release.sample_rate, release.steps) == (1.0, 1) and dp.released is None
     second = train_round(site, _global(site), RecordDict(), server_round=2, run="t")
     assert second[P.METRICS][P.NOISY_COUNT] == count and len(_entries(site)) == 3  # released once
-    assert P.reply_items(first) <= allowed_items(privacy_enabled=True)
+    assert P.reply_items(first) <= set(P.released_items(mode="weights", weighting="noisy_count", dp=True))
+
+
+def test_a_round_is_trained_once_per_run_however_often_it_is_asked_for(site):
+    assert train_round(site, _global(site), RecordDict(), server_round=1, run="t")[P.CONFIG][P.STATUS] == P.STATUS_OK
+    again = train_round(site, _global(site), RecordDict(), server_round=1, run="t")
+    assert again[P.CONFIG][P.CODE] == P.REFUSAL_BAD_REQUEST and "already trained" in again[P.CONFIG][P.REASON]
+    assert len(_entries(site)) == 1
+
+
+def test_epsilon_is_reported_at_the_delta_the_run_asked_for(small_config, policy):
+    load_site.cache_clear()
+    site = load_site(shlex.join(small_config.overrides + ["privacy.delta=1e-7"]), 0, 3, policy)
+    reply = train_round(site, _global(site), RecordDict(), server_round=1, run="t")
+    assert reply[P.METRICS][P.EPSILON_SPENT] == pytest.approx(site.ledger().epsilon_spent(1e-7))
+    assert reply[P.METRICS][P.EPSILON_SPENT] > site.ledger().epsilon_spent()  # smaller delta, larger epsilon

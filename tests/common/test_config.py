@@ -32,6 +32,8 @@ def test_overrides_travel_as_one_string():
         ("sites=many", "sites"),
         ("privacy.noise=3", "privacy.noise"),
         ("task=imagenet", "imagenet"),
+        ("privacy.max_noise_multiplier=inf", "privacy.max_noise_multiplier must be in"),
+        ("exchange.count_noise=inf", "exchange.count_noise must be in"),
     ],
 )
 def test_bad_values_are_refused_with_a_message_naming_them(override, message):

@@ -22,7 +22,7 @@ def test_a_request_inside_the_policy_has_no_violations(policy):
         ("privacy.epsilon=8", "privacy.epsilon=8 exceeds the site's budget 3"),
         ("privacy.delta=1e-4", "privacy.delta=0.0001 exceeds the site's delta 1e-05"),
         ("rounds=11", "rounds=11 exceeds the site's limit of 10"),
-        ("task=mnist", "task.source='mnist' is not one of the site's task sources ['digits']"),
+        ("task=mnist", "task.source='mnist' is not one of the site's task sources (site.task_sources)"),
     ],
 )
 def test_each_request_outside_the_policy_is_named(policy, override, named):

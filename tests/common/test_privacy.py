@@ -160,7 +160,7 @@ def test_a_corrupt_ledger_is_refused_never_reset(tmp_path, content, match):
 
 def test_writes_are_atomic_and_leave_no_temporary_files(tmp_path):
     _reserve(_ledger(tmp_path / "s"), sigma=2.0, steps=10)
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [LEDGER_FILE, LEDGER_FILE + ".lock"]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [LEDGER_FILE]
     doc = json.loads((tmp_path / "s" / LEDGER_FILE).read_text())
     assert doc["entries"][0]["steps"] == 10 and doc["data"]["records"] == DATA.records
 

@@ -7,9 +7,9 @@ from common import payload as P
 from common.config import load_config
 from common.task import build_task
 from server.exchange import LogitsExchange, WeightsExchange, check_arrays
-from server.strategy import INVALID, TRAINED, allowed_items, read_content
+from server.strategy import INVALID, TRAINED, read_content
 
-ALLOWED = allowed_items(privacy_enabled=True)
+ALLOWED = set(P.released_items(mode="logits", weighting="uniform", dp=True))
 
 SPEC = {"logits": ((4, 3), "float32")}
 
@@ -75,11 +75,13 @@ def test_a_reply_holding_anything_a_site_may_not_release_is_dropped(config):
     task = build_task(config)
     exchange = LogitsExchange(config, task, task.teacher())
     good = torch.log_softmax(exchange.teacher_logits, dim=1).numpy()
-    for leak in ({"num-examples": 590}, {P.TRAIN_LOSS: 0.3}, {"train-seconds": 4.2}):
+    for leak in ({"num-examples": 590}, {P.TRAIN_LOSS: 0.3}, {"train-seconds": 4.2}, {P.NOISY_COUNT: 590.3}):
         outcome = read_content(_reply(good, **leak), 1, exchange, ALLOWED)
         assert outcome.status == INVALID and next(iter(leak)) in outcome.reason
+    weights_mode = set(P.released_items(mode="weights", weighting="uniform", dp=True))
+    assert read_content(_reply(good), 1, exchange, weights_mode).status == INVALID  # logits not in this run
     # without DP there is no guarantee to break, and the loss may travel
-    assert read_content(_reply(good, **{P.TRAIN_LOSS: 0.3}), 1, exchange, allowed_items(False)).status == TRAINED
+    assert read_content(_reply(good, **{P.TRAIN_LOSS: 0.3}), 1, exchange, set(P.released_items(mode="logits", weighting="uniform", dp=False))).status == TRAINED
 
 
 def test_the_consensus_is_kept_only_once_the_global_student_has_learned_it(config, monkeypatch):
