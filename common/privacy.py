@@ -129,7 +129,7 @@ class PrivacyLedger:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.entries = self._read()
         if not self.path.exists():
-            self._refuse_overlapping_partition()
+            self._refuse_overlapping_partition()  # early, before any calibration; _append checks again
 
     # -- queries ----------------------------------------------------------------------
 

@@ -179,3 +179,12 @@ def test_a_noisy_count_beyond_the_limit_is_refused_and_not_recorded(tmp_path):
     with pytest.raises(BudgetExhausted, match="noisy record count"):
         ledger.release_noisy_count(limit=ledger.budget, count=500, noise=0.5, run="a", round=1)
     assert not (tmp_path / "s" / LEDGER_FILE).exists()
+
+
+def test_two_new_ledgers_cannot_both_pass_the_partition_check(tmp_path):
+    repartitioned = DataFingerprint(dataset=DATA.dataset, partition="seed 0, 4 sites", records="r3")
+    late = _ledger(tmp_path / "site-3", data=repartitioned)  # opened while it has no siblings yet
+    _reserve(_ledger(tmp_path / "site-0"))  # meanwhile another partition starts charging
+    with pytest.raises(LedgerError, match="under another partition"):
+        _reserve(late)
+    assert not (tmp_path / "site-3" / LEDGER_FILE).exists()
