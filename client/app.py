@@ -144,11 +144,15 @@ def _load_site(overrides: str, partition_id: int, num_partitions: int, policy_ke
     teacher = task.teacher()  # fitted (once, then cached) outside inference mode
     with torch.inference_mode():
         teacher_logits = teacher(inputs)  # computed once: halves the cost of a KD step
-    return Site(f"site-{partition_id}", config, policy, task, partition_id,
+    return Site(site_name(partition_id), config, policy, task, partition_id,
                 TensorDataset(inputs, labels, teacher_logits.clone()), fingerprint)
 
 
 load_site.cache_clear = _load_site.cache_clear  # type: ignore[attr-defined]
+
+
+def site_name(partition_id: int) -> str:
+    return f"site-{partition_id}"
 
 
 def _digest(data: TensorDataset) -> str:
@@ -170,10 +174,11 @@ def answer(content: RecordDict, context: Context) -> RecordDict:
     logged here and the server gets a code.
     """
     node = context.node_config
-    name = f"site-{node.get('partition-id', 0)}"
+    partition_id = int(node.get("partition-id", 0))
+    name = site_name(partition_id)
     try:
         policy = site_policy(node)
-        site = load_site(str(context.run_config.get("overrides", "")), int(node.get("partition-id", 0)),
+        site = load_site(str(context.run_config.get("overrides", "")), partition_id,
                          int(node.get("num-partitions", 1)), policy)
         server_round = int(content[P.CONFIG][P.SERVER_ROUND])
         return train_round(site, content, context.state, server_round=server_round, run=str(context.run_id))
