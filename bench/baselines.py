@@ -23,7 +23,8 @@ from client.dp_train import distill_locally, plan_round
 from common.config import Config, load_config
 from common.policy import SitePolicy, policy_from
 from common.evaluation import Evaluation, Evaluator
-from common.task import Task, build_task
+from common.tasks import Task, build_task
+from common.losses import LOGITS
 from server.exchange import build_exchange
 from server.report import released_items
 from server.strategy import TRAINED, content_bytes, for_site, read_content, round_request
@@ -53,10 +54,9 @@ def federate(config: Config, *, weight_by_count: bool = False) -> tuple[Evaluati
     sites = [load_site(overrides, i, config.sites, policy) for i in range(config.sites)]
     states = [RecordDict() for _ in sites]  # each site's context.state
     task = task_of(config)
-    teacher = task.teacher()
     torch.manual_seed(config.seed)
     student = task.student(config.student)
-    exchange = build_exchange(config, task, teacher, student)
+    exchange = build_exchange(config, task, student)
     allowed = set(released_items(config))
     bytes_up = bytes_down = replies = 0
     epsilons: list[float] = []
@@ -84,7 +84,7 @@ def federate(config: Config, *, weight_by_count: bool = False) -> tuple[Evaluati
 
 @functools.lru_cache(maxsize=8)
 def evaluator(task: Task) -> Evaluator:
-    return Evaluator(task.test_data(), task.teacher())
+    return Evaluator(task)
 
 
 @functools.lru_cache(maxsize=8)
@@ -93,27 +93,28 @@ def _task(task_config: str, seed: int, cache_dir: str) -> Task:
 
 
 def task_of(config: Config) -> Task:
-    """One task object per (task, seed), so data and teacher load once per benchmark."""
-    task_overrides = " ".join(o for o in config.overrides if o.startswith("task"))
+    """One task object per (task, distillation settings, seed), so data and teacher load once per benchmark."""
+    task_overrides = " ".join(o for o in config.overrides if o.startswith(("task", "distill")))
     return _task(task_overrides, config.seed, str(config.cache_path))
 
 
 def distill_non_private(config: Config, inputs: torch.Tensor, labels: torch.Tensor | None, epochs: int) -> Evaluation:
     """A student distilled from the teacher on `inputs` without DP (labels None: soft targets only)."""
     task = task_of(config)
-    teacher = task.teacher()
-    with torch.no_grad():
-        teacher_logits = teacher(inputs)
     distill = config.distill
     if labels is None:
-        labels, distill = teacher_logits.argmax(-1), dataclasses.replace(distill, alpha=1.0)
+        distill = dataclasses.replace(distill, alpha=1.0)
+    objective = task.objective(distill)
+    targets = task.teacher_targets(inputs, objective.target_kinds)
+    if labels is None:
+        labels = targets[LOGITS].argmax(-1)
     # Non-private and centralised: the record count is no secret here, so batches of batch_size.
     distill = dataclasses.replace(distill, local_epochs=epochs, sample_rate=min(1.0, distill.batch_size / len(inputs)))
     no_dp = dataclasses.replace(config.privacy, enabled=False)
-    data = TensorDataset(inputs, labels, teacher_logits)
+    data = TensorDataset(inputs, labels, *(targets[kind] for kind in objective.target_kinds))
     torch.manual_seed(config.seed)
     student = task.student(config.student)
-    distill_locally(student, data, distill=distill, privacy=no_dp, noise_multiplier=None,
+    distill_locally(student, data, objective=objective, distill=distill, privacy=no_dp, noise_multiplier=None,
                     plan=plan_round(distill), seed=config.seed)
     return evaluator(task)(student)
 

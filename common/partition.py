@@ -1,8 +1,32 @@
-"""Seeded Dirichlet label-skew partitioning of a labelled set across sites."""
+"""Seeded splits of a labelled set: teacher / public / test / private, and the private part across sites."""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from common.config import SplitConfig
+
+PARTS = ("teacher", "public", "test", "private")
+
+
+def split_parts(n: int, split: SplitConfig, seed: int) -> dict[str, np.ndarray]:
+    """Indices of each part of `n` records: seeded shuffle, then the configured fractions in order;
+    the private part is what is left."""
+    order = np.random.default_rng(seed).permutation(n)
+    sizes = [int(round(f * n)) for f in (split.teacher, split.public, split.test)]
+    return dict(zip(PARTS, np.split(order, np.cumsum(sizes))))
+
+
+def site_share(private: TensorDataset, site: int, num_sites: int, *, alpha: float, seed: int) -> TensorDataset:
+    """Site `site`'s records of the private part, label-skewed by Dirichlet(alpha)."""
+    if not 0 <= site < num_sites:
+        raise ValueError(f"site must be in [0, {num_sites}), got {site}")
+    inputs, labels = private.tensors
+    shards = dirichlet_partition(labels.numpy(), num_sites=num_sites, alpha=alpha, seed=seed)
+    idx = torch.from_numpy(shards[site])
+    return TensorDataset(inputs[idx], labels[idx])
 
 
 def dirichlet_partition(

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
+import torch
 from safetensors.torch import save
 from torch import nn
 
@@ -37,7 +41,27 @@ def atomic_write(path: Path, data: bytes, *, durable: bool = False) -> None:
             os.close(dir_fd)
 
 
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """Named tensors as safetensors, written atomically."""
+    atomic_write(path, save({k: v.detach().contiguous() for k, v in tensors.items()}))
+    return path
+
+
 def save_model(path: Path, model: nn.Module) -> Path:
     """The model's state_dict as safetensors, written atomically."""
-    atomic_write(path, save({k: v.detach().contiguous() for k, v in model.state_dict().items()}))
-    return path
+    return save_tensors(path, model.state_dict())
+
+
+def jsonable(value: Any) -> Any:
+    """JSON has no inf or NaN: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, json.dumps(jsonable(obj), indent=2).encode())

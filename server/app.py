@@ -15,7 +15,8 @@ from flwr.serverapp import Grid, ServerApp
 from common import payload as P
 from common.config import Config, ConfigError, load_config
 from common.evaluation import Evaluator
-from common.task import build_task
+from common.models.inference import quantize_int8
+from common.tasks import build_task
 from server import rundir as R
 from server.exchange import build_exchange
 from server.report import PrivacyView, describe, mean, privacy_report, progress_line, released_items, round_record
@@ -41,13 +42,13 @@ def run(grid: Grid, config: Config) -> None:
     run_dir = R.RunDirectory(config.run_dir, config)
     task = build_task(config)
     teacher = task.teacher()
-    evaluator = Evaluator(task.test_data(), teacher)
+    evaluator = Evaluator(task)
     torch.manual_seed(config.seed)
     student = task.student(config.student)
     plan = ParticipationPlan(rounds=config.rounds, fraction=config.federation.fraction_train,
                              min_sites=config.federation.min_sites, seed=config.seed)
     strategy = DistillStrategy(
-        exchange=build_exchange(config, task, teacher, student),
+        exchange=build_exchange(config, task, student),
         global_student=student,
         plan=plan,
         min_sites=config.federation.min_sites,
@@ -80,10 +81,11 @@ def run(grid: Grid, config: Config) -> None:
         timeout=config.federation.round_timeout,
         evaluate_fn=evaluate,
     )
-    run_dir.save_model(R.STUDENT_FILE, student)
-    run_dir.write_json(R.STUDENT_CONFIG, {"task": config.task.name, "student": vars(config.student),
-                                          "num_classes": task.num_classes})
+    task.export(student, run_dir.path)
+    int8 = quantize_int8(student)
+    run_dir.save_int8(int8)
     example = task.test_data().tensors[0]
+    student_cost = describe(student, example)
     summary = {
         "task": config.task.name,
         "exchange": config.exchange.mode,
@@ -91,7 +93,8 @@ def run(grid: Grid, config: Config) -> None:
         "rounds_planned": config.rounds,
         "rounds_completed": sum(r["sites_trained"] > 0 for r in rounds),
         "teacher": {**describe(teacher, example), **vars(evaluator.teacher)},
-        "student": {**describe(student, example), **vars(evaluator(student))},
+        "student": {**student_cost, **vars(evaluator(student))},
+        "student_int8": {**describe(int8, example), "params": student_cost["params"], **vars(evaluator(int8))},
         "privacy": ledger.summary(config),
         "communication": {
             "bytes_up": sum(r["bytes_up"] for r in rounds),

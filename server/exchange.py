@@ -18,7 +18,8 @@ from common import compression
 from common import payload as P
 from common.config import Config
 from common.public_distill import distill_on_public
-from common.task import Task
+from common.losses import LOGITS
+from common.tasks import Task
 from server.aggregate import aggregate
 
 ArraySpec = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype)
@@ -119,14 +120,13 @@ class LogitsExchange:
     logits and keep their own students, which may differ per site (FedMD).
     """
 
-    def __init__(self, config: Config, task: Task, teacher: nn.Module):
+    def __init__(self, config: Config, task: Task):
         self.config = config.exchange
         self.seed = config.seed
         self.inputs = task.public_inputs()
         self.classes = task.num_classes
         self.manifest = P.public_manifest(self.inputs)
-        with torch.no_grad():
-            self.teacher_logits = teacher(self.inputs)  # [P, C]
+        self.teacher_logits = task.teacher_targets(self.inputs, (LOGITS,))[LOGITS]  # [P, C]
         self.expected = compression.expected_arrays(method=self.config.compression, k=self.config.topk,
                                                     rows=len(self.inputs), classes=self.classes)
         self.max_bytes = int(self.config.max_reply_mb * 2**20)
@@ -188,8 +188,8 @@ class LogitsExchange:
         return torch.log_softmax(compression.decode(arrays, method=self.config.compression, classes=self.classes), dim=1).numpy()
 
 
-def build_exchange(config: Config, task: Task, teacher: nn.Module, global_student: nn.Module) -> Exchange:
+def build_exchange(config: Config, task: Task, global_student: nn.Module) -> Exchange:
     if config.exchange.mode == "weights":
         return WeightsExchange(config, global_student)
-    return LogitsExchange(config, task, teacher)
+    return LogitsExchange(config, task)
 

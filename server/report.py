@@ -10,7 +10,7 @@ import torch
 from common import payload as P
 from common.config import Config
 from common.evaluation import Evaluation
-from common.models import count_params, latency_ms, size_bytes
+from common.models.inference import count_params, latency_ms, size_bytes
 from server.strategy import FAILED, INVALID, REFUSED, TRAINED, RoundOutcome
 
 def describe(model: torch.nn.Module, example: torch.Tensor) -> dict:

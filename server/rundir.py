@@ -2,36 +2,26 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
+import torch
 from torch import nn
 
 from common.config import Config
-from common.storage import atomic_write, save_model
+from common.storage import atomic_write, jsonable, save_model, write_json
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 PRIVACY_FILE = "privacy.json"
 PRIVACY_REPORT = "privacy.md"
-STUDENT_FILE = "student.safetensors"
-STUDENT_CONFIG = "student.json"
+STUDENT_INT8 = "student-int8.pt"  # beside the task's export (see Task.export)
 PLOT_FILE = "progress.png"
-
-
-def _jsonable(value: Any) -> Any:
-    """JSON has no inf or NaN: write them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 class RunDirectory:
@@ -42,17 +32,24 @@ class RunDirectory:
         atomic_write(self.path / CONFIG_FILE, resolved.encode())
 
     def write_json(self, name: str, obj: Any) -> None:
-        atomic_write(self.path / name, json.dumps(_jsonable(obj), indent=2).encode())
+        write_json(self.path / name, obj)
 
     def write_text(self, name: str, text: str) -> None:
         atomic_write(self.path / name, text.encode())
 
     def log_round(self, record: dict[str, Any]) -> None:
         with open(self.path / METRICS_FILE, "a") as f:
-            f.write(json.dumps(_jsonable(record)) + "\n")
+            f.write(json.dumps(jsonable(record)) + "\n")
 
     def save_model(self, name: str, model: nn.Module) -> Path:
         return save_model(self.path / name, model)
+
+    def save_int8(self, model: nn.Module) -> None:
+        """An int8 model's state_dict (packed weights, which safetensors cannot hold): load it into
+        common.models.inference.quantize_int8 of the exported student."""
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        atomic_write(self.path / STUDENT_INT8, buffer.getvalue())
 
     def save_checkpoint(self, server_round: int, model: nn.Module) -> Path:
         return self.save_model(f"checkpoints/round-{server_round:03d}.safetensors", model)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from common.config import Config, load_config
@@ -47,3 +49,52 @@ def write_policy(cache_dir):
         return path
 
     return write
+
+
+TOPICS = {
+    "World": ["election", "minister", "treaty", "border", "embassy", "parliament"],
+    "Sports": ["match", "goal", "coach", "league", "season", "striker"],
+    "Business": ["shares", "profit", "market", "merger", "investor", "bank"],
+    "Sci/Tech": ["software", "chip", "internet", "robot", "satellite", "browser"],
+}
+FILLER = ["the", "a", "new", "report", "says", "today", "after", "with", "on", "week"]
+
+
+@pytest.fixture(scope="session")
+def tiny_text_teacher(tmp_path_factory) -> Path:
+    """A randomly initialised BERT-like encoder and its WordPiece tokenizer, saved as a Hugging
+    Face folder: the MiniLM teacher's shape at a fraction of its size, made without downloads."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-teacher")
+    words = sorted({w for topic in TOPICS.values() for w in topic} | set(FILLER))
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    BertTokenizer(vocab={token: i for i, token in enumerate(tokens)}).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=5 + len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def text_data(tmp_path_factory) -> Path:
+    """A TSV in AG News's format (`text<TAB>label`, no header): 480 short texts on 4 topics."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(480):
+        label = list(TOPICS)[i % 4]
+        words = list(rng.choice(TOPICS[label], 3)) + list(rng.choice(FILLER, 4))
+        rng.shuffle(words)
+        lines.append(f"{' '.join(words)}\t{label}")
+    path = tmp_path_factory.mktemp("text-data") / "news.tsv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def text_overrides(tiny_text_teacher, text_data, tmp_path, cache_dir) -> list[str]:
+    """task=text on the tiny teacher and data, shrunk to run in seconds."""
+    return ["task=text", f"task.data.path={text_data}", f"task.teacher.path={tiny_text_teacher}",
+            "task.data.max_length=16", "task.split.public=0.1", "student.dim=16", "student.heads=2", "student.ff=32",
+            "sites=2", "rounds=2", "distill.feature_weight=1.0", f"run_dir={tmp_path / 'run'}", f"cache_dir={cache_dir}"]

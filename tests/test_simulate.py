@@ -14,7 +14,7 @@ import pytest
 from fedistill.simulation import processes_using
 
 FEDISTILL = [sys.executable, "-m", "fedistill.cli", "simulate"]
-RUN_FILES = ["config.yaml", "metrics.jsonl", "summary.json", "student.safetensors", "student.json",
+RUN_FILES = ["config.yaml", "metrics.jsonl", "summary.json", "student.safetensors", "student.json", "student-int8.pt",
              "privacy.json", "privacy.md", "progress.png"]
 
 
@@ -118,7 +118,7 @@ def test_bad_config_is_refused_before_any_process_starts(tmp_path, overrides, me
     [
         ["exchange=logits", "exchange.compression=float16"],
         ["exchange=logits", "exchange.broadcast=logits", "exchange.compression=topk",
-         "exchange.site_students=[[16],[32],[16,16]]"],
+         "exchange.site_students=[{hidden:[16]},{hidden:[32]},{hidden:[16,16]}]"],
     ],
     ids=["logits-broadcast-weights", "logits-broadcast-logits-mixed-students"],
 )

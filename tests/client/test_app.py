@@ -218,7 +218,7 @@ def test_logits_mode_sends_top_k_log_probabilities_and_never_weights(logits_site
 def fedmd_site(small_config, policy):
     load_site.cache_clear()
     overrides = shlex.join(small_config.overrides + [
-        "exchange=logits", "exchange.broadcast=logits", "exchange.site_students=[[8],[16,4]]"])
+        "exchange=logits", "exchange.broadcast=logits", "exchange.site_students=[{hidden:[8]},{hidden:[16,4]}]"])
     return load_site(overrides, 1, small_config.sites, policy)
 
 

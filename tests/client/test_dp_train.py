@@ -5,7 +5,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from client.dp_train import distill_locally, plan_round
-from common.models import StudentMLP
+from common.losses import DistillationObjective
+from common.models.image import StudentMLP
 
 
 def _data(n=96):
@@ -21,7 +22,7 @@ def _train(small_config, *, privacy=None, noise=None, seed=0, data=None, distill
     torch.manual_seed(123)
     student = StudentMLP((1, 8, 8), 10, [16])
     plan = plan_round(distill)
-    result = distill_locally(student, data, distill=distill, privacy=privacy or small_config.privacy,
+    result = distill_locally(student, data, objective=DistillationObjective(distill), distill=distill, privacy=privacy or small_config.privacy,
                              noise_multiplier=noise, plan=plan, seed=seed)
     return student, result, plan
 

@@ -5,7 +5,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common import payload as P
 from common.config import load_config
-from common.task import build_task
+from common.tasks import build_task
 from server.exchange import LogitsExchange, WeightsExchange, check_arrays
 from server.strategy import INVALID, TRAINED, read_content
 
@@ -55,7 +55,7 @@ def _reply(logits, **extra_metrics):
 
 def test_logits_exchange_drops_bad_replies_and_distills_on_good_ones(config):
     task = build_task(config)
-    exchange = LogitsExchange(config, task, task.teacher())
+    exchange = LogitsExchange(config, task)
     rows = len(task.public_inputs())
     good = torch.log_softmax(exchange.teacher_logits, dim=1).numpy()  # learnable targets
     assert read_content(_reply(good), 1, exchange, ALLOWED).status == TRAINED
@@ -73,7 +73,7 @@ def test_logits_exchange_drops_bad_replies_and_distills_on_good_ones(config):
 
 def test_a_reply_holding_anything_a_site_may_not_release_is_dropped(config):
     task = build_task(config)
-    exchange = LogitsExchange(config, task, task.teacher())
+    exchange = LogitsExchange(config, task)
     good = torch.log_softmax(exchange.teacher_logits, dim=1).numpy()
     for leak in ({"num-examples": 590}, {P.TRAIN_LOSS: 0.3}, {"train-seconds": 4.2}, {P.NOISY_COUNT: 590.3}):
         outcome = read_content(_reply(good, **leak), 1, exchange, ALLOWED)
@@ -86,7 +86,7 @@ def test_a_reply_holding_anything_a_site_may_not_release_is_dropped(config):
 
 def test_the_consensus_is_kept_only_once_the_global_student_has_learned_it(config, monkeypatch):
     task = build_task(config)
-    exchange = LogitsExchange(config, task, task.teacher())
+    exchange = LogitsExchange(config, task)
     good = torch.log_softmax(exchange.teacher_logits, dim=1).numpy()
 
     def failing_fit(*args, **kwargs):
@@ -100,7 +100,7 @@ def test_the_consensus_is_kept_only_once_the_global_student_has_learned_it(confi
 
 def test_logits_exchange_sends_the_public_manifest(config):
     task = build_task(config)
-    exchange = LogitsExchange(config, task, task.teacher())
+    exchange = LogitsExchange(config, task)
     out = exchange.outgoing(task.student(config.student))
     assert out[P.CONFIG][P.PUBLIC_COUNT] == len(task.public_inputs())
     assert out[P.CONFIG][P.PUBLIC_SHA256] == P.public_manifest(task.public_inputs())[P.PUBLIC_SHA256]
@@ -134,7 +134,7 @@ def test_inconsistent_topk_replies_are_invalid(tmp_path, cache_dir):
     config = load_config(["task=digits", "sites=3", "exchange=logits", "exchange.compression=topk", "exchange.topk=3",
                           f"run_dir={tmp_path}", f"cache_dir={cache_dir}"])
     task = build_task(config)
-    exchange = LogitsExchange(config, task, task.teacher())
+    exchange = LogitsExchange(config, task)
     rows = len(task.public_inputs())
 
     def reply(indices, value=-2.0):

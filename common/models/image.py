@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
-from safetensors.torch import save
 from torch import nn
 
 
@@ -43,38 +40,3 @@ class StudentMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C, H, W] -> [B, classes]
         return self.net(x)
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def size_bytes(model: nn.Module) -> int:
-    """On-disk size of the model's state_dict as a safetensors file."""
-    return len(save({k: v.detach().contiguous() for k, v in model.state_dict().items()}))
-
-
-@torch.inference_mode()
-def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 200) -> float:
-    """Median single-sample forward latency in milliseconds, on one CPU thread.
-
-    One thread, because a single sample gains nothing from more and the figure should not
-    depend on what else the machine (e.g. a simulation's workers) is doing.
-    """
-    model.eval()
-    x = example[:1]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for _ in range(10):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
-    times.sort()
-    return 1000 * times[len(times) // 2]
-

@@ -1,16 +1,14 @@
-"""Tasks: everything domain-specific (data, split, teacher, student) behind one interface."""
+"""Small image classification from a bundled set (MNIST-5k, digits): a CNN teacher, an MLP student."""
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import io
 import json
 import logging
 from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -18,57 +16,13 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.config import Config, ConfigError, StudentConfig, TaskConfig
-from common.models import StudentMLP, TeacherCNN
-from common.partition import dirichlet_partition
-from common.storage import atomic_write, save_model
+from common.config import Config, ConfigError, DistillConfig, StudentConfig
+from common.losses import LOGITS, DistillationObjective
+from common.models.image import StudentMLP, TeacherCNN
+from common.partition import site_share, split_parts
+from common.storage import atomic_write, save_model, write_json
 
 log = logging.getLogger(__name__)
-
-
-class Task(Protocol):
-    """What the server and the sites need to know about a domain."""
-
-    name: str
-    num_classes: int
-
-    def private_data(self, site: int, num_sites: int) -> TensorDataset:
-        """The labelled private records of site `site` of `num_sites` in simulation (never leave it)."""
-
-    def partition_identity(self, num_sites: int) -> tuple[str, str]:
-        """(data set, partition) that `private_data` cuts records from: what a privacy ledger keys on."""
-
-    def load_private(self, path: Path) -> TensorDataset:
-        """A site's own labelled private records from `path` (its policy's `data_path`)."""
-
-    def public_inputs(self) -> torch.Tensor:
-        """Inputs, without labels, that every site and the server may use."""
-
-    def test_data(self) -> TensorDataset:
-        """The server's held-out labelled test set."""
-
-    def teacher(self) -> nn.Module:
-        """The shared, fitted teacher in eval mode with frozen parameters."""
-
-    def student(self, config: StudentConfig) -> nn.Module:
-        """A freshly initialised student."""
-
-
-def build_task(config: Config) -> Task:
-    """The task named by `task.source`: a built-in name or `package.module:factory`."""
-    source = config.task.source
-    if source in IMAGE_SOURCES:
-        return ImageTask(config.task, seed=config.seed, cache_dir=config.cache_path)
-    if ":" in source:
-        module_name, _, attr = source.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise ConfigError(f"task.source {source!r} cannot be imported: {err}") from None
-        return factory(config)
-    raise ConfigError(
-        f"task.source must be one of {sorted(IMAGE_SOURCES)} or 'package.module:factory', got {source!r}"
-    )
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -85,7 +39,7 @@ def _load_mnist() -> tuple[np.ndarray, np.ndarray]:
     return x.reshape(-1, 28, 28).astype(np.float32) / 255.0, y.astype(np.int64)
 
 
-IMAGE_SOURCES = {"digits": _load_digits, "mnist": _load_mnist}
+LOADERS = {"digits": _load_digits, "mnist": _load_mnist}
 
 
 class ImageTask:
@@ -93,27 +47,19 @@ class ImageTask:
 
     num_classes = 10
 
-    def __init__(self, config: TaskConfig, *, seed: int, cache_dir: Path):
-        self.config = config
-        self.name = config.name
-        self.seed = seed
-        self.cache_dir = cache_dir
+    def __init__(self, config: Config):
+        self.config = config.task
+        self.name = config.task.name
+        self.seed = config.seed
+        self.cache_dir = config.cache_path
         self._teacher: nn.Module | None = None
 
     @cached_property
     def _parts(self) -> dict[str, TensorDataset]:
         images, labels = self._load_source()
-        order = np.random.default_rng(self.seed).permutation(len(labels))
-        split = self.config.split
-        sizes = [int(round(f * len(order))) for f in (split.teacher, split.public, split.test)]
-        bounds = np.cumsum(sizes)
-        chunks = np.split(order, bounds)
         x = torch.from_numpy(images).unsqueeze(1)  # [N, 1, H, W]
         y = torch.from_numpy(labels)
-        return {
-            name: TensorDataset(x[idx], y[idx])
-            for name, idx in zip(("teacher", "public", "test", "private"), chunks)
-        }
+        return {name: TensorDataset(x[idx], y[idx]) for name, idx in split_parts(len(y), self.config.split, self.seed).items()}
 
     @cached_property
     def _source_digest(self) -> str:
@@ -126,7 +72,7 @@ class ImageTask:
         if path.exists():
             with np.load(path) as saved:
                 return saved["images"], saved["labels"]
-        images, labels = IMAGE_SOURCES[self.config.source]()
+        images, labels = LOADERS[self.config.source]()
         buffer = io.BytesIO()
         np.savez(buffer, images=images, labels=labels)
         atomic_write(path, buffer.getvalue())
@@ -137,14 +83,7 @@ class ImageTask:
         return tuple(self._parts["test"].tensors[0].shape[1:])  # type: ignore[return-value]
 
     def private_data(self, site: int, num_sites: int) -> TensorDataset:
-        if not 0 <= site < num_sites:
-            raise ValueError(f"site must be in [0, {num_sites}), got {site}")
-        x, y = self._parts["private"].tensors
-        shards = dirichlet_partition(
-            y.numpy(), num_sites=num_sites, alpha=self.config.dirichlet_alpha, seed=self.seed
-        )
-        idx = torch.from_numpy(shards[site])
-        return TensorDataset(x[idx], y[idx])
+        return site_share(self._parts["private"], site, num_sites, alpha=self.config.dirichlet_alpha, seed=self.seed)
 
     def partition_identity(self, num_sites: int) -> tuple[str, str]:
         split = self.config.split
@@ -183,6 +122,21 @@ class ImageTask:
 
     def student(self, config: StudentConfig) -> nn.Module:
         return StudentMLP(self.input_shape, self.num_classes, config.hidden)
+
+    def teacher_targets(self, inputs: torch.Tensor, kinds: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        if set(kinds) - {LOGITS}:
+            raise ConfigError(f"the image teacher gives logits only, not {sorted(set(kinds) - {LOGITS})}")
+        teacher = self.teacher()  # fitted (once, then cached) outside inference mode
+        with torch.inference_mode():
+            return {LOGITS: teacher(inputs).clone()}  # cheap: recomputed rather than cached on disk
+
+    def objective(self, distill: DistillConfig) -> nn.Module:
+        return DistillationObjective(distill)
+
+    def export(self, student: nn.Module, folder: Path) -> None:
+        save_model(folder / "student.safetensors", student)
+        write_json(folder / "student.json", {"task": self.name, "input_shape": list(self.input_shape),
+                                             "num_classes": self.num_classes, "hidden": student_hidden(student)})
 
     def teacher(self) -> nn.Module:
         if self._teacher is None:
@@ -227,3 +181,8 @@ class ImageTask:
                 nn.functional.cross_entropy(model(x), y).backward()
                 optimizer.step()
 
+
+
+def student_hidden(student: nn.Module) -> list[int]:
+    """The hidden widths of an MLP student, as student.hidden says them."""
+    return [layer.out_features for layer in student.net if isinstance(layer, nn.Linear)][:-1]

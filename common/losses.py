@@ -1,0 +1,117 @@
+"""Distillation losses, each a mean over the batch of per-sample terms, so that Opacus's
+per-sample gradients (`loss_reduction="mean"`) are exact.
+
+Teacher targets come precomputed per record (see the tasks' `teacher_targets`): `logits`
+[B, C] always; `features` [B, D] and `attention` [B, L, T, T] when those terms are on.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from common.config import DistillConfig
+
+LOGITS, FEATURES, ATTENTION = "logits", "features", "attention"
+
+
+class SoftLabelLoss(nn.Module):
+    """Hinton KD blended with hard labels.
+
+    loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, y)
+
+    KL with `batchmean` (plain "mean" would also divide by the number of classes); T^2
+    keeps the soft term's gradient scale independent of T.
+
+    Shapes: student_logits [B, C], teacher_logits [B, C], labels [B] -> scalar.
+    """
+
+    def __init__(self, *, temperature: float, alpha: float):
+        super().__init__()
+        self.temperature = temperature
+        self.alpha = alpha
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        t = self.temperature
+        soft = F.kl_div(
+            F.log_softmax(student_logits / t, dim=-1),
+            F.log_softmax(teacher_logits / t, dim=-1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        hard = F.cross_entropy(student_logits, labels)
+        return self.alpha * t * t * soft + (1.0 - self.alpha) * hard
+
+
+class FeatureLoss(nn.Module):
+    """1 - cosine similarity between the student's projected pooled state and the teacher's
+    sentence embedding, mean over the batch.
+
+    Shapes: student_features [B, D], teacher_features [B, D] -> scalar.
+    """
+
+    def forward(self, student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+        return (1.0 - F.cosine_similarity(student_features, teacher_features.to(student_features.dtype), dim=-1)).mean()
+
+
+class AttentionLoss(nn.Module):
+    """KL(teacher's attention row || student's) per query token, averaged over a sample's real
+    tokens, over the chosen layer pairs, then over the batch. Both maps are averaged over
+    heads and use the same tokenisation.
+
+    Shapes: student [B, T, T] per pair (list of L), teacher [B, L, T, T], keep [B, T] -> scalar.
+    """
+
+    def forward(self, student: list[torch.Tensor], teacher: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        queries = keep.to(teacher.dtype if teacher.is_floating_point() else torch.float32)
+        per_sample = 0.0
+        for layer, student_map in enumerate(student):
+            target = teacher[:, layer].to(student_map.dtype).clamp(min=0)  # [B, T, T]
+            # Padded keys have probability 0 in both maps; clamping keeps 0 * log 0 at 0.
+            kl = (target * (target.clamp(min=1e-8).log() - student_map.clamp(min=1e-8).log())).sum(dim=-1)  # [B, T]
+            per_sample = per_sample + (kl * queries.to(kl.dtype)).sum(dim=-1) / queries.sum(dim=-1).clamp(min=1)
+        return (per_sample / len(student)).mean()
+
+
+class DistillationObjective(nn.Module):
+    """The local training loss: soft labels, plus feature and attention terms when weighted.
+
+    Called as objective(student, inputs, labels, targets): one forward of the student,
+    the sum of the weighted terms. A student that offers `distill_outputs(inputs)` (logits,
+    features, attention maps) supports the feature and attention terms.
+    """
+
+    def __init__(self, config: DistillConfig):
+        super().__init__()
+        self.soft_labels = SoftLabelLoss(temperature=config.temperature, alpha=config.alpha)
+        self.feature_weight = config.feature_weight
+        self.attention_weight = config.attention_weight
+        self.student_layers = [pair[0] for pair in config.attention_layers]
+        self.features = FeatureLoss()
+        self.attention = AttentionLoss()
+
+    @property
+    def target_kinds(self) -> tuple[str, ...]:
+        """The teacher targets this objective reads."""
+        return (LOGITS,) + ((FEATURES,) if self.feature_weight > 0 else ()) + ((ATTENTION,) if self.attention_weight > 0 else ())
+
+    def forward(self, student: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+                targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.feature_weight > 0 or self.attention_weight > 0:
+            outputs = student.distill_outputs(inputs)
+            logits = outputs.logits
+        else:
+            logits = student(inputs)
+        if inputs.shape[0] == 0:
+            # An empty Poisson batch: a zero loss that still reaches every parameter used,
+            # so the DP step adds its noise as the accountant assumes.
+            zero = logits.sum() * 0.0
+            return zero + outputs.features.sum() * 0.0 if self.feature_weight > 0 else zero
+        loss = self.soft_labels(logits, targets[LOGITS], labels)
+        if self.feature_weight > 0:
+            loss = loss + self.feature_weight * self.features(outputs.features, targets[FEATURES])
+        if self.attention_weight > 0:
+            chosen = [outputs.attentions[i] for i in self.student_layers]
+            loss = loss + self.attention_weight * self.attention(chosen, targets[ATTENTION], inputs != student.config.pad_id)
+        return loss

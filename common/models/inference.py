@@ -1,0 +1,62 @@
+"""What a model costs at inference: parameters, size on disk, single-sample CPU latency; int8 copies."""
+
+from __future__ import annotations
+
+import copy
+import io
+import time
+import warnings
+
+import torch
+from safetensors.torch import save
+from torch import nn
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def size_bytes(model: nn.Module) -> int:
+    """On-disk size of the model's weights: as safetensors, or as `torch.save` writes an int8
+    model (its packed weights are not plain tensors, which safetensors holds)."""
+    state = model.state_dict()
+    if all(isinstance(v, torch.Tensor) and not v.is_quantized for v in state.values()):
+        return len(save({k: v.detach().contiguous() for k, v in state.items()}))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.tell()
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """A copy with every Linear layer dynamically quantized: int8 weights, activations quantized
+    per batch at run time. For CPU inference; the copy cannot be trained."""
+    with warnings.catch_warnings():
+        # torch.ao's eager quantization still works but announces its move to torchao.
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8)
+
+
+@torch.inference_mode()
+def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 200) -> float:
+    """Median single-sample forward latency in milliseconds, on one CPU thread.
+
+    One thread, because a single sample gains nothing from more and the figure should not
+    depend on what else the machine (e.g. a simulation's workers) is doing.
+    """
+    model.eval()
+    x = example[:1]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(10):
+            model(x)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    times.sort()
+    return 1000 * times[len(times) // 2]
+

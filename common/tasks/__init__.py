@@ -1,0 +1,80 @@
+"""Tasks: everything domain-specific behind one interface, chosen by `task.source`.
+
+A task owns its data format and split, what the teacher contributes per record (computed
+once), the distillation objective, what its students output and how the final student is
+exported. Client, server, exchanges and benchmarks only call the `Task` protocol.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from common.config import IMAGE_SOURCES, TEXT_SOURCE, Config, ConfigError, DistillConfig, StudentConfig
+
+
+class Task(Protocol):
+    """What the server and the sites need to know about a domain."""
+
+    name: str
+    num_classes: int
+
+    def private_data(self, site: int, num_sites: int) -> TensorDataset:
+        """(inputs, labels) of site `site` of `num_sites` in simulation (never leave it)."""
+
+    def partition_identity(self, num_sites: int) -> tuple[str, str]:
+        """(data set, partition) that `private_data` cuts records from: what a privacy ledger keys on."""
+
+    def load_private(self, path: Path) -> TensorDataset:
+        """A site's own (inputs, labels) from `path` (its policy's `data_path`)."""
+
+    def public_inputs(self) -> torch.Tensor:
+        """Inputs, without labels, that every site and the server may use."""
+
+    def test_data(self) -> TensorDataset:
+        """The server's held-out (inputs, labels)."""
+
+    def teacher(self) -> nn.Module:
+        """The shared, fitted teacher in eval mode with frozen parameters: inputs -> logits [B, C]."""
+
+    def teacher_targets(self, inputs: torch.Tensor, kinds: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """What the teacher contributes per record of `inputs`, for each of `kinds` (see
+        common.losses): computed once, cached where that is costly."""
+
+    def student(self, config: StudentConfig) -> nn.Module:
+        """A freshly initialised student: inputs -> logits [B, C]."""
+
+    def objective(self, distill: DistillConfig) -> nn.Module:
+        """The local training loss: objective(student, inputs, labels, targets) -> scalar,
+        with `target_kinds` naming the teacher targets it reads."""
+
+    def export(self, student: nn.Module, folder: Path) -> None:
+        """Write the student to `folder` in the form its users load for inference."""
+
+
+def build_task(config: Config) -> Task:
+    """The task named by `task.source`: a built-in name or `package.module:factory`."""
+    source = config.task.source
+    if source in IMAGE_SOURCES:
+        from common.tasks.image import ImageTask
+
+        return ImageTask(config)
+    if source == TEXT_SOURCE:
+        from common.tasks.text import TextTask
+
+        return TextTask(config)
+    if ":" in source:
+        module_name, _, attr = source.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise ConfigError(f"task.source {source!r} cannot be imported: {err}") from None
+        return factory(config)
+    raise ConfigError(
+        f"task.source must be one of {', '.join(IMAGE_SOURCES + (TEXT_SOURCE,))} or 'package.module:factory', got {source!r}"
+    )
