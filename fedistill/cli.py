@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from common import payload as P
-from common.config import CONF_DIR, Config, ConfigError, load_config
+from common.config import CONF_DIR, TEXT_SOURCE, Config, ConfigError, load_config
 from common.policy import POLICY_ENV, SitePolicy, policy_from
 
 POLICY_FILE = "site-policy.yaml"  # the virtual sites' policy, written by this command into the run directory
@@ -86,6 +86,8 @@ def simulation_policy(site_overrides: list[str], request: Config) -> SitePolicy:
     directory and share its cache; `site.KEY=VALUE` says otherwise.
     """
     values = {"ledger_dir": str(Path(request.run_dir) / "ledger"), "cache_dir": str(request.cache_path)}
+    if request.task.source == TEXT_SOURCE:  # the virtual sites read the file this command names
+        values["task_sources"] = [*policy_from().task_sources, TEXT_SOURCE]
     if request.privacy.enabled:
         values |= {"epsilon": request.privacy.epsilon, "delta": request.privacy.delta}
     try:
@@ -132,7 +134,7 @@ def write_run_config(run_dir: Path, overrides: list[str]) -> Path:
 
 
 def run_simulation(overrides: list[str], echo: Callable[[str], None] = print) -> int:
-    from common.task import build_task
+    from common.tasks import build_task
     from fedistill.simulation import SimulationSuperLink
 
     overrides, site_overrides = split_site_overrides(overrides)
@@ -148,8 +150,10 @@ def run_simulation(overrides: list[str], echo: Callable[[str], None] = print) ->
                           "choose another run_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"fedistill: run directory {run_dir}")
-    print(f"fedistill: preparing task {config.task.name} (the teacher is fitted once and cached)")
-    build_task(config).teacher()
+    print(f"fedistill: preparing task {config.task.name} (the teacher is fitted and its outputs computed once, "
+          "then cached)")
+    task = build_task(config)
+    task.teacher_targets(task.test_data().tensors[0], task.objective(config.distill).target_kinds)
     run_config = write_run_config(run_dir, overrides)
     policy_file = run_dir / POLICY_FILE
     policy_file.write_text(OmegaConf.to_yaml(OmegaConf.structured(policy)))
@@ -167,14 +171,14 @@ def run_simulation(overrides: list[str], echo: Callable[[str], None] = print) ->
 
 
 def final_table(summary: dict) -> str:
-    teacher, student = summary["teacher"], summary["student"]
+    models = [summary["teacher"], summary["student"], summary["student_int8"]]
     rows = [
-        ("", "teacher", "global student"),
-        ("test accuracy", f"{teacher['accuracy']:.3f}", f"{student['accuracy']:.3f}"),
-        ("agreement with teacher", "1.000", f"{student['agreement']:.3f}"),
-        ("parameters", f"{teacher['params']:,}", f"{student['params']:,}"),
-        ("size", _kib(teacher["size_bytes"]), _kib(student["size_bytes"])),
-        ("CPU latency, 1 sample", f"{teacher['latency_ms']:.3f} ms", f"{student['latency_ms']:.3f} ms"),
+        ("", "teacher", "global student", "int8 student"),
+        ("test accuracy", *(f"{m['accuracy']:.3f}" for m in models)),
+        ("agreement with teacher", *(f"{m['agreement']:.3f}" for m in models)),
+        ("parameters", *(f"{m['params']:,}" for m in models)),
+        ("size on disk", *(_kib(m["size_bytes"]) for m in models)),
+        ("CPU latency, 1 sample, 1 thread", *(f"{m['latency_ms']:.3f} ms" for m in models)),
     ]
     lines = [f"\n{summary['task']}: {summary['exchange']} exchange, "
              f"{summary['rounds_completed']}/{summary['rounds_planned']} rounds completed"]

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import time
+import warnings
 from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
@@ -266,7 +267,7 @@ class TextTask:
 
     def _teacher_key(self) -> str:
         facts = {
-            "version": 2,
+            "version": 3,
             "encoder": self._encoder_digest,
             "records": self._source_digest,
             "split": asdict(self.config.split),
@@ -310,30 +311,13 @@ class TextTask:
         return encoded[FEATURES]
 
     def _fit_head(self, head: nn.Linear, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        """Full-batch Adam on the cross-entropy of the frozen embeddings (a logistic regression).
-
-        Fitted on standardised embeddings (sentence embeddings of one encoder share a large
-        common direction), then folded back so that the head reads the raw embeddings.
-        """
-        cfg = self.config.teacher
-        torch.manual_seed(self.seed)
-        mean, std = embeddings.mean(dim=0), embeddings.std(dim=0).clamp(min=1e-6)
-        standardised = (embeddings - mean) / std
-        nn.init.zeros_(head.weight)
-        nn.init.zeros_(head.bias)
-        optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr)
-        for _ in range(cfg.epochs):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(head(standardised), labels).backward()
-            optimizer.step()
-        with torch.no_grad():
-            head.weight.div_(std)
-            head.bias.sub_(head.weight @ mean)
+        """A logistic regression on the frozen sentence embeddings, its regularisation chosen by
+        cross-validation on the teacher split (unregularised, it overfits a few thousand texts)."""
+        fit_linear(head, embeddings.numpy(), labels.numpy(), seed=self.seed)
 
     def _fit_tfidf(self, teacher: TfidfTeacher, ids: torch.Tensor, labels: torch.Tensor) -> None:
         from scipy.sparse import csr_matrix
         from sklearn.feature_extraction.text import TfidfTransformer
-        from sklearn.linear_model import LogisticRegression
 
         counted = teacher.counted.bool()
         rows = np.repeat(np.arange(len(ids)), ids.shape[1])
@@ -342,15 +326,9 @@ class TextTask:
         counts = csr_matrix((np.ones(keep.sum()), (rows[keep], cols[keep])), shape=(len(ids), teacher.vocab_size))
         transformer = TfidfTransformer()
         features = transformer.fit_transform(counts)
-        classifier = LogisticRegression(C=10.0, max_iter=2000).fit(features, labels.numpy())
         with torch.no_grad():
             teacher.idf.copy_(torch.from_numpy(transformer.idf_).float())
-            coef = torch.from_numpy(classifier.coef_).float()
-            bias = torch.from_numpy(classifier.intercept_).float()
-            if coef.shape[0] == 1:  # scikit-learn's binary form: one row for class 1
-                coef, bias = torch.cat([-coef / 2, coef / 2]), torch.cat([-bias / 2, bias / 2])
-            teacher.linear.weight.copy_(coef)
-            teacher.linear.bias.copy_(bias)
+        fit_linear(teacher.linear, features, labels.numpy(), seed=self.seed)
 
     # --- students ---
 
@@ -383,3 +361,21 @@ class TextTask:
         target = folder / "student"
         student.save_pretrained(target)
         self.tokenizer.save_pretrained(target)
+
+
+def fit_linear(linear: nn.Linear, features, labels: np.ndarray, *, seed: int) -> None:
+    """Fit `linear` as scikit-learn's LogisticRegressionCV does on (features, labels)."""
+    from sklearn.linear_model import LogisticRegressionCV
+
+    folds = max(2, min(3, int(np.bincount(labels).min())))
+    classifier = LogisticRegressionCV(Cs=[0.01, 0.1, 1.0, 10.0], cv=folds, max_iter=2000, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # scikit-learn announcing changed defaults
+        classifier.fit(features, labels)
+    coef = torch.from_numpy(classifier.coef_).float()
+    bias = torch.from_numpy(classifier.intercept_).float()
+    if coef.shape[0] == 1:  # scikit-learn's binary form: one row, for class 1
+        coef, bias = torch.cat([-coef / 2, coef / 2]), torch.cat([-bias / 2, bias / 2])
+    with torch.no_grad():
+        linear.weight.copy_(coef)
+        linear.bias.copy_(bias)
