@@ -60,11 +60,12 @@ def settings_for(include_logits: bool, epsilons: list[str]) -> list[tuple[str, s
     return settings
 
 
-def rows_for(overrides: list[str], cache: str, args: argparse.Namespace, on_row: Callable[[list[dict]], None]) -> list[dict]:
-    """Every row, each a mean over `args.seeds` seeds; `on_row` sees the rows so far after each one."""
+def rows_for(settings: list[tuple[str, str, list[str]]], overrides: list[str], cache: str, args: argparse.Namespace,
+             on_row: Callable[[list[dict]], None]) -> list[dict]:
+    """Every row of `settings`, each a mean over `args.seeds` seeds; `on_row` sees the rows so far after each one."""
     rows = []
     seeds, baseline_epochs = args.seeds, args.baseline_epochs
-    for name, eps, extra in settings_for(not args.weights_only, args.epsilons):
+    for name, eps, extra in settings:
         if args.only and not any(name.startswith(prefix) for prefix in args.only):
             continue
         scores, wires = [], []
@@ -81,7 +82,7 @@ def rows_for(overrides: list[str], cache: str, args: argparse.Namespace, on_row:
                 scores.append(score)
                 wires.append(wire["bytes_up_per_site_round"])
         rows.append(_row(name, eps, scores, statistics.mean(wires) if wires else None))
-        print(f"  {name:38s} eps {eps:6s} accuracy {rows[-1]['accuracy']:.3f} +- {rows[-1]['accuracy_std']:.3f}", flush=True)
+        print(f"  {name:44s} eps {eps:6s} accuracy {rows[-1]['accuracy']:.3f} +- {rows[-1]['accuracy_std']:.3f}", flush=True)
         on_row(rows)
     return rows
 
@@ -167,7 +168,7 @@ def main() -> None:
             result["rows"] = rows
         out.write_text(json.dumps(result, indent=2))
 
-    rows = rows_for(args.overrides, cache, args, save)
+    rows = rows_for(settings_for(not args.weights_only, args.epsilons), args.overrides, cache, args, save)
     print_table(rows)
     steps = step_time_ratio(args.overrides, cache)
     result["step_time"] = steps

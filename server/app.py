@@ -15,11 +15,11 @@ from flwr.serverapp import Grid, ServerApp
 from common import payload as P
 from common.config import Config, ConfigError, load_config
 from common.evaluation import Evaluator
-from common.models.inference import quantize_int8
+from common.models.inference import describe, quantize_int8
 from common.tasks import build_task
 from server import rundir as R
 from server.exchange import build_exchange
-from server.report import PrivacyView, describe, mean, privacy_report, progress_line, released_items, round_record
+from server.report import PrivacyView, mean, privacy_report, progress_line, released_items, round_record
 from server.strategy import FAILED, INVALID, DistillStrategy, ParticipationPlan, RoundOutcome
 
 app = ServerApp()

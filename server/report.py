@@ -5,17 +5,11 @@ from __future__ import annotations
 import math
 import time
 
-import torch
 
 from common import payload as P
 from common.config import Config
 from common.evaluation import Evaluation
-from common.models.inference import count_params, latency_ms, size_bytes
 from server.strategy import FAILED, INVALID, REFUSED, TRAINED, RoundOutcome
-
-def describe(model: torch.nn.Module, example: torch.Tensor) -> dict:
-    return {"params": count_params(model), "size_bytes": size_bytes(model), "latency_ms": latency_ms(model, example)}
-
 
 GUARANTEE = (
     "Each site's records are protected by record-level (epsilon, delta) differential privacy under the "

@@ -60,3 +60,8 @@ def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 200) -> f
     times.sort()
     return 1000 * times[len(times) // 2]
 
+
+
+def describe(model: nn.Module, example: torch.Tensor) -> dict:
+    """Parameters, size on disk and single-sample latency (ms) of `model` on `example[:1]`."""
+    return {"params": count_params(model), "size_bytes": size_bytes(model), "latency_ms": latency_ms(model, example)}
