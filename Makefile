@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # CPU build of torch; a GPU user installs their own torch into .venv first (see README).
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench bench-text install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ test: install
 
 bench: install
 	$(BIN)/python -m bench.run_bench
+
+bench-text: install
+	$(BIN)/python -m bench.text_bench
 
 clean:
 	rm -rf $(VENV) outputs

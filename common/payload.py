@@ -96,14 +96,26 @@ def reply_items(content: RecordDict) -> set[str]:
     return items
 
 
+def frozen_names(model: nn.Module) -> set[str]:
+    """Parameters that never train (e.g. a text student's projected teacher embeddings): every
+    site builds them identically, so they never travel."""
+    return {name for name, p in model.named_parameters() if not p.requires_grad}
+
+
 def model_to_record(model: nn.Module) -> ArrayRecord:
-    return ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    frozen = frozen_names(model)
+    return ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items() if k not in frozen})
 
 
 def load_record(model: nn.Module, record: ArrayRecord) -> None:
-    """Load `record` into `model`, refusing missing, unexpected or mis-shaped tensors."""
+    """Load `record` into `model`, refusing missing, unexpected or mis-shaped tensors (frozen
+    parameters are not expected: they stay as built)."""
     state = record.to_torch_state_dict()
-    model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
+    frozen = frozen_names(model)
+    missing, unexpected = model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)
+    if set(missing) != frozen or unexpected or frozen & set(state):
+        raise RuntimeError(f"the record does not fit the model: missing {sorted(set(missing) - frozen)}, "
+                           f"unexpected {sorted(set(unexpected) | (frozen & set(state)))}")
 
 
 def record_bytes(record: ArrayRecord) -> int:

@@ -169,3 +169,22 @@ def test_image_tasks_refuse_text_only_distillation_terms():
         load_config(["task=digits", "distill.feature_weight=1"])
     with pytest.raises(ConfigError, match="student=transformer or student=bag"):
         load_config(["task=text", "task.data.path=/x", "student=mlp"])
+
+
+def test_frozen_embeddings_never_travel_and_records_must_fit(text_overrides):
+    from flwr.app import Array
+
+    from common import payload as P
+
+    config = load_config(text_overrides)
+    task = build_task(config)
+    sender, receiver = task.student(config.student), task.student(config.student)
+    record = P.model_to_record(sender)
+    assert "token_embedding.weight" not in record and "classifier.weight" in record
+    P.load_record(receiver, record)
+    assert torch.equal(receiver.classifier.weight, sender.classifier.weight)
+    assert torch.equal(receiver.token_embedding.weight, sender.token_embedding.weight)  # built the same way
+    full = P.model_to_record(sender)
+    full["token_embedding.weight"] = Array(sender.token_embedding.weight.detach().numpy())
+    with pytest.raises(RuntimeError, match="unexpected"):
+        P.load_record(receiver, full)
