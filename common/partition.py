@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from common.config import SplitConfig
+from common.config import SplitConfig, TaskConfig
 
 PARTS = ("teacher", "public", "test", "private")
 
@@ -17,6 +17,13 @@ def split_parts(n: int, split: SplitConfig, seed: int) -> dict[str, np.ndarray]:
     order = np.random.default_rng(seed).permutation(n)
     sizes = [int(round(f * n)) for f in (split.teacher, split.public, split.test)]
     return dict(zip(PARTS, np.split(order, np.cumsum(sizes))))
+
+
+def partition_description(config: TaskConfig, seed: int, num_sites: int) -> str:
+    """What a ledger keys a simulated site's share on, beside the data set: the whole cut."""
+    split = config.split
+    return (f"seed {seed}, split teacher {split.teacher} / public {split.public} / test {split.test}, "
+            f"{num_sites} sites, dirichlet_alpha {config.dirichlet_alpha}")
 
 
 def site_share(private: TensorDataset, site: int, num_sites: int, *, alpha: float, seed: int) -> TensorDataset:

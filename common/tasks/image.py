@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from common.config import Config, ConfigError, DistillConfig, StudentConfig
 from common.losses import LOGITS, DistillationObjective
 from common.models.image import StudentMLP, TeacherCNN
-from common.partition import site_share, split_parts
+from common.partition import partition_description, site_share, split_parts
 from common.storage import atomic_write, save_model, write_json
 
 log = logging.getLogger(__name__)
@@ -86,12 +86,7 @@ class ImageTask:
         return site_share(self._parts["private"], site, num_sites, alpha=self.config.dirichlet_alpha, seed=self.seed)
 
     def partition_identity(self, num_sites: int) -> tuple[str, str]:
-        split = self.config.split
-        return (
-            f"{self.config.source} {self._source_digest[:16]}",
-            f"seed {self.seed}, split teacher {split.teacher} / public {split.public} / test {split.test}, "
-            f"{num_sites} sites, dirichlet_alpha {self.config.dirichlet_alpha}",
-        )
+        return f"{self.config.source} {self._source_digest[:16]}", partition_description(self.config, self.seed, num_sites)
 
     def load_private(self, path: Path) -> TensorDataset:
         fix = f"give a .npz file with `images` [N, {self.input_shape[1]}, {self.input_shape[2]}] in [0, 1] and integer `labels` [N] in [0, {self.num_classes})"

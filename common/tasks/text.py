@@ -29,7 +29,7 @@ from common.config import Config, ConfigError, DistillConfig, StudentConfig
 from common.losses import ATTENTION, FEATURES, LOGITS, DistillationObjective
 from common.models.encoder import EncoderConfig, StudentEncoder, project_embeddings
 from common.models.text_teacher import EncoderTeacher, TeacherEnsemble, TfidfTeacher, sentence_embeddings
-from common.partition import site_share, split_parts
+from common.partition import partition_description, site_share, split_parts
 from common.storage import save_tensors
 from common.tasks.text_files import DataFileError, encode_labels, label_names, read_texts
 
@@ -159,12 +159,7 @@ class TextTask:
         return site_share(self._parts["private"], site, num_sites, alpha=self.config.dirichlet_alpha, seed=self.seed)
 
     def partition_identity(self, num_sites: int) -> tuple[str, str]:
-        split = self.config.split
-        return (
-            f"texts {self._source_digest[:16]}",
-            f"seed {self.seed}, split teacher {split.teacher} / public {split.public} / test {split.test}, "
-            f"{num_sites} sites, dirichlet_alpha {self.config.dirichlet_alpha}",
-        )
+        return f"texts {self._source_digest[:16]}", partition_description(self.config, self.seed, num_sites)
 
     def load_private(self, path: Path) -> TensorDataset:
         records = self._read(path)
