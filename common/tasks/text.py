@@ -64,6 +64,7 @@ class TextTask:
         self._teacher: nn.Module | None = None
         self._members: dict[str, nn.Module] = {}
         self._projected: dict[int, torch.Tensor] = {}
+        self._whole_file: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}  # the data file's encoder outputs
 
     # --- the teacher's encoder and tokenizer, loaded once from a local folder ---
 
@@ -223,7 +224,10 @@ class TextTask:
         rows = [index.get(row.tobytes()) for row in inputs.numpy()]
         if any(r is None for r in rows):
             return None
-        whole = self._encoded(ids, layers)
+        key = tuple(layers)
+        if key not in self._whole_file:  # one disk read per process, not one per site
+            self._whole_file[key] = self._encoded(ids, layers)
+        whole = self._whole_file[key]
         take = torch.tensor(rows, dtype=torch.long)
         return {k: v[take] for k, v in whole.items()}
 
@@ -231,9 +235,12 @@ class TextTask:
     def _row_index(self) -> dict[bytes, int]:
         return {row.tobytes(): i for i, row in enumerate(self._source[0].numpy())}
 
+    def _encoder_outputs(self, inputs: torch.Tensor, layers: list[int]) -> dict[str, torch.Tensor]:
+        return self._targets_from_source(inputs, layers) or self._encoded(inputs, layers)
+
     def teacher_targets(self, inputs: torch.Tensor, kinds: tuple[str, ...]) -> dict[str, torch.Tensor]:
         layers = self.teacher_layers if ATTENTION in kinds else []
-        encoded = self._targets_from_source(inputs, layers) or self._encoded(inputs, layers)
+        encoded = self._encoder_outputs(inputs, layers)
         targets = {LOGITS: self._logits(inputs, encoded[FEATURES])}
         if FEATURES in kinds:
             targets[FEATURES] = encoded[FEATURES]
@@ -302,8 +309,7 @@ class TextTask:
         return TeacherEnsemble(members, weights)
 
     def _embeddings(self, ids: torch.Tensor) -> torch.Tensor:
-        encoded = self._targets_from_source(ids, []) or self._encoded(ids, [])
-        return encoded[FEATURES]
+        return self._encoder_outputs(ids, [])[FEATURES]
 
     def _fit_head(self, head: nn.Linear, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         """A logistic regression on the frozen sentence embeddings, its regularisation chosen by
