@@ -64,7 +64,7 @@ def rows_for(settings: list[tuple[str, str, list[str]]], overrides: list[str], c
              on_row: Callable[[list[dict]], None]) -> list[dict]:
     """Every row of `settings`, each a mean over `args.seeds` seeds; `on_row` sees the rows so far after each one."""
     rows = []
-    seeds, baseline_epochs = args.seeds, args.baseline_epochs
+    seeds = args.seeds
     for name, eps, extra in settings:
         if args.only and not any(name.startswith(prefix) for prefix in args.only):
             continue
@@ -74,9 +74,9 @@ def rows_for(settings: list[tuple[str, str, list[str]]], overrides: list[str], c
             if name == "teacher":
                 scores.append(evaluator(task_of(config)).teacher)
             elif name.startswith("public"):
-                scores.append(public_only(config, baseline_epochs))
+                scores.append(public_only(config, args.public_epochs))
             elif name.startswith("centralized"):
-                scores.append(centralized(config, baseline_epochs))
+                scores.append(centralized(config, args.baseline_epochs))
             else:
                 score, wire = federate(config, weight_by_count=name == COUNT_WEIGHTED)
                 scores.append(score)
@@ -146,7 +146,8 @@ def print_table(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--baseline-epochs", type=int, default=30, help="epochs for the public-only and centralized students")
+    parser.add_argument("--baseline-epochs", type=int, default=30, help="epochs for the centralized student")
+    parser.add_argument("--public-epochs", type=int, default=30, help="epochs for the public-only student")
     parser.add_argument("--skip-simulation", action="store_true", help="do not time a real Flower simulation")
     parser.add_argument("--weights-only", action="store_true", help="leave out the logits-exchange rows")
     parser.add_argument("--only", action="append", default=[], metavar="PREFIX",

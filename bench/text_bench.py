@@ -30,30 +30,39 @@ AGNEWS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "ag
 EPSILONS = ["1", "3", "8"]
 TEACHER = "DP federation, with teacher"
 HARD = "hard labels only (no teacher)"
+# Attention transfer needs a student with attention maps: the transformer, not the default
+# bag of embeddings; it is compared with hard labels on that same student.
+TRANSFORMER = ["student=transformer"]
+HARD_TRANSFORMER = "hard labels only, transformer student"
 TECHNIQUES = {
-    "with feature distillation": ["distill.feature_weight=1"],
-    "with attention transfer": ["distill.attention_weight=1"],
-    "with two teachers (MiniLM + TF-IDF)": ["task.teacher.ensemble.tfidf=1"],
+    "with feature distillation": (["distill.feature_weight=1"], HARD),
+    "with two teachers (MiniLM + TF-IDF)": (["task.teacher.ensemble.tfidf=1"], HARD),
+    "with attention transfer, transformer student": ([*TRANSFORMER, "distill.attention_weight=1"], HARD_TRANSFORMER),
 }
 PUBLIC = "public texts only (no sites)"
 
 
 def text_settings(epsilons: list[str]) -> list[tuple[str, str, list[str]]]:
     levels = [(eps, [f"privacy.epsilon={eps}"]) for eps in epsilons] + [("no DP", ["privacy=none"])]
+    federations = [(TEACHER, []), (HARD, ["distill.alpha=0"]), (HARD_TRANSFORMER, [*TRANSFORMER, "distill.alpha=0"])]
+    federations += [(name, extra) for name, (extra, _) in TECHNIQUES.items()]
     settings: list[tuple[str, str, list[str]]] = [("teacher", "-", []), (PUBLIC, "-", [])]
-    for name, extra in ((TEACHER, []), (HARD, ["distill.alpha=0"]), *TECHNIQUES.items()):
+    for name, extra in federations:
         settings += [(name, eps, extra + privacy) for eps, privacy in levels]
     settings.append(("centralized, all private data", "no DP", []))
     return settings
 
 
 def costs(overrides: list[str], cache: str) -> dict:
-    """Teacher and default student: parameters, size on disk, single-sample latency on one thread."""
+    """Teacher and both students: parameters, size on disk, single-sample latency on one thread."""
     config = compose([*overrides, "seed=0"], cache)
     task = task_of(config)
     example = task.test_data().tensors[0]
     torch.manual_seed(0)
-    return {"teacher": describe(task.teacher(), example), "student": describe(task.student(config.student), example)}
+    transformer = compose([*overrides, *TRANSFORMER, "seed=0"], cache).student
+    return {"teacher": describe(task.teacher(), example),
+            f"student ({config.student.arch})": describe(task.student(config.student), example),
+            "student (transformer)": describe(task.student(transformer), example)}
 
 
 def targets(rows: list[dict], cost: dict) -> list[dict]:
@@ -62,10 +71,13 @@ def targets(rows: list[dict], cost: dict) -> list[dict]:
         return next((r for r in rows if r["setting"] == name and r["epsilon"] == eps), None)
 
     checks = []
-    t, s = cost["teacher"], cost["student"]
-    checks.append(("student parameters <= teacher / 5", s["params"], t["params"] / 5, t["params"] / 5 - s["params"]))
-    speedup = t["latency_ms"] / s["latency_ms"]
-    checks.append(("student >= 5x faster per sample, 1 thread", speedup, 5.0, speedup - 5.0))
+    teacher_cost = cost["teacher"]
+    for name, student in cost.items():
+        if name != "teacher":
+            bar = teacher_cost["params"] / 5
+            checks.append((f"{name} parameters <= teacher / 5", student["params"], bar, bar - student["params"]))
+            speedup = teacher_cost["latency_ms"] / student["latency_ms"]
+            checks.append((f"{name} >= 5x faster per sample, 1 thread", speedup, 5.0, speedup - 5.0))
     teacher, eps8, eps3, public = row("teacher", "-"), row(TEACHER, "8"), row(TEACHER, "3"), row(PUBLIC, "-")
     if teacher and eps8:
         checks.append(("epsilon 8 keeps >= 90% of teacher accuracy", eps8["accuracy"], 0.9 * teacher["accuracy"],
@@ -75,9 +87,10 @@ def targets(rows: list[dict], cost: dict) -> list[dict]:
         checks.append(("epsilon 3 beats public-only by > spread", eps3["accuracy"] - public["accuracy"], spread,
                        eps3["accuracy"] - public["accuracy"] - spread))
     best = None
-    for name in TECHNIQUES:
-        for eps in EPSILONS:
-            technique, hard = row(name, eps), row(HARD, eps)
+    dp_levels = sorted({r["epsilon"] for r in rows if r["epsilon"] not in ("-", "no DP")}, key=float)
+    for name, (_, reference) in TECHNIQUES.items():
+        for eps in dp_levels:
+            technique, hard = row(name, eps), row(reference, eps)
             if technique and hard:
                 gain = technique["accuracy"] - hard["accuracy"] - max(technique["accuracy_std"], hard["accuracy_std"])
                 if best is None or gain > best[3]:
@@ -91,7 +104,11 @@ def targets(rows: list[dict], cost: dict) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--baseline-epochs", type=int, default=30, help="epochs for the public-only and centralized students")
+    parser.add_argument("--baseline-epochs", type=int, default=30, help="epochs for the centralized student")
+    # 100 public texts are less than two batches, so an epoch is one step: 300 epochs give the
+    # public-only student as many steps as each site takes in the federation (10 x 30), near
+    # its best (30 epochs: 0.61, 100: 0.79, 300: 0.80, 1000: 0.77 on seed 0)
+    parser.add_argument("--public-epochs", type=int, default=300, help="epochs for the public-only student")
     parser.add_argument("--only", action="append", default=[], metavar="PREFIX",
                         help="run only the rows whose setting starts with PREFIX (repeatable)")
     parser.add_argument("--epsilons", nargs="+", default=EPSILONS, help="the DP budgets of the DP rows")

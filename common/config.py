@@ -345,7 +345,8 @@ class Config:
             _require(arch in ("transformer", "bag"),
                      f"task=text trains a text student: student=transformer or student=bag, got student.arch={arch!r}")
             _require(arch == "transformer" or distill.attention_weight == 0,
-                     "distill.attention_weight needs student=transformer: the bag-of-embeddings student has no attention")
+                     f"distill.attention_weight={distill.attention_weight} needs attention maps, which the {arch!r} student "
+                     "lacks: add student=transformer")
 
     @property
     def cache_path(self) -> Path:
@@ -386,8 +387,9 @@ def _explain(err: Exception, overrides: list[str]) -> str:
         return f"{message} (overrides: {' '.join(overrides)})"
     key = unknown.group(1)
     parent, _, _ = key.rpartition(".")
+    others = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]  # e.g. task=text picks the student
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        defaults = compose(config_name="config")
+        defaults = compose(config_name="config", overrides=others)
     node = OmegaConf.select(defaults, parent) if parent else defaults
     known = sorted(node.keys()) if isinstance(node, DictConfig) else []
     return f"{key} is not a config key; the keys{' of ' + parent if parent else ''} are: {', '.join(known)}"

@@ -96,5 +96,5 @@ def text_data(tmp_path_factory) -> Path:
 def text_overrides(tiny_text_teacher, text_data, tmp_path, cache_dir) -> list[str]:
     """task=text on the tiny teacher and data, shrunk to run in seconds."""
     return ["task=text", f"task.data.path={text_data}", f"task.teacher.path={tiny_text_teacher}",
-            "task.data.max_length=16", "task.split.public=0.1", "student.dim=16", "student.heads=2", "student.ff=32",
+            "task.data.max_length=16", "task.split.public=0.1", "student.dim=16", "student.ff=32",
             "sites=2", "rounds=2", "distill.feature_weight=1.0", f"run_dir={tmp_path / 'run'}", f"cache_dir={cache_dir}"]

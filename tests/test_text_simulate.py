@@ -31,8 +31,8 @@ def simulate(run_dir, overrides):
 
 
 @pytest.mark.parametrize("exchange", [
-    ["exchange=weights"],
-    ["exchange=logits", "exchange.broadcast=logits", "exchange.compression=float16",
+    ["exchange=weights"],  # the default student, a bag of embeddings
+    ["exchange=logits", "exchange.broadcast=logits", "student=transformer", "exchange.compression=float16",
      "exchange.site_students=[{dim: 16}, {dim: 8, ff: 16}]"],
 ], ids=["weights", "logits-per-site-students"])
 def test_text_federation_runs_two_rounds_and_exports_a_student_that_classifies(text_overrides, tmp_path, exchange):

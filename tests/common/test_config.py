@@ -41,6 +41,11 @@ def test_bad_values_are_refused_with_a_message_naming_them(override, message):
         load_config([override])
 
 
+def test_an_unknown_key_lists_the_keys_of_the_group_the_overrides_chose():
+    with pytest.raises(ConfigError, match="student.heads is not a config key; the keys of student are: arch, dim, ff"):
+        load_config(["task=text", "student.heads=2"])  # task=text picks the bag student, which has no heads
+
+
 def test_no_dp_must_be_asked_for_explicitly():
     config = load_config(["privacy=none"])
     assert not config.privacy.enabled

@@ -17,7 +17,7 @@ from common.tasks.text_files import DataFileError
 
 @pytest.fixture
 def text_task(text_overrides):
-    return build_task(load_config(text_overrides + ["distill.attention_weight=1.0"]))
+    return build_task(load_config(text_overrides + ["student=transformer", "distill.attention_weight=1.0"]))
 
 
 def test_text_task_splits_the_file_and_every_site_gets_a_share(text_task):
@@ -69,8 +69,10 @@ def test_two_teachers_blend_probabilities(text_overrides):
     assert (tfidf.argmax(-1) == labels).float().mean() > 0.8  # the TF-IDF regression learned the topics too
 
 
-def test_opacus_per_sample_gradients_of_the_student_match_torch_func(text_overrides):
-    config = load_config(text_overrides + ["distill.attention_weight=1.0"])
+@pytest.mark.parametrize("student", [["student=transformer", "distill.attention_weight=1.0"], ["student=bag"]],
+                         ids=["transformer", "bag"])
+def test_opacus_per_sample_gradients_of_the_student_match_torch_func(text_overrides, student):
+    config = load_config(text_overrides + student)
     task = build_task(config)
     objective = task.objective(config.distill)
     torch.manual_seed(0)
