@@ -88,7 +88,8 @@ def targets(rows: list[dict], cost: dict) -> list[dict]:
                        eps3["accuracy"] - public["accuracy"] - spread))
     best = None
     dp_levels = sorted({r["epsilon"] for r in rows if r["epsilon"] not in ("-", "no DP")}, key=float)
-    for name, (_, reference) in TECHNIQUES.items():
+    compared = {TEACHER: HARD} | {name: reference for name, (_, reference) in TECHNIQUES.items()}  # soft labels too
+    for name, reference in compared.items():
         for eps in dp_levels:
             technique, hard = row(name, eps), row(reference, eps)
             if technique and hard:
