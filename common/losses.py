@@ -115,3 +115,73 @@ class DistillationObjective(nn.Module):
             chosen = [outputs.attentions[i] for i in self.student_layers]
             loss = loss + self.attention_weight * self.attention(chosen, targets[ATTENTION], inputs != student.config.pad_id)
         return loss
+
+
+TOPK_LOGPROBS, TOPK_IDS = "topk_logprobs", "topk_ids"
+
+
+class TokenDistillLoss(nn.Module):
+    """Token-level KD over the teacher's top-k next-token distribution, blended with
+    next-token cross-entropy, masked on padding.
+
+    Per next-token position: alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(q, y), where p_T
+    is the teacher's top-k at temperature T renormalised over those of its k tokens that
+    are in the student's output vocabulary, and q_T the student's softmax at temperature T
+    over that vocabulary. A record's loss is the mean over its positions with a next token;
+    the batch's is the mean over records (so Opacus's per-sample gradients are exact).
+
+    Shapes: student_logits [B, T, V_out]; labels [B, T] (the next token's output id, -100
+    where there is none); topk_logprobs [B, T, k] (the teacher's log-probs); topk_ids
+    [B, T, k] (their output ids, -1 outside the output vocabulary) -> scalar.
+    """
+
+    def __init__(self, *, temperature: float, alpha: float):
+        super().__init__()
+        self.temperature = temperature
+        self.alpha = alpha
+
+    def forward(self, student_logits: torch.Tensor, labels: torch.Tensor, topk_logprobs: torch.Tensor,
+                topk_ids: torch.Tensor) -> torch.Tensor:
+        t = self.temperature
+        positions = (labels != -100).to(student_logits.dtype)  # [B, T]
+        student_log_probs = F.log_softmax(student_logits / t, dim=-1)
+        kept = topk_ids >= 0
+        teacher = (topk_logprobs.to(student_logits.dtype) / t).masked_fill(~kept, float("-inf"))
+        teacher = teacher.log_softmax(dim=-1).masked_fill(~kept, 0.0)  # log p_T over the kept tokens
+        at_teacher_tokens = student_log_probs.gather(-1, topk_ids.clamp(min=0))  # log q_T at those tokens
+        per_token_kl = (teacher.exp() * (teacher - at_teacher_tokens)).masked_fill(~kept, 0.0).sum(-1)  # [B, T]
+        if self.alpha < 1.0:
+            per_token_ce = F.cross_entropy(student_logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+        else:
+            per_token_ce = torch.zeros_like(per_token_kl)
+        per_token = self.alpha * t * t * per_token_kl + (1.0 - self.alpha) * per_token_ce
+        per_record = (per_token * positions).sum(-1) / positions.sum(-1).clamp(min=1.0)
+        return per_record.mean()
+
+
+class TokenDistillObjective(nn.Module):
+    """The local training loss of causal-LM tasks: `TokenDistillLoss` on one forward.
+
+    Called as objective(student, inputs, labels, targets) with inputs the token ids [B, T]
+    (padding where labels are -100 at the previous position) and labels the next tokens'
+    output ids [B, T].
+    """
+
+    target_kinds = (TOPK_LOGPROBS, TOPK_IDS)
+
+    def __init__(self, config: DistillConfig):
+        super().__init__()
+        self.tokens = TokenDistillLoss(temperature=config.temperature, alpha=config.alpha)
+
+    def forward(self, student: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+                targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = student(inputs, attention_mask=attention_mask(labels))
+        return self.tokens(logits, labels, targets[TOPK_LOGPROBS], targets[TOPK_IDS])
+
+
+def attention_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Real tokens of a right-padded record [B, T] from its next-token labels: token i is real if it
+    predicts something (labels[i] != -100) or follows one that did (the record's last token)."""
+    predicts = labels != -100
+    follows = torch.nn.functional.pad(predicts[:, :-1], (1, 0), value=True)
+    return (predicts | follows).long()
