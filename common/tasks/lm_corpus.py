@@ -1,0 +1,115 @@
+"""Corpora of code or text files for causal-LM tasks, cut into records of a fixed token length.
+
+A corpus is a list of entries, each a folder (its files with the configured suffixes,
+recursively), a glob, or `stdlib:<package>`: a package of this Python's own standard
+library, which makes a corpus that is on every machine and needs no download. A record
+holds tokens of one file only: a file's last record is padded, never continued with the
+next file.
+"""
+
+from __future__ import annotations
+
+import glob
+import random
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.config import ConfigError
+
+STDLIB = "stdlib:"
+
+
+class CorpusError(ConfigError):
+    """A corpus entry or file that cannot be used, with the fix."""
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def corpus_files(entries: list[str], suffixes: tuple[str, ...], *, what: str) -> list[Path]:
+    """The files of `entries` (folders, globs, stdlib:package), sorted and without repeats."""
+    files: set[Path] = set()
+    for entry in entries:
+        found = _entry_files(entry, suffixes)
+        if not found:
+            raise CorpusError(f"{what}: {entry!r} matches no file with suffix {' '.join(suffixes)}: give a folder, a glob "
+                              f"such as /src/**/*.py, or {STDLIB}<package> (a package of Python's standard library)")
+        files.update(found)
+    return sorted(files)
+
+
+def _entry_files(entry: str, suffixes: tuple[str, ...]) -> list[Path]:
+    if entry.startswith(STDLIB):
+        root = stdlib_root() / entry[len(STDLIB):].replace(".", "/")
+        return _folder_files(root, suffixes) if root.is_dir() else []
+    path = Path(entry).expanduser()
+    if path.is_dir():
+        return _folder_files(path, suffixes)
+    if path.is_file():
+        return [path.resolve()]
+    return [Path(p).resolve() for p in glob.glob(str(path), recursive=True) if Path(p).is_file()]
+
+
+def _folder_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    return [p.resolve() for p in folder.rglob("*") if p.is_file() and p.suffix in suffixes and "__pycache__" not in p.parts]
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CorpusError(f"{path} is not UTF-8 text (byte {err.start}): convert it (iconv -t utf-8) or leave it out "
+                          "of the corpus") from None
+    except OSError as err:
+        raise CorpusError(f"{path} cannot be read ({err.strerror}): check the path and its permissions") from None
+
+
+def held_out(files: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
+    """(training files, held-out files): a seeded `fraction` of whole files, at least one, kept for evaluation."""
+    if len(files) < 2:
+        raise CorpusError(f"a site's corpus needs at least 2 files to hold one out for evaluation, got {len(files)}: "
+                          f"{', '.join(map(str, files))}")
+    shuffled = sorted(files)
+    random.Random(seed).shuffle(shuffled)
+    count = min(len(files) - 1, max(1, round(fraction * len(files))))
+    return sorted(shuffled[count:]), sorted(shuffled[:count])
+
+
+@dataclass(frozen=True)
+class Records:
+    """Token records of one corpus: ids [N, L] right-padded, and the file each came from."""
+
+    ids: torch.Tensor
+    lengths: torch.Tensor  # [N] real tokens per record
+    files: list[Path]      # one per record
+
+    @property
+    def tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+def cut_records(files: list[Path], tokenize, length: int, pad_id: int, *, min_tokens: int = 2,
+                max_records: int | None = None) -> Records:
+    """Each file's tokens (`tokenize(text) -> list[int]`) cut into records of `length` tokens;
+    a file's last, shorter record is padded (kept if it has `min_tokens`, enough for one
+    next-token prediction). `max_records` keeps the first records in file order."""
+    rows, lengths, sources = [], [], []
+    for path in files:
+        tokens = tokenize(read_text(path))
+        for start in range(0, len(tokens), length):
+            chunk = tokens[start:start + length]
+            if len(chunk) < min_tokens:
+                continue
+            rows.append(chunk + [pad_id] * (length - len(chunk)))
+            lengths.append(len(chunk))
+            sources.append(path)
+            if max_records is not None and len(rows) == max_records:
+                return Records(torch.tensor(rows, dtype=torch.long), torch.tensor(lengths), sources)
+    if not rows:
+        raise CorpusError(f"no record of at least {min_tokens} tokens in {len(files)} file(s) "
+                          f"({', '.join(str(p) for p in files[:3])}{'...' if len(files) > 3 else ''}): the files are empty")
+    return Records(torch.tensor(rows, dtype=torch.long), torch.tensor(lengths), sources)
