@@ -22,7 +22,7 @@ from client.app import load_site, train_round
 from client.dp_train import distill_locally, plan_round
 from common.config import Config, load_config
 from common.policy import SitePolicy, policy_from
-from common.evaluation import Evaluation, Evaluator
+from common.evaluation import Evaluator, Scores
 from common.tasks import Task, build_task
 from common.losses import LOGITS
 from server.exchange import build_exchange
@@ -43,7 +43,7 @@ def site_policy_for(config: Config) -> SitePolicy:
     return policy_from(values)
 
 
-def federate(config: Config, *, weight_by_count: bool = False) -> tuple[Evaluation, dict]:
+def federate(config: Config, *, weight_by_count: bool = False) -> tuple[Scores, dict]:
     """Run `config.rounds` rounds in-process; returns the final evaluation and what crossed the wire.
 
     `weight_by_count` combines sites in proportion to their record counts, which no site
@@ -84,7 +84,7 @@ def federate(config: Config, *, weight_by_count: bool = False) -> tuple[Evaluati
 
 @functools.lru_cache(maxsize=8)
 def evaluator(task: Task) -> Evaluator:
-    return Evaluator(task)
+    return task.evaluator()
 
 
 @functools.lru_cache(maxsize=8)
@@ -98,7 +98,7 @@ def task_of(config: Config) -> Task:
     return _task(task_overrides, config.seed, str(config.cache_path))
 
 
-def distill_non_private(config: Config, inputs: torch.Tensor, labels: torch.Tensor | None, epochs: int) -> Evaluation:
+def distill_non_private(config: Config, inputs: torch.Tensor, labels: torch.Tensor | None, epochs: int) -> Scores:
     """A student distilled from the teacher on `inputs` without DP (labels None: soft targets only)."""
     task = task_of(config)
     distill = config.distill
@@ -119,12 +119,12 @@ def distill_non_private(config: Config, inputs: torch.Tensor, labels: torch.Tens
     return evaluator(task)(student)
 
 
-def public_only(config: Config, epochs: int) -> Evaluation:
+def public_only(config: Config, epochs: int) -> Scores:
     """What the coordinator gets without the sites: distill on the public inputs alone."""
     return distill_non_private(config, task_of(config).public_inputs(), None, epochs)
 
 
-def centralized(config: Config, epochs: int) -> Evaluation:
+def centralized(config: Config, epochs: int) -> Scores:
     """The ceiling: non-private distillation on all sites' private data pooled."""
     task = task_of(config)
     parts = [task.private_data(i, config.sites).tensors for i in range(config.sites)]

@@ -88,8 +88,8 @@ def rows_for(settings: list[tuple[str, str, list[str]]], overrides: list[str], c
 
 
 def _row(name: str, eps: str, scores: list, bytes_up: float | None) -> dict:
-    acc = [s.accuracy for s in scores]
-    agree = [s.agreement for s in scores]
+    acc = [s["accuracy"] for s in scores]
+    agree = [s["agreement"] for s in scores]
     return {
         "setting": name,
         "epsilon": eps,

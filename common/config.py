@@ -58,6 +58,7 @@ class SplitConfig:
 
 IMAGE_SOURCES = ("mnist", "digits")
 TEXT_SOURCE = "text"
+LM_SOURCE = "lm"
 TEXT_TEACHERS = ("encoder", "tfidf")
 DATA_FORMATS = ("auto", "csv", "tsv", "jsonl")
 
@@ -74,6 +75,8 @@ class TeacherConfig:
     path: str | None = None
     # text: the teachers whose soft labels are blended, with their weights (encoder, tfidf)
     ensemble: dict[str, float] = field(default_factory=lambda: {"encoder": 1.0})
+    # lm: the teacher's next-token distribution is kept as its top_k tokens per position
+    top_k: int = 16
 
     def validate(self, source: str) -> None:
         _require(self.epochs > 0, f"task.teacher.epochs must be > 0, got {self.epochs}")
@@ -91,6 +94,8 @@ class TeacherConfig:
                                   f"the text teachers are {', '.join(TEXT_TEACHERS)}")
             _require(all(w >= 0 for w in self.ensemble.values()) and sum(self.ensemble.values()) > 0,
                      f"task.teacher.ensemble weights must be >= 0 with a positive sum, got {self.ensemble}")
+        if source == LM_SOURCE:
+            _require(1 <= self.top_k <= 1024, f"task.teacher.top_k must be in [1, 1024], got {self.top_k}")
 
 
 @dataclass
@@ -110,6 +115,27 @@ class TextDataConfig:
 
 
 @dataclass
+class CorpusConfig:
+    """Causal-LM tasks: each entry a folder, a glob, or stdlib:<package> (see common/tasks/lm_corpus.py)."""
+
+    sites: list[list[str]] = field(default_factory=list)  # simulation: site i's private corpus
+    public: list[str] = field(default_factory=list)       # inputs every site and the server may use
+    unseen: dict[str, list[str]] = field(default_factory=dict)  # domains no site holds, for evaluation
+    suffixes: list[str] = field(default_factory=lambda: [".py"])
+    max_length: int = 128          # tokens per record
+    held_out: float = 0.2          # share of each site's files kept for evaluation
+    max_records: int = 0           # > 0: at most this many records per site, public corpus and domain
+
+    def validate(self) -> None:
+        _require(self.max_length >= 4, f"task.corpus.max_length must be >= 4 tokens, got {self.max_length}")
+        _fraction("task.corpus.held_out", self.held_out)
+        _require(self.max_records >= 0, f"task.corpus.max_records must be >= 0 (0: no limit), got {self.max_records}")
+        _require(all(self.sites), f"task.corpus.sites holds an empty corpus: {self.sites}")
+        _require(bool(self.public), "task.corpus.public is empty: the server's warm start and the logits exchange "
+                                    "need a public corpus (folders, globs or stdlib:<package>)")
+
+
+@dataclass
 class TaskConfig:
     name: str
     source: str
@@ -117,6 +143,7 @@ class TaskConfig:
     dirichlet_alpha: float
     teacher: TeacherConfig
     data: TextDataConfig = field(default_factory=TextDataConfig)  # text tasks only
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)    # causal-LM tasks only
 
     def validate(self) -> None:
         self.split.validate()
@@ -132,12 +159,12 @@ class TaskConfig:
                      "file, or a folder of them, with a text and a label column; see task.data in conf/task/text.yaml)")
 
 
-STUDENT_ARCHS = ("mlp", "transformer", "bag")
+STUDENT_ARCHS = ("mlp", "transformer", "bag", "llama")
 
 
 @dataclass
 class StudentConfig:
-    arch: str                 # mlp (image tasks) | transformer | bag (text tasks)
+    arch: str                 # mlp (image tasks) | transformer | bag (text tasks) | llama (lm tasks)
     hidden: list[int] = field(default_factory=list)  # mlp: hidden widths
     dim: int = 128            # text: token embedding width (and the transformer's width)
     layers: int = 2           # transformer blocks
@@ -168,6 +195,7 @@ class DistillConfig:
     feature_weight: float = 0.0    # student's projected pooled state toward the teacher's sentence embedding
     attention_weight: float = 0.0  # student's attention maps toward the teacher's (averaged over heads)
     attention_layers: list[list[int]] = field(default_factory=lambda: [[-1, -1]])  # [student, teacher] block pairs
+    max_physical_batch: int = 0    # > 0: a step's Poisson batch is processed in chunks of this many records
 
     def validate(self) -> None:
         _require(self.feature_weight >= 0, f"distill.feature_weight must be >= 0, got {self.feature_weight}")
@@ -182,6 +210,8 @@ class DistillConfig:
         _require(self.batch_size >= 1, f"distill.batch_size must be >= 1, got {self.batch_size}")
         _require(self.lr > 0, f"distill.lr must be > 0, got {self.lr}")
         _require(0 <= self.momentum < 1, f"distill.momentum must be in [0, 1), got {self.momentum}")
+        _require(self.max_physical_batch >= 0,
+                 f"distill.max_physical_batch must be >= 0 (0: the whole batch at once), got {self.max_physical_batch}")
 
 
 @dataclass
@@ -347,6 +377,11 @@ class Config:
             _require(arch == "transformer" or distill.attention_weight == 0,
                      f"distill.attention_weight={distill.attention_weight} needs attention maps, which the {arch!r} student "
                      "lacks: add student=transformer")
+        if source == LM_SOURCE:
+            _require(arch == "llama", f"task=lm trains a causal LM: student=llama, got student.arch={arch!r}")
+            _require(distill.feature_weight == 0 and distill.attention_weight == 0,
+                     "distill.feature_weight and distill.attention_weight are text-classification terms (task=text)")
+            self.task.corpus.validate()
 
     @property
     def cache_path(self) -> Path:

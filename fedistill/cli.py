@@ -172,10 +172,9 @@ def run_simulation(overrides: list[str], echo: Callable[[str], None] = print) ->
 
 def final_table(summary: dict) -> str:
     models = [summary["teacher"], summary["student"], summary["student_int8"]]
-    rows = [
-        ("", "teacher", "global student", "int8 student"),
-        ("test accuracy", *(f"{m['accuracy']:.3f}" for m in models)),
-        ("agreement with teacher", *(f"{m['agreement']:.3f}" for m in models)),
+    rows = [("", "teacher", "global student", "int8 student")]
+    rows += [(metric["label"], *(f"{m[metric['name']]:.3f}" for m in models)) for metric in summary["metrics"]]
+    rows += [
         ("parameters", *(f"{m['params']:,}" for m in models)),
         ("size on disk", *(_kib(m["size_bytes"]) for m in models)),
         ("CPU latency, 1 sample, 1 thread", *(f"{m['latency_ms']:.3f} ms" for m in models)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from pathlib import Path
@@ -14,7 +15,6 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import payload as P
 from common.config import Config, ConfigError, load_config
-from common.evaluation import Evaluator
 from common.models.inference import describe, quantize_int8
 from common.tasks import build_task
 from server import rundir as R
@@ -42,7 +42,7 @@ def run(grid: Grid, config: Config) -> None:
     run_dir = R.RunDirectory(config.run_dir, config)
     task = build_task(config)
     teacher = task.teacher()
-    evaluator = Evaluator(task)
+    evaluator = task.evaluator()
     torch.manual_seed(config.seed)
     student = task.student(config.student)
     plan = ParticipationPlan(rounds=config.rounds, fraction=config.federation.fraction_train,
@@ -61,18 +61,18 @@ def run(grid: Grid, config: Config) -> None:
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         eval_start = time.perf_counter()
         P.load_record(student, arrays)
-        result = evaluator(student)
+        scores = evaluator(student)
         if server_round > 0:
             outcome = strategy.rounds.get(server_round, RoundOutcome())
             ledger.update(server_round, outcome)
             dropped.update(s.site for s in outcome.sites if s.status in (FAILED, INVALID))
-            record = round_record(server_round, outcome, result, ledger, start)
+            record = round_record(server_round, outcome, scores, ledger, start)
             record["eval_s"] = time.perf_counter() - eval_start
             rounds.append(record)
             run_dir.log_round(record)
             run_dir.save_checkpoint(server_round, student)
-            log(INFO, progress_line(record, config))
-        return MetricRecord({"accuracy": result.accuracy, "loss": result.loss, "agreement": result.agreement})
+            log(INFO, progress_line(record, config, evaluator.metrics))
+        return MetricRecord(scores)
 
     strategy.start(
         grid,
@@ -92,9 +92,10 @@ def run(grid: Grid, config: Config) -> None:
         "sites": config.sites,
         "rounds_planned": config.rounds,
         "rounds_completed": sum(r["sites_trained"] > 0 for r in rounds),
-        "teacher": {**describe(teacher, example), **vars(evaluator.teacher)},
-        "student": {**student_cost, **vars(evaluator(student))},
-        "student_int8": {**describe(int8, example), "params": student_cost["params"], **vars(evaluator(int8))},
+        "metrics": [dataclasses.asdict(m) for m in evaluator.metrics],
+        "teacher": {**describe(teacher, example), **evaluator.teacher},
+        "student": {**student_cost, **evaluator(student)},
+        "student_int8": {**describe(int8, example), "params": student_cost["params"], **evaluator(int8)},
         "privacy": ledger.summary(config),
         "communication": {
             "bytes_up": sum(r["bytes_up"] for r in rounds),
@@ -107,4 +108,4 @@ def run(grid: Grid, config: Config) -> None:
     run_dir.write_json(R.SUMMARY_FILE, summary)
     run_dir.write_json(R.PRIVACY_FILE, summary["privacy"])
     run_dir.write_text(R.PRIVACY_REPORT, privacy_report(summary["privacy"]))
-    run_dir.plot(rounds, teacher_accuracy=evaluator.teacher.accuracy, budgets=ledger.budgets)
+    run_dir.plot(rounds, metrics=evaluator.metrics, teacher=evaluator.teacher, budgets=ledger.budgets)

@@ -8,7 +8,7 @@ import time
 
 from common import payload as P
 from common.config import Config
-from common.evaluation import Evaluation
+from common.evaluation import Metric, Scores
 from server.strategy import FAILED, INVALID, REFUSED, TRAINED, RoundOutcome
 
 GUARANTEE = (
@@ -97,12 +97,10 @@ def _site_order(name: str) -> tuple[int, str]:
     return (int(tail), name) if tail.isdigit() else (1 << 30, name)
 
 
-def round_record(server_round: int, outcome: RoundOutcome, result: Evaluation, ledger: PrivacyView, start: float) -> dict:
+def round_record(server_round: int, outcome: RoundOutcome, scores: Scores, ledger: PrivacyView, start: float) -> dict:
     return {
         "round": server_round,
-        "accuracy": result.accuracy,
-        "loss": result.loss,
-        "agreement": result.agreement,
+        **scores,
         "sites_sampled": outcome.sampled,
         "sites_trained": outcome.count(TRAINED),
         "sites_refused": outcome.count(REFUSED),
@@ -126,7 +124,7 @@ def mean(values: list[float | None]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def progress_line(record: dict, config: Config) -> str:
+def progress_line(record: dict, config: Config, metrics: tuple[Metric, ...]) -> str:
     eps = [e for e in record["epsilon"].values() if e is not None and math.isfinite(e)]
     privacy = f"max eps {max(eps):.2f}/{config.privacy.epsilon:g}" if eps else "no DP"
     refused = f", {record['sites_refused']} refused" if record["sites_refused"] else ""
@@ -134,7 +132,7 @@ def progress_line(record: dict, config: Config) -> str:
     failed = f", {failed} failed" if failed else ""
     return (
         f"{P.PROGRESS_TAG}round {record['round']}/{config.rounds}: {record['sites_trained']} trained{refused}{failed} | "
-        f"accuracy {record['accuracy']:.3f}, agreement {record['agreement']:.3f} | {privacy} | "
+        f"{', '.join(f'{m.name} {record[m.name]:.3f}' for m in metrics[:2])} | {privacy} | "
         f"{record['elapsed_s']:.0f}s"
     )
 

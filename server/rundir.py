@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from common.config import Config
+from common.evaluation import Metric, Scores
 from common.storage import atomic_write, jsonable, save_model, write_json
 
 CONFIG_FILE = "config.yaml"
@@ -54,8 +55,9 @@ class RunDirectory:
     def save_checkpoint(self, server_round: int, model: nn.Module) -> Path:
         return self.save_model(f"checkpoints/round-{server_round:03d}.safetensors", model)
 
-    def plot(self, rounds: list[dict[str, Any]], *, teacher_accuracy: float, budgets: dict[str, float]) -> None:
-        """Accuracy and epsilon by round, side by side."""
+    def plot(self, rounds: list[dict[str, Any]], *, metrics: tuple[Metric, ...], teacher: Scores,
+             budgets: dict[str, float]) -> None:
+        """The headline metric (and agreement with the teacher) and epsilon by round, side by side."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -63,11 +65,17 @@ class RunDirectory:
 
         fig, (acc_ax, eps_ax) = plt.subplots(1, 2, figsize=(10, 4))
         xs = [r["round"] for r in rounds]
-        acc_ax.plot(xs, [r["accuracy"] for r in rounds], marker="o", label="global student")
-        acc_ax.plot(xs, [r["agreement"] for r in rounds], marker=".", linestyle=":", label="agreement with teacher")
-        acc_ax.axhline(teacher_accuracy, color="gray", linestyle="--", label="teacher")
-        acc_ax.set(xlabel="round", ylabel="test accuracy", title="Global student", ylim=(0, 1))
-        acc_ax.legend(loc="lower right")
+        headline = metrics[0]
+        acc_ax.plot(xs, [r[headline.name] for r in rounds], marker="o", label="global student")
+        if headline.unit_interval and any(m.name == "agreement" for m in metrics):
+            acc_ax.plot(xs, [r["agreement"] for r in rounds], marker=".", linestyle=":", label="agreement with teacher")
+        acc_ax.axhline(teacher[headline.name], color="gray", linestyle="--", label="teacher")
+        acc_ax.set(xlabel="round", ylabel=headline.label, title="Global student")
+        if headline.unit_interval:
+            acc_ax.set_ylim(0, 1)
+        else:
+            acc_ax.set_yscale("log")
+        acc_ax.legend(loc="lower right" if headline.higher_is_better else "upper right")
         sites = sorted({s for r in rounds for s in r["epsilon"]})
         for site in sites:
             eps_ax.plot(xs, [r["epsilon"].get(site) for r in rounds], marker="o", label=site)

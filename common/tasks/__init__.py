@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from common.config import IMAGE_SOURCES, TEXT_SOURCE, Config, ConfigError, DistillConfig, StudentConfig
+
+if TYPE_CHECKING:
+    from common.evaluation import Evaluator
 
 
 class Task(Protocol):
@@ -52,6 +55,9 @@ class Task(Protocol):
     def objective(self, distill: DistillConfig) -> nn.Module:
         """The local training loss: objective(student, inputs, labels, targets) -> scalar,
         with `target_kinds` naming the teacher targets it reads."""
+
+    def evaluator(self) -> "Evaluator":
+        """The server's held-out evaluation (common.evaluation): the task's metrics, teacher scored once."""
 
     def export(self, student: nn.Module, folder: Path) -> None:
         """Write the student to `folder` in the form its users load for inference."""

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.config import Config, ConfigError, DistillConfig, StudentConfig
+from common.evaluation import ClassifierEvaluator
 from common.losses import LOGITS, DistillationObjective
 from common.models.image import StudentMLP, TeacherCNN
 from common.partition import partition_description, site_share, split_parts
@@ -127,6 +128,9 @@ class ImageTask:
 
     def objective(self, distill: DistillConfig) -> nn.Module:
         return DistillationObjective(distill)
+
+    def evaluator(self) -> ClassifierEvaluator:
+        return ClassifierEvaluator(self)
 
     def export(self, student: nn.Module, folder: Path) -> None:
         save_model(folder / "student.safetensors", student)

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from common.config import Config, ConfigError, DistillConfig, StudentConfig
+from common.evaluation import ClassifierEvaluator
 from common.losses import ATTENTION, FEATURES, LOGITS, DistillationObjective
 from common.models.encoder import EncoderConfig, StudentEncoder, project_embeddings
 from common.models.text_teacher import EncoderTeacher, TeacherEnsemble, TfidfTeacher, sentence_embeddings
@@ -356,6 +357,9 @@ class TextTask:
 
     def objective(self, distill: DistillConfig) -> nn.Module:
         return DistillationObjective(distill)
+
+    def evaluator(self) -> ClassifierEvaluator:
+        return ClassifierEvaluator(self)
 
     def export(self, student: nn.Module, folder: Path) -> None:
         """Hugging Face format: config.json + model.safetensors + the teacher's tokenizer."""
