@@ -41,9 +41,9 @@ def _fraction(name: str, value: float, *, low_open: bool = True) -> None:
 
 @dataclass
 class SplitConfig:
-    teacher: float
-    public: float
-    test: float
+    teacher: float = 0.2
+    public: float = 0.01
+    test: float = 0.2
 
     def validate(self) -> None:
         for name in ("teacher", "public", "test"):
@@ -124,12 +124,14 @@ class CorpusConfig:
     suffixes: list[str] = field(default_factory=lambda: [".py"])
     max_length: int = 128          # tokens per record
     held_out: float = 0.2          # share of each site's files kept for evaluation
-    max_records: int = 0           # > 0: at most this many records per site, public corpus and domain
+    max_records: int = 0           # > 0: at most this many training records per site, and public ones
+    eval_records: int = 0          # > 0: at most this many held-out records per site and unseen domain
 
     def validate(self) -> None:
         _require(self.max_length >= 4, f"task.corpus.max_length must be >= 4 tokens, got {self.max_length}")
         _fraction("task.corpus.held_out", self.held_out)
-        _require(self.max_records >= 0, f"task.corpus.max_records must be >= 0 (0: no limit), got {self.max_records}")
+        for key in ("max_records", "eval_records"):
+            _require(getattr(self, key) >= 0, f"task.corpus.{key} must be >= 0 (0: no limit), got {getattr(self, key)}")
         _require(all(self.sites), f"task.corpus.sites holds an empty corpus: {self.sites}")
         _require(bool(self.public), "task.corpus.public is empty: the server's warm start and the logits exchange "
                                     "need a public corpus (folders, globs or stdlib:<package>)")
@@ -139,9 +141,9 @@ class CorpusConfig:
 class TaskConfig:
     name: str
     source: str
-    split: SplitConfig
-    dirichlet_alpha: float
-    teacher: TeacherConfig
+    split: SplitConfig = field(default_factory=SplitConfig)  # tasks that cut one data set four ways
+    dirichlet_alpha: float = 1.0
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: TextDataConfig = field(default_factory=TextDataConfig)  # text tasks only
     corpus: CorpusConfig = field(default_factory=CorpusConfig)    # causal-LM tasks only
 

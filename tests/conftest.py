@@ -98,3 +98,43 @@ def text_overrides(tiny_text_teacher, text_data, tmp_path, cache_dir) -> list[st
     return ["task=text", f"task.data.path={text_data}", f"task.teacher.path={tiny_text_teacher}",
             "task.data.max_length=16", "task.split.public=0.1", "student.dim=16", "student.ff=32",
             "sites=2", "rounds=2", "distill.feature_weight=1.0", f"run_dir={tmp_path / 'run'}", f"cache_dir={cache_dir}"]
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_teacher(tmp_path_factory) -> Path:
+    """A randomly initialised Llama causal LM and a byte-level BPE tokenizer trained on a few
+    standard-library files, saved as a Hugging Face folder: SmolLM2's shape, made without downloads."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from common.tasks.lm_corpus import corpus_files
+
+    folder = tmp_path_factory.mktemp("tiny-lm-teacher")
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # unknown, bos, eos (= pad), as SmolLM2's
+    bpe = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    files = corpus_files(["stdlib:json", "stdlib:logging"], (".py",), what="tokenizer training")
+    bpe.train([str(f) for f in files], trainers.BpeTrainer(vocab_size=400, special_tokens=special,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    from tokenizers import decoders
+    bpe.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token=special[0], bos_token=special[1],
+                                        eos_token=special[2], pad_token=special[2])
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def lm_overrides(tiny_lm_teacher, tmp_path, cache_dir) -> list[str]:
+    """task=lm on the tiny teacher and small standard-library corpora, shrunk to run in seconds."""
+    return ["task=lm", f"task.teacher.path={tiny_lm_teacher}", "task.teacher.top_k=4",
+            "task.corpus.sites=[[stdlib:json],[stdlib:html]]", "task.corpus.public=[stdlib:logging]",
+            "task.corpus.unseen={wsgiref: [stdlib:wsgiref]}", "task.corpus.max_length=32",
+            "task.corpus.max_records=12", "task.corpus.eval_records=4", "student.dim=16", "student.heads=2",
+            "student.ff=32", "student.layers=1", "sites=2", "rounds=2", f"run_dir={tmp_path / 'run'}",
+            f"cache_dir={cache_dir}"]

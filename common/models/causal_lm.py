@@ -47,7 +47,7 @@ def rms_norm_grad_sample(layer: LlamaRMSNorm, activations: list[torch.Tensor], b
 
 
 class StudentLM(nn.Module):
-    """Token ids [B, T] and a padding mask -> next-token logits [B, T, len(output_ids)]."""
+    """Token ids [B, T] and a padding mask -> next-token logits [B, T, len(output_ids)] (or [B, T, vocab])."""
 
     def __init__(self, model: LlamaForCausalLM, output_ids: torch.Tensor):
         super().__init__()
@@ -58,10 +58,12 @@ class StudentLM(nn.Module):
     def config(self) -> LlamaConfig:
         return self.model.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                full_vocabulary: bool = False) -> torch.Tensor:
+        """Logits over the output vocabulary, or over the full vocabulary as exported (evaluation)."""
         hidden = self.model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        head = self.model.model.embed_tokens.weight[self.output_ids]  # frozen: no per-sample gradient needed
-        return hidden @ head.T
+        weights = self.model.model.embed_tokens.weight  # frozen: no per-sample gradient needed
+        return hidden @ (weights if full_vocabulary else weights[self.output_ids]).T
 
 
 def build_student(config: StudentLMConfig, teacher_embeddings: torch.Tensor, output_ids: torch.Tensor, *,
@@ -79,4 +81,8 @@ def build_student(config: StudentLMConfig, teacher_embeddings: torch.Tensor, out
     with torch.no_grad():
         model.model.embed_tokens.weight.copy_(project_embeddings(teacher_embeddings, config.dim))
     model.model.embed_tokens.weight.requires_grad_(False)  # tied: the head is frozen with it
+    with torch.no_grad():
+        # Unit-variance embeddings as the head would give logits of standard deviation
+        # sqrt(dim) from a unit-RMS state: start the last norm at 1 / sqrt(dim) (it is trained).
+        model.model.norm.weight.fill_(config.dim ** -0.5)
     return StudentLM(model, output_ids)

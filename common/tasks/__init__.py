@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from common.config import IMAGE_SOURCES, TEXT_SOURCE, Config, ConfigError, DistillConfig, StudentConfig
+from common.config import IMAGE_SOURCES, LM_SOURCE, TEXT_SOURCE, Config, ConfigError, DistillConfig, StudentConfig
 
 if TYPE_CHECKING:
     from common.evaluation import Evaluator
@@ -74,6 +74,10 @@ def build_task(config: Config) -> Task:
         from common.tasks.text import TextTask
 
         return TextTask(config)
+    if source == LM_SOURCE:
+        from common.tasks.lm import LMTask
+
+        return LMTask(config)
     if ":" in source:
         module_name, _, attr = source.partition(":")
         try:
@@ -82,5 +86,5 @@ def build_task(config: Config) -> Task:
             raise ConfigError(f"task.source {source!r} cannot be imported: {err}") from None
         return factory(config)
     raise ConfigError(
-        f"task.source must be one of {', '.join(IMAGE_SOURCES + (TEXT_SOURCE,))} or 'package.module:factory', got {source!r}"
+        f"task.source must be one of {', '.join(IMAGE_SOURCES + (TEXT_SOURCE, LM_SOURCE))} or 'package.module:factory', got {source!r}"
     )

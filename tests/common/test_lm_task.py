@@ -1,0 +1,90 @@
+"""task=lm on a tiny Llama teacher built in the test: records, the output vocabulary, the
+teacher's cached top-k, a DP round that trains, evaluation and export."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from client.dp_train import distill_locally, plan_round
+from common.config import load_config
+from common.losses import TOPK_IDS, TOPK_LOGPROBS
+from common.tasks import build_task
+from common.tasks.lm import IGNORE
+
+
+def test_sites_public_and_held_out_records_and_their_next_token_labels(lm_overrides):
+    task = build_task(load_config(lm_overrides))
+    inputs, labels = task.private_data(0, 2).tensors
+    assert inputs.shape == (12, 32) and labels.shape == (12, 32)
+    # position i's label is token i + 1 in the output vocabulary, or IGNORE where the record ends
+    real = labels != IGNORE
+    output_ids = task.output_ids
+    following = inputs[:, 1:][real[:, :-1]]
+    mapped = output_ids[labels[:, :-1][real[:, :-1]]]
+    known = task._to_output[following] >= 0
+    assert torch.equal(mapped[known], following[known])
+    assert (mapped[~known] == task.unknown_id).all()
+    public_tokens = set(task.public_inputs().unique().tolist())
+    assert set(output_ids.tolist()) <= public_tokens | {task.unknown_id, task.pad_id, 1, 2}
+    assert len(task.test_data().tensors[0]) == 8  # 4 held-out records per site
+
+
+def test_teacher_top_k_is_cached_and_matches_the_teacher(lm_overrides):
+    task = build_task(load_config(lm_overrides))
+    inputs = task.private_data(1, 2).tensors[0]
+    targets = task.teacher_targets(inputs, (TOPK_LOGPROBS, TOPK_IDS))
+    assert targets[TOPK_LOGPROBS].shape == targets[TOPK_IDS].shape == (12, 32, 4)
+    with torch.no_grad():
+        logits = task.teacher()(inputs[:2], attention_mask=torch.ones_like(inputs[:2]))
+    best = logits.log_softmax(-1).topk(4, dim=-1)
+    assert torch.allclose(targets[TOPK_LOGPROBS][:2].float(), best.values, atol=1e-2)
+    assert torch.equal(task.output_ids[targets[TOPK_IDS][:2].clamp(min=0)][targets[TOPK_IDS][:2] >= 0],
+                       best.indices[targets[TOPK_IDS][:2] >= 0])
+    assert sorted(task.cache_dir.glob("lm-teacher-topk-*.safetensors"))
+
+
+def _train(task, config, student, rounds=1):
+    objective = task.objective(config.distill)
+    inputs, labels = task.private_data(0, 2).tensors
+    targets = task.teacher_targets(inputs, objective.target_kinds)
+    data = torch.utils.data.TensorDataset(inputs, labels, *(targets[k] for k in objective.target_kinds))
+    plan = dataclasses.replace(plan_round(config.distill), sample_rate=0.5, steps=10, expected_batch_size=6)
+    return [distill_locally(student, data, objective=objective, distill=config.distill, privacy=config.privacy,
+                            noise_multiplier=0.5 if config.privacy.enabled else None, plan=plan, seed=r).loss
+            for r in range(rounds)]
+
+
+def test_distillation_follows_the_teacher_under_dp(lm_overrides):
+    config = load_config(lm_overrides + ["distill.lr=0.05", "privacy.max_grad_norm=10"])
+    task = build_task(config)
+    torch.manual_seed(0)
+    losses = _train(task, config, task.student(config.student), rounds=3)
+    assert losses[-1] < losses[0]
+
+
+def test_training_on_next_tokens_lowers_perplexity_and_the_student_exports(lm_overrides, tmp_path):
+    # The tiny teacher is random, so only the next-token term (alpha 0) should lower perplexity.
+    config = load_config(lm_overrides + ["distill.lr=0.05", "distill.alpha=0", "privacy=none"])
+    task = build_task(config)
+    torch.manual_seed(0)
+    student = task.student(config.student)
+    evaluator = task.evaluator()
+    before = evaluator(student)
+    _train(task, config, student, rounds=2)
+    after = evaluator(student)
+    assert after["perplexity"] < before["perplexity"]
+    assert {"perplexity", "agreement", "perplexity_unseen", "perplexity_site-0", "perplexity_unseen-wsgiref"} <= set(after)
+    assert evaluator.teacher["agreement"] == 1.0
+    inputs = task.private_data(0, 2).tensors[0]
+
+    task.export(student, tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "student")
+    prompt = tokenizer("def main():\n    ", return_tensors="pt")
+    out = model.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] > prompt["input_ids"].shape[1]
+    with torch.no_grad():
+        assert torch.allclose(model(inputs[:1]).logits, student(inputs[:1], full_vocabulary=True), atol=1e-4)
