@@ -54,6 +54,31 @@ def plan_round(config: DistillConfig) -> StepPlan:
     )
 
 
+def _backward(student: nn.Module, batch: list[torch.Tensor], objective: nn.Module, optimizer: torch.optim.Optimizer,
+              private: bool, *, chunk: int, expected_batch_size: int) -> float:
+    """Gradients of one step's batch, in physical chunks of at most `chunk` records; returns
+    the summed loss. With DP, every chunk but the last is clipped and accumulated by the
+    DPOptimizer without a step (no noise, nothing accounted): the step, its noise and its
+    accounting happen once, on the last chunk, for the whole batch. Without DP the chunks'
+    gradients add up, rescaled as DPOptimizer does (summed gradients / expected batch size)."""
+    inputs, labels, *targets = batch
+    starts = range(0, len(labels), max(chunk, 1))
+    total = 0.0
+    for first in starts:
+        part = slice(first, first + chunk)
+        loss = objective(student, inputs[part], labels[part],
+                         dict(zip(objective.target_kinds, (t[part] for t in targets))))
+        count = len(labels[part])
+        # One backward per chunk (Opacus needs it for per-sample gradients).
+        (loss if private else loss * count / expected_batch_size).backward()
+        total += loss.item() * count
+        if private and first != starts[-1]:
+            optimizer.signal_skip_step(do_skip=True)
+            optimizer.step()  # clips and accumulates this chunk's per-sample gradients only
+            optimizer.zero_grad(set_to_none=True)
+    return total
+
+
 def distill_locally(
     student: nn.Module,
     data: TensorDataset,
@@ -102,18 +127,22 @@ def distill_locally(
         optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
     start = time.perf_counter()
     total_loss, seen, steps = 0.0, 0, 0
+    trainable = [p for p in student.parameters() if p.requires_grad]
     try:
         while steps < plan.steps:
-            for inputs, labels, *targets in loader:
+            for batch in loader:
                 optimizer.zero_grad(set_to_none=True)
-                loss = objective(student, inputs, labels, dict(zip(objective.target_kinds, targets)))
-                # One backward per step (Opacus needs it for per-sample gradients). Without DP
-                # the mean is rescaled as DPOptimizer does: summed gradients / expected batch size.
-                (loss if privacy.enabled else loss * len(labels) / plan.expected_batch_size).backward()
+                if privacy.enabled and len(batch[0]) == 0:
+                    # An empty Poisson batch is still a DP step: noise only, as the accountant assumes.
+                    for param in trainable:
+                        param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype)
+                else:
+                    total_loss += _backward(student, batch, objective, optimizer, privacy.enabled,
+                                            chunk=distill.max_physical_batch or len(batch[0]),
+                                            expected_batch_size=plan.expected_batch_size)
                 optimizer.step()
                 steps += 1
-                total_loss += loss.item() * len(labels)
-                seen += len(labels)
+                seen += len(batch[0])
                 if steps == plan.steps:
                     break
     finally:

@@ -91,3 +91,30 @@ def test_per_sample_gradients_are_clipped(small_config):
 def test_dp_without_a_calibrated_noise_is_refused(small_config):
     with pytest.raises(ValueError, match="no noise multiplier"):
         _train(small_config, noise=None)
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_physical_chunks_give_the_whole_batch_step(small_config, private):
+    """Chunks of 7 records (BatchMemoryManager's scheme): the same update as one pass over the
+    batch, and with DP one accounted, noised step per logical batch (noise 0 here to compare)."""
+    full = dataclasses.replace(small_config.distill, sample_rate=1.0, local_epochs=2)
+    chunked = dataclasses.replace(full, max_physical_batch=7)
+    privacy = small_config.privacy if private else dataclasses.replace(small_config.privacy, enabled=False)
+    noise = 0.0 if private else None
+    whole, result, plan = _train(small_config, privacy=privacy, noise=noise, distill=full)
+    parts, chunked_result, _ = _train(small_config, privacy=privacy, noise=noise, distill=chunked)
+    assert chunked_result.steps == result.steps == plan.steps  # the accountant's check passed inside
+    assert torch.allclose(whole.net[1].weight, parts.net[1].weight, atol=1e-6)
+    assert not torch.allclose(whole.net[1].weight, _start())
+
+
+def test_an_empty_poisson_batch_is_a_noised_step(small_config):
+    """A sample rate so small that every batch is empty: each step still adds noise and is accounted."""
+    distill = small_config.distill
+    plan = dataclasses.replace(plan_round(distill), sample_rate=1e-9, steps=3)
+    torch.manual_seed(123)
+    student = StudentMLP((1, 8, 8), 10, [16])
+    result = distill_locally(student, _data(), objective=DistillationObjective(distill), distill=distill,
+                             privacy=small_config.privacy, noise_multiplier=1.0, plan=plan, seed=0)
+    assert result.steps == 3 and result.loss == 0.0  # nothing seen, three accounted steps (checked inside)
+    assert not torch.allclose(student.net[1].weight, _start())
