@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from common import payload as P
-from common.config import CONF_DIR, TEXT_SOURCE, Config, ConfigError, load_config
+from common.config import CONF_DIR, LM_SOURCE, TEXT_SOURCE, Config, ConfigError, load_config
 from common.policy import POLICY_ENV, SitePolicy, policy_from
 
 POLICY_FILE = "site-policy.yaml"  # the virtual sites' policy, written by this command into the run directory
@@ -86,8 +86,8 @@ def simulation_policy(site_overrides: list[str], request: Config) -> SitePolicy:
     directory and share its cache; `site.KEY=VALUE` says otherwise.
     """
     values = {"ledger_dir": str(Path(request.run_dir) / "ledger"), "cache_dir": str(request.cache_path)}
-    if request.task.source == TEXT_SOURCE:  # the virtual sites read the file this command names
-        values["task_sources"] = [*policy_from().task_sources, TEXT_SOURCE]
+    if request.task.source in (TEXT_SOURCE, LM_SOURCE):  # the virtual sites read the files this command names
+        values["task_sources"] = [*policy_from().task_sources, request.task.source]
     if request.privacy.enabled:
         values |= {"epsilon": request.privacy.epsilon, "delta": request.privacy.delta}
     try:
@@ -153,7 +153,7 @@ def run_simulation(overrides: list[str], echo: Callable[[str], None] = print) ->
     print(f"fedistill: preparing task {config.task.name} (the teacher is fitted and its outputs computed once, "
           "then cached)")
     task = build_task(config)
-    task.teacher_targets(task.test_data().tensors[0], task.objective(config.distill).target_kinds)
+    prepare(task, config)
     run_config = write_run_config(run_dir, overrides)
     policy_file = run_dir / POLICY_FILE
     policy_file.write_text(OmegaConf.to_yaml(OmegaConf.structured(policy)))
@@ -168,6 +168,17 @@ def run_simulation(overrides: list[str], echo: Callable[[str], None] = print) ->
     print(final_table(json.loads(summary_path.read_text())))
     print(f"fedistill: results in {run_dir}")
     return 0
+
+
+def prepare(task, config: Config) -> None:
+    """Everything the run needs from the teacher, computed here once and cached, rather than
+    by every virtual site's process at once: the evaluation's, the public inputs' and each
+    site's targets."""
+    kinds = task.objective(config.distill).target_kinds
+    task.evaluator()
+    task.teacher_targets(task.public_inputs(), kinds)
+    for site in range(config.sites):
+        task.teacher_targets(task.private_data(site, config.sites).tensors[0], kinds)
 
 
 def final_table(summary: dict) -> str:
