@@ -92,10 +92,15 @@ def _task(task_config: str, seed: int, cache_dir: str) -> Task:
     return build_task(load_config([f"seed={seed}", f"cache_dir={cache_dir}", *task_config.split()]))
 
 
+def task_overrides(config: Config) -> str:
+    """The overrides a task object depends on: task, distillation and student settings (the
+    student's decide which distillation terms are valid)."""
+    return " ".join(o for o in config.overrides if o.startswith(("task", "distill", "student")))
+
+
 def task_of(config: Config) -> Task:
-    """One task object per (task, distillation settings, seed), so data and teacher load once per benchmark."""
-    task_overrides = " ".join(o for o in config.overrides if o.startswith(("task", "distill")))
-    return _task(task_overrides, config.seed, str(config.cache_path))
+    """One task object per (task, student and distillation settings, seed), so data and teacher load once per benchmark."""
+    return _task(task_overrides(config), config.seed, str(config.cache_path))
 
 
 def distill_non_private(config: Config, inputs: torch.Tensor, labels: torch.Tensor | None, epochs: int) -> Scores:

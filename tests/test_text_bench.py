@@ -3,7 +3,9 @@ judged against hard labels on the same student at the same epsilon."""
 
 from __future__ import annotations
 
+from bench.baselines import task_overrides
 from bench.text_bench import HARD, HARD_TRANSFORMER, PUBLIC, TEACHER, TECHNIQUES, targets, text_settings
+from common.config import load_config
 
 
 def test_every_federation_row_runs_at_each_epsilon_and_without_dp():
@@ -14,6 +16,12 @@ def test_every_federation_row_runs_at_each_epsilon_and_without_dp():
         assert [eps for n, eps, _ in settings if n == name] == ["1", "3", "8", "no DP"], name
     attention = next(extra for name, eps, extra in settings if "attention" in name and eps == "3")
     assert "student=transformer" in attention and "privacy.epsilon=3" in attention
+
+
+def test_every_setting_composes_and_so_does_the_task_it_shares():
+    for name, _, extra in text_settings(["3"]):
+        config = load_config(["task=text", "task.data.path=agnews.tsv", *extra, "seed=1"])
+        load_config(task_overrides(config).split())  # what the benchmark builds the task from
 
 
 def _row(setting, eps, accuracy, std=0.01):
