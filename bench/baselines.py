@@ -89,13 +89,13 @@ def evaluator(task: Task) -> Evaluator:
 
 @functools.lru_cache(maxsize=8)
 def _task(task_config: str, seed: int, cache_dir: str) -> Task:
-    return build_task(load_config([f"seed={seed}", f"cache_dir={cache_dir}", *task_config.split()]))
+    return build_task(load_config([f"seed={seed}", f"cache_dir={cache_dir}", *shlex.split(task_config)]))
 
 
 def task_overrides(config: Config) -> str:
     """The overrides a task object depends on: task, distillation and student settings (the
     student's decide which distillation terms are valid)."""
-    return " ".join(o for o in config.overrides if o.startswith(("task", "distill", "student")))
+    return shlex.join(o for o in config.overrides if o.startswith(("task", "distill", "student")))
 
 
 def task_of(config: Config) -> Task:

@@ -3,6 +3,8 @@ judged against hard labels on the same student at the same epsilon."""
 
 from __future__ import annotations
 
+import shlex
+
 from bench.baselines import task_overrides
 from bench.text_bench import HARD, HARD_TRANSFORMER, PUBLIC, TEACHER, TECHNIQUES, targets, text_settings
 from common.config import load_config
@@ -20,8 +22,8 @@ def test_every_federation_row_runs_at_each_epsilon_and_without_dp():
 
 def test_every_setting_composes_and_so_does_the_task_it_shares():
     for name, _, extra in text_settings(["3"]):
-        config = load_config(["task=text", "task.data.path=agnews.tsv", *extra, "seed=1"])
-        load_config(task_overrides(config).split())  # what the benchmark builds the task from
+        config = load_config(["task=text", "task.data.path=/my data/agnews.tsv", *extra, "seed=1"])  # a space too
+        load_config(shlex.split(task_overrides(config)))  # what the benchmark builds the task from
 
 
 def _row(setting, eps, accuracy, std=0.01):
