@@ -120,7 +120,7 @@ class CorpusConfig:
 
     sites: list[list[str]] = field(default_factory=list)  # simulation: site i's private corpus
     public: list[str] = field(default_factory=list)       # inputs every site and the server may use
-    unseen: dict[str, list[str]] = field(default_factory=dict)  # domains no site holds, for evaluation
+    unseen: list[str] = field(default_factory=list)       # domains no site holds, one per entry, for evaluation
     suffixes: list[str] = field(default_factory=lambda: [".py"])
     max_length: int = 128          # tokens per record
     held_out: float = 0.2          # share of each site's files kept for evaluation

@@ -210,8 +210,8 @@ class LMTask:
 
     @cached_property
     def _unseen(self) -> dict[str, Records]:
-        return {name: self._records(list(entries), f"task.corpus.unseen.{name}", self.corpus.eval_records)
-                for name, entries in self.corpus.unseen.items()}
+        return {entry.removeprefix(STDLIB): self._records([entry], f"task.corpus.unseen ({entry})", self.corpus.eval_records)
+                for entry in self.corpus.unseen}
 
     @cached_property
     def output_ids(self) -> torch.Tensor:
