@@ -258,6 +258,7 @@ class ServerDistillConfig:
     batch_size: int
     patience: int
     holdout: float
+    warm_start: bool = False  # distill the global student on the public inputs before round 1
 
     def validate(self) -> None:
         _require(self.epochs >= 1, f"exchange.server.epochs must be >= 1, got {self.epochs}")

@@ -1,21 +1,26 @@
-"""Server-side distillation of the global student on the public inputs (FedDF / FedMD / DS-FL)."""
+"""Distillation on the public inputs, which costs no privacy: the server's warm start before
+round 1, and fitting a student to the sites' consensus (FedDF / FedMD / DS-FL)."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import TensorDataset
 
-from common.config import ServerDistillConfig
+from common.config import DistillConfig, ServerDistillConfig
+from common.losses import LOGITS
 
 
 @dataclass(frozen=True)
 class DistillReport:
     epochs: int             # epochs run before early stopping
-    holdout_loss: float     # best KL on the held-out slice of the public inputs
+    holdout_loss: float     # best loss on the held-out slice of the public records
 
 
 def soft_kl(student_logits: torch.Tensor, target_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -30,27 +35,34 @@ def soft_kl(student_logits: torch.Tensor, target_logits: torch.Tensor, temperatu
 def distill_on_public(
     student: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: ServerDistillConfig, *, seed: int
 ) -> DistillReport:
-    """Fit `student` in place to `targets` [P, C] on `inputs` [P, ...] with early stopping.
+    """Fit `student` in place to `targets` [P, C] (soft labels) on `inputs` [P, ...]."""
+    return fit_on_public(student, TensorDataset(inputs, targets),
+                         lambda model, batch: soft_kl(model(batch[0]), batch[1], config.temperature), config, seed=seed)
 
-    A seeded slice of `config.holdout` of the inputs is held out; the student with the
-    lowest held-out KL is kept.
+
+def fit_on_public(student: nn.Module, data: TensorDataset, loss: Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor],
+                  config: ServerDistillConfig, *, seed: int) -> DistillReport:
+    """Minimise `loss(student, batch)` over `data` in place, with Adam and early stopping.
+
+    A seeded slice of `config.holdout` of the records is held out; the student with the
+    lowest held-out loss is kept.
     """
     generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(inputs), generator=generator)
-    n_hold = max(1, int(round(config.holdout * len(inputs))))
+    order = torch.randperm(len(data), generator=generator)
+    n_hold = max(1, int(round(config.holdout * len(data))))
     hold, train = order[:n_hold], order[n_hold:]
-    optimizer = torch.optim.Adam(student.parameters(), lr=config.lr)
-    best_loss, best_state = _holdout_loss(student, inputs[hold], targets[hold], config), copy.deepcopy(student.state_dict())
+    optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=config.lr)
+    best_loss, best_state = _holdout_loss(student, data[hold], loss), copy.deepcopy(student.state_dict())
     stale, epochs = 0, 0
     for epochs in range(1, config.epochs + 1):
         student.train()
         for batch in train[torch.randperm(len(train), generator=generator)].split(config.batch_size):
             optimizer.zero_grad()
-            soft_kl(student(inputs[batch]), targets[batch], config.temperature).backward()
+            loss(student, data[batch]).backward()
             optimizer.step()
-        loss = _holdout_loss(student, inputs[hold], targets[hold], config)
-        if loss < best_loss:
-            best_loss, best_state, stale = loss, copy.deepcopy(student.state_dict()), 0
+        held_out = _holdout_loss(student, data[hold], loss)
+        if held_out < best_loss:
+            best_loss, best_state, stale = held_out, copy.deepcopy(student.state_dict()), 0
         else:
             stale += 1
             if stale >= config.patience:
@@ -61,6 +73,23 @@ def distill_on_public(
 
 
 @torch.no_grad()
-def _holdout_loss(student: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: ServerDistillConfig) -> float:
+def _holdout_loss(student: nn.Module, batch: tuple[torch.Tensor, ...], loss) -> float:
     student.eval()
-    return soft_kl(student(inputs), targets, config.temperature).item()
+    return loss(student, batch).item()
+
+
+def warm_start(student: nn.Module, task, distill: DistillConfig, config: ServerDistillConfig, *, seed: int) -> DistillReport:
+    """Distill `student` from the teacher on the public inputs, with the local objective. Public
+    labels are used where the task has them (a causal LM's next tokens); otherwise the
+    teacher's soft labels alone."""
+    inputs, labels = task.public_inputs(), task.public_labels()
+    if labels is None:
+        distill = dataclasses.replace(distill, alpha=1.0)
+    objective = task.objective(distill)
+    targets = task.teacher_targets(inputs, objective.target_kinds)
+    if labels is None:
+        labels = targets[LOGITS].argmax(-1)  # unused at alpha 1; the objective's signature wants labels
+    kinds = objective.target_kinds
+    data = TensorDataset(inputs, labels, *(targets[kind] for kind in kinds))
+    return fit_on_public(student, data, lambda model, batch: objective(model, batch[0], batch[1], dict(zip(kinds, batch[2:]))),
+                         config, seed=seed)

@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from common import payload as P
 from common.config import Config, ConfigError, load_config
 from common.models.inference import describe, quantize_int8
+from common.public_distill import warm_start
 from common.tasks import build_task
 from server import rundir as R
 from server.exchange import build_exchange
@@ -45,6 +46,9 @@ def run(grid: Grid, config: Config) -> None:
     evaluator = task.evaluator()
     torch.manual_seed(config.seed)
     student = task.student(config.student)
+    if config.exchange.server.warm_start:
+        report = warm_start(student, task, config.distill, config.exchange.server, seed=config.seed)
+        log(INFO, f"warm start on the public inputs: {report.epochs} epochs, held-out loss {report.holdout_loss:.3f}")
     plan = ParticipationPlan(rounds=config.rounds, fraction=config.federation.fraction_train,
                              min_sites=config.federation.min_sites, seed=config.seed)
     strategy = DistillStrategy(

@@ -39,6 +39,9 @@ class Task(Protocol):
     def public_inputs(self) -> torch.Tensor:
         """Inputs, without labels, that every site and the server may use."""
 
+    def public_labels(self) -> torch.Tensor | None:
+        """Labels of the public inputs that are public themselves (a causal LM's next tokens), or None."""
+
     def test_data(self) -> TensorDataset:
         """The server's held-out (inputs, labels)."""
 

@@ -113,6 +113,9 @@ class ImageTask:
     def public_inputs(self) -> torch.Tensor:
         return self._parts["public"].tensors[0]
 
+    def public_labels(self) -> None:
+        return None  # the public part is inputs only
+
     def test_data(self) -> TensorDataset:
         return self._parts["test"]
 

@@ -250,6 +250,9 @@ class LMTask:
     def public_inputs(self) -> torch.Tensor:
         return self._public.ids
 
+    def public_labels(self) -> torch.Tensor:
+        return self._dataset(self._public).tensors[1]  # next tokens: public like the records
+
     def test_data(self) -> TensorDataset:
         """Every site's held-out records."""
         parts = [self._dataset(self._site_records(site, "held_out")) for site in range(len(self.corpus.sites))]
