@@ -9,6 +9,7 @@ separately by `bench/run_bench.py`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import shlex
@@ -16,6 +17,7 @@ import tempfile
 
 import torch
 from flwr.app import RecordDict
+from torch import nn
 from torch.utils.data import TensorDataset
 
 from client.app import load_site, train_round
@@ -23,6 +25,7 @@ from client.dp_train import distill_locally, plan_round
 from common.config import Config, load_config
 from common.policy import SitePolicy, policy_from
 from common.evaluation import Evaluator, Scores
+from common.public_distill import DistillReport, initial_student
 from common.tasks import Task, build_task
 from common.losses import LOGITS
 from server.exchange import build_exchange
@@ -54,8 +57,7 @@ def federate(config: Config, *, weight_by_count: bool = False) -> tuple[Scores, 
     sites = [load_site(overrides, i, config.sites, policy) for i in range(config.sites)]
     states = [RecordDict() for _ in sites]  # each site's context.state
     task = task_of(config)
-    torch.manual_seed(config.seed)
-    student = task.student(config.student)
+    student = copy.deepcopy(start_of(config)[0])
     exchange = build_exchange(config, task, student)
     allowed = set(released_items(config))
     bytes_up = bytes_down = replies = 0
@@ -101,6 +103,19 @@ def task_overrides(config: Config) -> str:
 def task_of(config: Config) -> Task:
     """One task object per (task, student and distillation settings, seed), so data and teacher load once per benchmark."""
     return _task(task_overrides(config), config.seed, str(config.cache_path))
+
+
+def start_of(config: Config) -> tuple[nn.Module, DistillReport | None]:
+    """The global student before round 1 (warm-started where the config says), once per task,
+    server-distillation settings and seed."""
+    server = shlex.join(o for o in config.overrides if o.startswith("exchange.server"))
+    return _start(task_overrides(config), server, config.seed, str(config.cache_path))
+
+
+@functools.lru_cache(maxsize=4)
+def _start(task_config: str, server_config: str, seed: int, cache_dir: str) -> tuple[nn.Module, DistillReport | None]:
+    config = load_config([f"seed={seed}", f"cache_dir={cache_dir}", *shlex.split(task_config), *shlex.split(server_config)])
+    return initial_student(_task(task_config, seed, cache_dir), config)
 
 
 def distill_non_private(config: Config, inputs: torch.Tensor, labels: torch.Tensor | None, epochs: int) -> Scores:

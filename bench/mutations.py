@@ -85,11 +85,11 @@ MUTATIONS = [
     Mutation("FedMD state kept", APP, "if P.STUDENT_STATE in state.array_records:", "if False:",
              (f"{T_APP}::test_broadcast_logits_keeps_each_sites_own_student_of_its_own_shape",)),
     Mutation("consensus fitted", APP,
-             "distill_on_public(student, public, consensus, fit, seed=(site.config.seed * 1000 + site.index) * 1000 + server_round)",
+             "site.outputs.fit(student, consensus, fit, seed=(site.config.seed * 1000 + site.index) * 1000 + server_round)",
              "pass", (f"{T_APP}::test_the_consensus_is_fitted_before_private_training",)),
     Mutation("consensus kept only once learned", "server/exchange.py",
-             "report = distill_on_public(global_student, self.inputs, combined, self.config.server,",
-             "self.consensus = combined; report = distill_on_public(global_student, self.inputs, combined, self.config.server,",
+             "report = self.outputs.fit(global_student, combined, self.config.server, seed=self.seed * 1000 + server_round)",
+             "self.consensus = combined; report = self.outputs.fit(global_student, combined, self.config.server, seed=self.seed * 1000 + server_round)",
              (f"{T_EXCHANGE}::test_the_consensus_is_kept_only_once_the_global_student_has_learned_it",)),
 ]
 

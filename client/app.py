@@ -12,8 +12,9 @@ import json
 import logging
 import re
 import shlex
+import sys
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +25,11 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from client.dp_train import StepPlan, distill_locally, plan_round
-from common import compression
 from common import payload as P
 from common.config import CONF_DIR, Config, ConfigError, load_config
-from common.evaluation import predict
 from common.policy import SitePolicy, policy_from, site_policy
 from common.privacy import Budget, BudgetExhausted, DataFingerprint, LedgerError, PrivacyLedger
-from common.public_distill import distill_on_public
+from common.public_outputs import PublicOutputs
 from common.tasks import Task, build_task
 
 log = logging.getLogger(__name__)
@@ -67,6 +66,11 @@ class Site:
 
     def ledger(self) -> PrivacyLedger:
         return PrivacyLedger(self.ledger_dir, budget=Budget(self.policy.epsilon, self.policy.delta), data=self.fingerprint)
+
+    @cached_property
+    def outputs(self) -> PublicOutputs:
+        """What this site's student says about the public inputs (exchange=logits)."""
+        return self.task.public_outputs(self.config.exchange)
 
     def new_student(self) -> nn.Module:
         """This site's student: the global architecture, or its own with different students per site."""
@@ -242,9 +246,7 @@ def train_round(site: Site, content: RecordDict, state: RecordDict, *, server_ro
         return reply
     if config.exchange.broadcast == "logits":
         state[P.STUDENT_STATE] = P.model_to_record(student)
-    public_logits = predict(student, site.task.public_inputs())  # [P, C]
-    encoded = compression.encode(public_logits, method=config.exchange.compression, k=config.exchange.topk)
-    reply[P.LOGITS] = ArrayRecord({k: Array(v) for k, v in encoded.items()})
+    reply[P.LOGITS] = ArrayRecord({name: Array(array) for name, array in site.outputs.encode(student).items()})
     return reply
 
 
@@ -301,14 +303,13 @@ def starting_student(site: Site, content: RecordDict, state: RecordDict, server_
         if P.STUDENT_STATE in state.array_records:
             P.load_record(student, state[P.STUDENT_STATE])
         if P.CONSENSUS in content.array_records and exchange.public_fit_epochs > 0:
-            public = site.task.public_inputs()
-            check_finite(content[P.CONSENSUS], exchange.max_abs_value)
-            consensus = torch.from_numpy(content[P.CONSENSUS][P.LOGITS].numpy()).float()
-            expected = (len(public), site.task.num_classes)
-            if tuple(consensus.shape) != expected:
-                raise ValueError(f"consensus logits must have shape {list(expected)}, got {list(consensus.shape)}")
+            problem = P.check_arrays(content[P.CONSENSUS], site.outputs.target_spec(), max_abs=exchange.max_abs_value,
+                                     max_bytes=sys.maxsize)
+            if problem:
+                raise ValueError(f"the consensus: {problem}")
+            consensus = {name: torch.from_numpy(array.numpy()) for name, array in content[P.CONSENSUS].items()}
             fit = dataclasses.replace(exchange.server, epochs=exchange.public_fit_epochs)
-            distill_on_public(student, public, consensus, fit, seed=(site.config.seed * 1000 + site.index) * 1000 + server_round)
+            site.outputs.fit(student, consensus, fit, seed=(site.config.seed * 1000 + site.index) * 1000 + server_round)
     except (KeyError, ValueError, RuntimeError, TypeError) as err:
         raise Refusal(P.REFUSAL_BAD_REQUEST, f"the server's request is malformed: {err}") from None
     return student

@@ -1,12 +1,16 @@
-"""Message keys shared by the ServerApp and the ClientApp, and model <-> record conversion."""
+"""Message keys shared by the ServerApp and the ClientApp, model <-> record conversion, and the
+checks every received array passes."""
 
 from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, RecordDict
 from torch import nn
+
+ArraySpec = dict[str, tuple[tuple[int, ...], str]]  # array name -> (shape, dtype)
 
 # RecordDict keys
 ARRAYS = "arrays"            # student weights (global down, site's up in weights mode)
@@ -126,3 +130,24 @@ def public_manifest(inputs: torch.Tensor) -> dict[str, int | str]:
     """Identifies the public set: the server sends it, a site with other inputs refuses."""
     data = inputs.detach().cpu().contiguous().float().numpy().tobytes()
     return {PUBLIC_COUNT: int(inputs.shape[0]), PUBLIC_SHA256: hashlib.sha256(data).hexdigest()}
+
+
+def check_arrays(record: ArrayRecord, expected: ArraySpec, *, max_abs: float, max_bytes: int) -> str:
+    """Why `record` is unacceptable, or '' if it holds exactly the expected, finite, bounded arrays."""
+    if set(record.keys()) != set(expected):
+        missing, extra = sorted(set(expected) - set(record.keys())), sorted(set(record.keys()) - set(expected))
+        return f"expected arrays {sorted(expected)}, missing {missing}, unexpected {extra}"
+    size = record_bytes(record)
+    if size > max_bytes:
+        return f"reply of {size} bytes exceeds the limit of {max_bytes} bytes (exchange.max_reply_mb)"
+    for name, (shape, dtype) in expected.items():
+        array = record[name]
+        if tuple(array.shape) != shape or array.dtype != dtype:
+            return f"array {name!r} is {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}"
+        values = array.numpy()
+        if values.dtype.kind == "f":
+            if not np.isfinite(values).all():
+                return f"array {name!r} holds NaN or infinite values"
+            if values.size and np.abs(values).max() > max_abs:
+                return f"array {name!r} has |value| {np.abs(values).max():.3g} > exchange.max_abs_value {max_abs:g}"
+    return ""

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from common.config import DistillConfig, ServerDistillConfig
+from common.config import Config, DistillConfig, ServerDistillConfig
 from common.losses import LOGITS
 
 
@@ -93,3 +93,13 @@ def warm_start(student: nn.Module, task, distill: DistillConfig, config: ServerD
     data = TensorDataset(inputs, labels, *(targets[kind] for kind in kinds))
     return fit_on_public(student, data, lambda model, batch: objective(model, batch[0], batch[1], dict(zip(kinds, batch[2:]))),
                          config, seed=seed)
+
+
+def initial_student(task, config: Config) -> tuple[nn.Module, DistillReport | None]:
+    """The global student before round 1: initialised from `config.seed`, then warm-started on
+    the public inputs where exchange.server.warm_start says so (with that report)."""
+    torch.manual_seed(config.seed)
+    student = task.student(config.student)
+    if not config.exchange.server.warm_start:
+        return student, None
+    return student, warm_start(student, task, config.distill, config.exchange.server, seed=config.seed)

@@ -49,7 +49,19 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
 
 def save_model(path: Path, model: nn.Module) -> Path:
     """The model's state_dict as safetensors, written atomically."""
-    return save_tensors(path, model.state_dict())
+    return save_tensors(path, untied_state(model))
+
+
+def untied_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state_dict with a tensor tied to several names (a causal LM's embeddings and
+    output head) kept once, under its first name, as `safetensors.torch.load_model` expects."""
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride()) if isinstance(tensor, torch.Tensor) else name
+        if key not in seen:
+            seen.add(key)
+            tensors[name] = tensor
+    return tensors
 
 
 def jsonable(value: Any) -> Any:

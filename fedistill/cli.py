@@ -190,6 +190,8 @@ def final_table(summary: dict) -> str:
         ("size on disk", *(_kib(m["size_bytes"]) for m in models)),
         ("CPU latency, 1 sample, 1 thread", *(f"{m['latency_ms']:.3f} ms" for m in models)),
     ]
+    if "tokens_per_s" in models[0]:
+        rows.append(("CPU tokens/s, 1 thread", *(f"{m['tokens_per_s']:,.0f}" for m in models)))
     lines = [f"\n{summary['task']}: {summary['exchange']} exchange, "
              f"{summary['rounds_completed']}/{summary['rounds_planned']} rounds completed"]
     lines += _table(rows)

@@ -8,7 +8,6 @@ from collections import Counter
 from pathlib import Path
 from logging import INFO
 
-import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -16,7 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from common import payload as P
 from common.config import Config, ConfigError, load_config
 from common.models.inference import describe, quantize_int8
-from common.public_distill import warm_start
+from common.public_distill import initial_student
 from common.tasks import build_task
 from server import rundir as R
 from server.exchange import build_exchange
@@ -44,10 +43,8 @@ def run(grid: Grid, config: Config) -> None:
     task = build_task(config)
     teacher = task.teacher()
     evaluator = task.evaluator()
-    torch.manual_seed(config.seed)
-    student = task.student(config.student)
-    if config.exchange.server.warm_start:
-        report = warm_start(student, task, config.distill, config.exchange.server, seed=config.seed)
+    student, report = initial_student(task, config)
+    if report is not None:
         log(INFO, f"warm start on the public inputs: {report.epochs} epochs, held-out loss {report.holdout_loss:.3f}")
     plan = ParticipationPlan(rounds=config.rounds, fraction=config.federation.fraction_train,
                              min_sites=config.federation.min_sites, seed=config.seed)
@@ -89,7 +86,7 @@ def run(grid: Grid, config: Config) -> None:
     int8 = quantize_int8(student)
     run_dir.save_int8(int8)
     example = task.test_data().tensors[0]
-    student_cost = describe(student, example)
+    student_cost = describe(student, example, task.tokens_per_example)
     summary = {
         "task": config.task.name,
         "exchange": config.exchange.mode,
@@ -97,9 +94,9 @@ def run(grid: Grid, config: Config) -> None:
         "rounds_planned": config.rounds,
         "rounds_completed": sum(r["sites_trained"] > 0 for r in rounds),
         "metrics": [dataclasses.asdict(m) for m in evaluator.metrics],
-        "teacher": {**describe(teacher, example), **evaluator.teacher},
+        "teacher": {**describe(teacher, example, task.tokens_per_example), **evaluator.teacher},
         "student": {**student_cost, **evaluator(student)},
-        "student_int8": {**describe(int8, example), "params": student_cost["params"], **evaluator(int8)},
+        "student_int8": {**describe(int8, example, task.tokens_per_example), "params": student_cost["params"], **evaluator(int8)},
         "privacy": ledger.summary(config),
         "communication": {
             "bytes_up": sum(r["bytes_up"] for r in rounds),

@@ -10,20 +10,15 @@ from __future__ import annotations
 from typing import Protocol
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
 
-from common import compression
 from common import payload as P
 from common.config import Config
-from common.public_distill import distill_on_public
-from common.losses import LOGITS
+from common.public_outputs import Targets
 from common.tasks import Task
 from server.aggregate import aggregate
 
-ArraySpec = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype)
-LOGPROB_TOLERANCE = 1e-2  # float16 rounding of log-probabilities near 0
 
 
 class Exchange(Protocol):
@@ -34,28 +29,7 @@ class Exchange(Protocol):
                 weights: np.ndarray | None = None) -> dict: ...
 
 
-def check_arrays(record: ArrayRecord, expected: ArraySpec, *, max_abs: float, max_bytes: int) -> str:
-    """Why `record` is unacceptable, or '' if it holds exactly the expected, finite, bounded arrays."""
-    if set(record.keys()) != set(expected):
-        missing, extra = sorted(set(expected) - set(record.keys())), sorted(set(record.keys()) - set(expected))
-        return f"expected arrays {sorted(expected)}, missing {missing}, unexpected {extra}"
-    size = P.record_bytes(record)
-    if size > max_bytes:
-        return f"reply of {size} bytes exceeds the limit of {max_bytes} bytes (exchange.max_reply_mb)"
-    for name, (shape, dtype) in expected.items():
-        array = record[name]
-        if tuple(array.shape) != shape or array.dtype != dtype:
-            return f"array {name!r} is {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}"
-        values = array.numpy()
-        if values.dtype.kind == "f":
-            if not np.isfinite(values).all():
-                return f"array {name!r} holds NaN or infinite values"
-            if values.size and np.abs(values).max() > max_abs:
-                return f"array {name!r} has |value| {np.abs(values).max():.3g} > exchange.max_abs_value {max_abs:g}"
-    return ""
-
-
-def _spec(model: nn.Module) -> ArraySpec:
+def _spec(model: nn.Module) -> P.ArraySpec:
     return {k: (tuple(v.shape), str(v.numpy().dtype)) for k, v in P.model_to_record(model).items()}
 
 
@@ -93,7 +67,7 @@ class WeightsExchange:
     def check(self, content: RecordDict) -> str:
         if P.ARRAYS not in content.array_records:
             return f"reply has no {P.ARRAYS!r} ArrayRecord"
-        return (check_arrays(content[P.ARRAYS], self.expected, max_abs=self.config.max_abs_value, max_bytes=self.max_bytes)
+        return (P.check_arrays(content[P.ARRAYS], self.expected, max_abs=self.config.max_abs_value, max_bytes=self.max_bytes)
                 or check_count(content, self.config.weighting))
 
     def reply_bytes(self, content: RecordDict) -> int:
@@ -112,80 +86,51 @@ class WeightsExchange:
 
 
 class LogitsExchange:
-    """Sites send student logits on the public inputs; the server aggregates and distills.
+    """Sites send their students' outputs on the public inputs; the server aggregates and distills.
 
-    The combined soft labels (optionally mixed with the teacher's public logits) train
-    the global student on the public inputs. With broadcast=weights the sites start each
-    round from that student (FedDF); with broadcast=logits they receive the consensus
-    logits and keep their own students, which may differ per site (FedMD).
+    The task's `PublicOutputs` say what those outputs are (a distribution per record or per
+    next-token position). The consensus (optionally mixed with the teacher's) trains the
+    global student on the public inputs. With broadcast=weights the sites start each round
+    from that student (FedDF); with broadcast=logits they receive the consensus and keep
+    their own students, which may differ per site (FedMD).
     """
 
     def __init__(self, config: Config, task: Task):
         self.config = config.exchange
         self.seed = config.seed
-        self.inputs = task.public_inputs()
-        self.classes = task.num_classes
-        self.manifest = P.public_manifest(self.inputs)
-        self.teacher_logits = task.teacher_targets(self.inputs, (LOGITS,))[LOGITS]  # [P, C]
-        self.expected = compression.expected_arrays(method=self.config.compression, k=self.config.topk,
-                                                    rows=len(self.inputs), classes=self.classes)
+        self.outputs = task.public_outputs(self.config)
+        self.manifest = P.public_manifest(task.public_inputs())
         self.max_bytes = int(self.config.max_reply_mb * 2**20)
-        self.consensus: torch.Tensor | None = None  # [P, C], last round's aggregate
+        self.consensus: Targets | None = None  # last round's aggregate
 
     def outgoing(self, global_student: nn.Module) -> RecordDict:
         content = RecordDict({P.CONFIG: ConfigRecord(dict(self.manifest))})
         if self.config.broadcast == "weights":
             content[P.ARRAYS] = P.model_to_record(global_student)
         elif self.consensus is not None:
-            content[P.CONSENSUS] = ArrayRecord({P.LOGITS: Array(self.consensus.numpy())})
+            content[P.CONSENSUS] = ArrayRecord({name: Array(t.numpy()) for name, t in self.consensus.items()})
         return content
 
     def check(self, content: RecordDict) -> str:
         if P.LOGITS not in content.array_records:
             return f"reply has no {P.LOGITS!r} ArrayRecord"
         record = content[P.LOGITS]
-        problem = (check_arrays(record, self.expected, max_abs=self.config.max_abs_value, max_bytes=self.max_bytes)
-                   or check_count(content, self.config.weighting))
-        if problem:
-            return problem
-        if self.config.compression == "topk":
-            indices = record[compression.INDICES].numpy().astype(np.int64)
-            if indices.size and indices.max() >= self.classes:
-                return f"top-k indices must be < {self.classes} classes, got {indices.max()}"
-            if (np.diff(np.sort(indices, axis=1), axis=1) == 0).any():
-                return "top-k indices repeat a class within a row"
-            values = record[compression.VALUES].numpy().astype(np.float64)
-            mass = np.exp(values).sum(axis=1)
-        else:
-            values = record[compression.LOGITS].numpy().astype(np.float64)
-            mass = np.exp(values).sum(axis=1)
-            if values.size and (np.abs(mass - 1) > LOGPROB_TOLERANCE).any():
-                return "a row's probabilities do not sum to 1: the reply is not log-probabilities"
-        if values.size and (values.max() > LOGPROB_TOLERANCE or mass.max() > 1 + LOGPROB_TOLERANCE):
-            return "the reply's values are not log-probabilities (a value above 0 or a row's mass above 1)"
-        return ""
+        return (P.check_arrays(record, self.outputs.expected(), max_abs=self.config.max_abs_value, max_bytes=self.max_bytes)
+                or check_count(content, self.config.weighting)
+                or self.outputs.check({name: array.numpy() for name, array in record.items()}))
 
     def reply_bytes(self, content: RecordDict) -> int:
         return P.record_bytes(content[P.LOGITS])
 
     def combine(self, replies: list[RecordDict], global_student: nn.Module, server_round: int,
                 weights: np.ndarray | None = None) -> dict:
-        site_logits = np.stack([self._decode(r) for r in replies])  # [S, P, C]
-        combined = torch.from_numpy(aggregate(site_logits, _weights(replies, self.config.weighting, weights), method=self.config.aggregation,
-                                              trim_fraction=self.config.trim_fraction)).float()
-        w = self.config.teacher_weight
-        if w > 0:
-            combined = (1 - w) * combined + w * self.teacher_logits
-        report = distill_on_public(global_student, self.inputs, combined, self.config.server,
-                                   seed=self.seed * 1000 + server_round)
+        combined = self.outputs.combine(
+            [{name: array.numpy() for name, array in r[P.LOGITS].items()} for r in replies],
+            _weights(replies, self.config.weighting, weights),
+            lambda stack, w: aggregate(stack, w, method=self.config.aggregation, trim_fraction=self.config.trim_fraction))
+        report = self.outputs.fit(global_student, combined, self.config.server, seed=self.seed * 1000 + server_round)
         self.consensus = combined  # sent down only once the global student has learned it
         return {"server_distill_epochs": report.epochs, "server_holdout_kl": report.holdout_loss}
-
-    def _decode(self, content: RecordDict) -> np.ndarray:
-        arrays = {k: v.numpy() for k, v in content[P.LOGITS].items()}
-        # Log-probabilities, renormalised after float16 rounding: raw logits of different
-        # students differ by per-row constants, which would dominate a median or mean.
-        return torch.log_softmax(compression.decode(arrays, method=self.config.compression, classes=self.classes), dim=1).numpy()
 
 
 def build_exchange(config: Config, task: Task, global_student: nn.Module) -> Exchange:

@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
+from common.storage import untied_state
+
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -19,7 +21,7 @@ def count_params(model: nn.Module) -> int:
 def size_bytes(model: nn.Module) -> int:
     """On-disk size of the model's weights: as safetensors, or as `torch.save` writes an int8
     model (its packed weights are not plain tensors, which safetensors holds)."""
-    state = model.state_dict()
+    state = untied_state(model)
     if all(isinstance(v, torch.Tensor) and not v.is_quantized for v in state.values()):
         return len(save({k: v.detach().contiguous() for k, v in state.items()}))
     buffer = io.BytesIO()
@@ -37,8 +39,9 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
 
 @torch.inference_mode()
-def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 200) -> float:
-    """Median single-sample forward latency in milliseconds, on one CPU thread.
+def latency_ms(model: nn.Module, example: torch.Tensor, *, repeats: int = 200, budget_s: float = 5.0) -> float:
+    """Median single-sample forward latency in milliseconds, on one CPU thread, over `repeats`
+    forwards or as many as fit in about `budget_s` (at least 5: an LLM's forward takes a second).
 
     One thread, because a single sample gains nothing from more and the figure should not
     depend on what else the machine (e.g. a simulation's workers) is doing.
@@ -48,10 +51,10 @@ def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 200) -> f
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for _ in range(10):
+        for _ in range(3):
             model(x)
-        times = []
-        for _ in range(repeats):
+        times: list[float] = []
+        while len(times) < repeats and (len(times) < 5 or sum(times) < budget_s):
             start = time.perf_counter()
             model(x)
             times.append(time.perf_counter() - start)
@@ -61,7 +64,10 @@ def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 200) -> f
     return 1000 * times[len(times) // 2]
 
 
-
-def describe(model: nn.Module, example: torch.Tensor) -> dict:
-    """Parameters, size on disk and single-sample latency (ms) of `model` on `example[:1]`."""
-    return {"params": count_params(model), "size_bytes": size_bytes(model), "latency_ms": latency_ms(model, example)}
+def describe(model: nn.Module, example: torch.Tensor, tokens: int | None = None) -> dict:
+    """Parameters, size on disk and single-sample latency (ms) of `model` on `example[:1]`; with
+    `tokens` (the predictions one forward makes, a causal LM's), also tokens per second."""
+    cost = {"params": count_params(model), "size_bytes": size_bytes(model), "latency_ms": latency_ms(model, example)}
+    if tokens:
+        cost["tokens_per_s"] = tokens * 1000 / cost["latency_ms"]
+    return cost

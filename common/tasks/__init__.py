@@ -15,17 +15,19 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from common.config import IMAGE_SOURCES, LM_SOURCE, TEXT_SOURCE, Config, ConfigError, DistillConfig, StudentConfig
+from common.config import (IMAGE_SOURCES, LM_SOURCE, TEXT_SOURCE, Config, ConfigError, DistillConfig, ExchangeConfig,
+                           StudentConfig)
 
 if TYPE_CHECKING:
     from common.evaluation import Evaluator
+    from common.public_outputs import PublicOutputs
 
 
 class Task(Protocol):
     """What the server and the sites need to know about a domain."""
 
     name: str
-    num_classes: int
+    tokens_per_example: int | None  # predictions one example's forward makes, where more than one (a causal LM's)
 
     def private_data(self, site: int, num_sites: int) -> TensorDataset:
         """(inputs, labels) of site `site` of `num_sites` in simulation (never leave it)."""
@@ -41,6 +43,9 @@ class Task(Protocol):
 
     def public_labels(self) -> torch.Tensor | None:
         """Labels of the public inputs that are public themselves (a causal LM's next tokens), or None."""
+
+    def public_outputs(self, exchange: ExchangeConfig) -> "PublicOutputs":
+        """What its students say about the public inputs in the logits exchange (common.public_outputs)."""
 
     def test_data(self) -> TensorDataset:
         """The server's held-out (inputs, labels)."""

@@ -16,11 +16,12 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.config import Config, ConfigError, DistillConfig, StudentConfig
+from common.config import Config, ConfigError, DistillConfig, ExchangeConfig, StudentConfig
 from common.evaluation import ClassifierEvaluator
 from common.losses import LOGITS, DistillationObjective
 from common.models.image import StudentMLP, TeacherCNN
 from common.partition import partition_description, site_share, split_parts
+from common.public_outputs import ClassOutputs
 from common.storage import atomic_write, save_model, write_json
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class ImageTask:
     """Small image classification from a bundled set, split teacher / public / private / test."""
 
     num_classes = 10
+    tokens_per_example = None  # one prediction per example
 
     def __init__(self, config: Config):
         self.config = config.task
@@ -115,6 +117,9 @@ class ImageTask:
 
     def public_labels(self) -> None:
         return None  # the public part is inputs only
+
+    def public_outputs(self, exchange: ExchangeConfig) -> ClassOutputs:
+        return ClassOutputs(self, exchange)
 
     def test_data(self) -> TensorDataset:
         return self._parts["test"]

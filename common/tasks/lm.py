@@ -27,10 +27,11 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from common.config import Config, ConfigError, DistillConfig, StudentConfig
+from common.config import Config, ConfigError, DistillConfig, ExchangeConfig, StudentConfig
 from common.evaluation import Metric, Scores
 from common.losses import TOPK_IDS, TOPK_LOGPROBS, TokenDistillObjective
 from common.models.causal_lm import StudentLM, StudentLMConfig, build_student
+from common.public_outputs import TokenOutputs
 from common.storage import save_tensors
 from common.tasks.lm_corpus import STDLIB, CorpusError, Records, corpus_files, cut_records, held_out
 
@@ -134,7 +135,6 @@ class LMTask:
     """One corpus per site (simulation: task.corpus.sites), a public corpus, unseen domains."""
 
     name: str
-    num_classes = 0
 
     def __init__(self, config: Config):
         self.config = config.task
@@ -144,6 +144,7 @@ class LMTask:
         self.cache_dir = config.cache_path
         self.top_k = config.task.teacher.top_k
         self.suffixes = tuple(self.corpus.suffixes)
+        self.tokens_per_example = self.corpus.max_length  # a record's next-token predictions
 
     # --- teacher and tokenizer, loaded once per process ---
 
@@ -252,6 +253,11 @@ class LMTask:
 
     def public_labels(self) -> torch.Tensor:
         return self._dataset(self._public).tensors[1]  # next tokens: public like the records
+
+    def public_outputs(self, exchange: ExchangeConfig) -> TokenOutputs:
+        inputs = self.public_inputs()
+        return TokenOutputs(inputs, self.public_labels(), len(self.output_ids), exchange,
+                            lambda: self.teacher_targets(inputs, TokenDistillObjective.target_kinds), len(self.tokenizer))
 
     def test_data(self) -> TensorDataset:
         """Every site's held-out records."""

@@ -25,12 +25,13 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from common.config import Config, ConfigError, DistillConfig, StudentConfig
+from common.config import Config, ConfigError, DistillConfig, ExchangeConfig, StudentConfig
 from common.evaluation import ClassifierEvaluator
 from common.losses import ATTENTION, FEATURES, LOGITS, DistillationObjective
 from common.models.encoder import EncoderConfig, StudentEncoder, project_embeddings
 from common.models.text_teacher import EncoderTeacher, TeacherEnsemble, TfidfTeacher, sentence_embeddings
 from common.partition import partition_description, site_share, split_parts
+from common.public_outputs import ClassOutputs
 from common.storage import save_tensors
 from common.tasks.text_files import DataFileError, encode_labels, label_names, read_texts
 
@@ -53,6 +54,8 @@ def default_teacher_path() -> Path:
 
 class TextTask:
     """Labelled texts split teacher / public (texts only) / test / private, one site per share."""
+
+    tokens_per_example = None  # one prediction per example
 
     def __init__(self, config: Config):
         self.config = config.task
@@ -173,6 +176,9 @@ class TextTask:
 
     def public_labels(self) -> None:
         return None  # the public part is inputs only
+
+    def public_outputs(self, exchange: ExchangeConfig) -> ClassOutputs:
+        return ClassOutputs(self, exchange)
 
     def test_data(self) -> TensorDataset:
         return self._parts["test"]

@@ -6,7 +6,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from common import payload as P
 from common.config import load_config
 from common.tasks import build_task
-from server.exchange import LogitsExchange, WeightsExchange, check_arrays
+from common.losses import LOGITS
+from common.payload import check_arrays
+from server.exchange import LogitsExchange, WeightsExchange
 from server.strategy import INVALID, TRAINED, read_content
 
 ALLOWED = set(P.released_items(mode="logits", weighting="uniform", dp=True))
@@ -45,6 +47,11 @@ def config(tmp_path, cache_dir):
                         f"run_dir={tmp_path}", f"cache_dir={cache_dir}"])
 
 
+def _teacher_log_probs(task):
+    """Learnable targets: the teacher's log-probabilities on the public inputs."""
+    return torch.log_softmax(task.teacher_targets(task.public_inputs(), (LOGITS,))[LOGITS], dim=1).numpy()
+
+
 def _reply(logits, **extra_metrics):
     return RecordDict({
         P.LOGITS: ArrayRecord({"logits": Array(np.asarray(logits, dtype=np.float32))}),
@@ -57,24 +64,24 @@ def test_logits_exchange_drops_bad_replies_and_distills_on_good_ones(config):
     task = build_task(config)
     exchange = LogitsExchange(config, task)
     rows = len(task.public_inputs())
-    good = torch.log_softmax(exchange.teacher_logits, dim=1).numpy()  # learnable targets
+    good = _teacher_log_probs(task)
     assert read_content(_reply(good), 1, exchange, ALLOWED).status == TRAINED
     bad = read_content(_reply(good[:-1]), 2, exchange, ALLOWED)
     assert bad.status == INVALID and "expected float32" in bad.reason
-    raw = read_content(_reply(exchange.teacher_logits.numpy()), 3, exchange, ALLOWED)
+    raw = read_content(_reply(good + 1.5), 3, exchange, ALLOWED)
     assert raw.status == INVALID and "not log-probabilities" in raw.reason
     student = task.student(config.student)
     before = P.model_to_record(student)["net.1.weight"].numpy().copy()
     report = exchange.combine([_reply(good), _reply(good)], student, server_round=1)
     assert report["server_distill_epochs"] >= 1
     assert not np.allclose(before, P.model_to_record(student)["net.1.weight"].numpy())
-    assert exchange.consensus.shape == (rows, 10)
+    assert exchange.consensus[LOGITS].shape == (rows, 10)
 
 
 def test_a_reply_holding_anything_a_site_may_not_release_is_dropped(config):
     task = build_task(config)
     exchange = LogitsExchange(config, task)
-    good = torch.log_softmax(exchange.teacher_logits, dim=1).numpy()
+    good = _teacher_log_probs(task)
     for leak in ({"num-examples": 590}, {P.TRAIN_LOSS: 0.3}, {"train-seconds": 4.2}, {P.NOISY_COUNT: 590.3}):
         outcome = read_content(_reply(good, **leak), 1, exchange, ALLOWED)
         assert outcome.status == INVALID and next(iter(leak)) in outcome.reason
@@ -87,12 +94,12 @@ def test_a_reply_holding_anything_a_site_may_not_release_is_dropped(config):
 def test_the_consensus_is_kept_only_once_the_global_student_has_learned_it(config, monkeypatch):
     task = build_task(config)
     exchange = LogitsExchange(config, task)
-    good = torch.log_softmax(exchange.teacher_logits, dim=1).numpy()
+    good = _teacher_log_probs(task)
 
     def failing_fit(*args, **kwargs):
         raise RuntimeError("server-side distillation failed")
 
-    monkeypatch.setattr("server.exchange.distill_on_public", failing_fit)
+    monkeypatch.setattr(exchange.outputs, "fit", failing_fit)
     with pytest.raises(RuntimeError):
         exchange.combine([_reply(good)], task.student(config.student), server_round=1)
     assert exchange.consensus is None

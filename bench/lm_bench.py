@@ -1,0 +1,173 @@
+"""Causal LM on code: does a DP federation distil SmolLM2 into a small, fast code model?
+
+Side by side in one run, over several seeds: the teacher; the student warm-started on the
+public corpus alone (what the server has before any site joins); the DP federation with
+the teacher at several epsilons and without DP; the same federation on next-token
+cross-entropy only (no teacher anywhere, the warm start included); the federation in the
+logits exchange. Each row: perplexity on the sites' held-out files and on unseen domains,
+top-1 agreement with the teacher, bytes per site per round. Then teacher, student and int8
+student cost (parameters, size on disk, tokens per second on one CPU thread) and the
+issue's targets, each with its margin. Prints tables and writes bench/results/bench-lm.json.
+
+    python -m bench.lm_bench [--seeds 3] [--epsilons 3 8] [--only PREFIX] [overrides ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import statistics
+import sys
+import time
+import warnings
+
+from bench.baselines import compose, evaluator, federate, start_of, task_of
+from bench.run_bench import RESULTS
+from common.config import ConfigError, load_config
+from common.models.inference import describe, quantize_int8
+from common.tasks.lm import default_teacher_path
+
+EPSILONS = ["3", "8"]
+TEACHER = "DP federation, with teacher"
+CROSS_ENTROPY = "next-token cross-entropy only (no teacher)"
+LOGITS = "DP federation, logits exchange"
+PUBLIC = "public corpus only (warm-started student)"
+SCORES = ("perplexity", "perplexity_unseen", "agreement")
+
+
+def lm_settings(epsilons: list[str]) -> list[tuple[str, str, list[str]]]:
+    levels = [(eps, [f"privacy.epsilon={eps}"]) for eps in epsilons] + [("no DP", ["privacy=none"])]
+    settings: list[tuple[str, str, list[str]]] = [("teacher", "-", []), (PUBLIC, "-", [])]
+    for name, extra in ((TEACHER, []), (CROSS_ENTROPY, ["distill.alpha=0"])):
+        settings += [(name, eps, extra + privacy) for eps, privacy in levels]
+    if "8" in epsilons:
+        settings.append((LOGITS, "8", ["exchange=logits", "privacy.epsilon=8"]))
+    return settings
+
+
+def rows_for(settings: list[tuple[str, str, list[str]]], overrides: list[str], cache: str, args, save) -> list[dict]:
+    rows = []
+    for name, eps, extra in settings:
+        if args.only and not any(name.startswith(prefix) for prefix in args.only):
+            continue
+        scores, wires, start = [], [], time.perf_counter()
+        for seed in range(args.seeds):
+            config = compose([*overrides, *extra, f"seed={seed}"], cache)
+            if name == "teacher":
+                scores.append(evaluator(task_of(config)).teacher)
+            elif name == PUBLIC:
+                scores.append(evaluator(task_of(config))(start_of(config)[0]))
+            else:
+                score, wire = federate(config)
+                scores.append(score)
+                wires.append(wire["bytes_up_per_site_round"])
+        rows.append(summarise(name, eps, scores, statistics.mean(wires) if wires else None))
+        r = rows[-1]
+        print(f"  {name:44s} eps {eps:6s} perplexity {r['perplexity']:.2f} +- {r['perplexity_std']:.2f}, unseen "
+              f"{r['perplexity_unseen']:.2f}, agreement {r['agreement']:.3f} ({time.perf_counter() - start:.0f} s)",
+              flush=True)
+        save(rows)
+    return rows
+
+
+def summarise(name: str, eps: str, scores: list[dict], bytes_up: float | None) -> dict:
+    """Mean and standard deviation over seeds of every score (per-part perplexities included)."""
+    row = {"setting": name, "epsilon": eps, "seeds": len(scores), "bytes_up_per_site_round": bytes_up}
+    for key in scores[0]:
+        values = [s[key] for s in scores]
+        row[key] = statistics.mean(values)
+        row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return row
+
+
+def costs(overrides: list[str], cache: str) -> dict:
+    """Teacher, student and int8 student: parameters, size on disk, tokens per second on one thread."""
+    config = compose([*overrides, "seed=0"], cache)
+    task = task_of(config)
+    example = task.test_data().tensors[0]
+    student = copy.deepcopy(start_of(config)[0])
+    return {"teacher": describe(task.teacher(), example, task.tokens_per_example),
+            "student": describe(student, example, task.tokens_per_example),
+            "int8 student": describe(quantize_int8(student), example, task.tokens_per_example)}
+
+
+def targets(rows: list[dict], cost: dict) -> list[dict]:
+    """The issue's targets, each with the figure, the bar and the margin (positive: met)."""
+    def row(name: str, eps: str) -> dict | None:
+        return next((r for r in rows if r["setting"] == name and r["epsilon"] == eps), None)
+
+    teacher, student = cost["teacher"], cost["student"]
+    checks = [("student parameters <= teacher / 20", student["params"], teacher["params"] / 20,
+               teacher["params"] / 20 - student["params"])]
+    speedup = student["tokens_per_s"] / teacher["tokens_per_s"]
+    checks.append(("student >= 10x the teacher's tokens/s, 1 thread", speedup, 10.0, speedup - 10.0))
+    for better, worse, what in ((row(TEACHER, "8"), row(PUBLIC, "-"), "epsilon 8 federation below public-only"),
+                                (row(TEACHER, "8"), row(CROSS_ENTROPY, "8"), "teacher below cross-entropy only, eps 8")):
+        if better and worse:
+            gain = worse["perplexity"] - better["perplexity"]
+            spread = max(better["perplexity_std"], worse["perplexity_std"])
+            checks.append((f"{what}: sites' held-out perplexity lower by > spread", gain, spread, gain - spread))
+    return [{"target": c[0], "value": c[1], "bar": c[2], "margin": c[3], "met": c[3] > 0} for c in checks]
+
+
+def print_table(rows: list[dict]) -> None:
+    """A Markdown table, so it can go into the README as printed."""
+    print("\n| setting | epsilon | held-out perplexity (sites) | perplexity (unseen domains) | agreement | "
+          "bytes up per site per round |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        up = f"{r['bytes_up_per_site_round']:,.0f}" if r["bytes_up_per_site_round"] else "-"
+        print(f"| {r['setting']} | {r['epsilon']} | {r['perplexity']:.2f} +- {r['perplexity_std']:.2f} | "
+              f"{r['perplexity_unseen']:.2f} +- {r['perplexity_unseen_std']:.2f} | {r['agreement']:.3f} | {up} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--only", action="append", default=[], metavar="PREFIX",
+                        help="run only the rows whose setting starts with PREFIX (repeatable)")
+    parser.add_argument("--epsilons", nargs="*", default=EPSILONS,
+                        help="the DP budgets of the DP rows (none: only the no-DP rows)")
+    parser.add_argument("--out", default="bench-lm.json", help="file name under bench/results/")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every setting")
+    args = parser.parse_args()
+    overrides = ["task=lm", *args.overrides]
+    config = load_config(overrides)
+    if config.task.teacher.path is None:
+        try:
+            default_teacher_path()
+        except ConfigError as err:
+            print(f"skipped: {err}")
+            sys.exit(0)
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    cache = str(config.cache_path)
+    out = RESULTS / args.out
+    RESULTS.mkdir(exist_ok=True)
+    result: dict = {"overrides": overrides, "seeds": args.seeds, "rows": []}
+
+    def save(rows: list[dict] | None = None) -> None:
+        if rows is not None:
+            result["rows"] = rows
+        out.write_text(json.dumps(result, indent=2))
+
+    cost = costs(overrides, cache)
+    result["cost"] = cost
+    print("Cost, one record on one CPU thread: " + ", ".join(
+        f"{k} {v['params']:,} parameters, {v['size_bytes'] / 2**20:.1f} MiB, {v['tokens_per_s']:,.0f} tokens/s"
+        for k, v in cost.items()))
+    print(f"Perplexity and agreement with the teacher, mean over {args.seeds} seeds:")
+    rows = rows_for(lm_settings(args.epsilons), overrides, cache, args, save)
+    print_table(rows)
+    result["targets"] = targets(rows, cost)
+    save()
+    print("\n| target | value | bar | margin | met |\n|---|---|---|---|---|")
+    for t in result["targets"]:
+        print(f"| {t['target']} | {t['value']:,.3f} | {t['bar']:,.3f} | {t['margin']:+,.3f} | {'yes' if t['met'] else 'NO'} |")
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()

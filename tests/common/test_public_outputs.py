@@ -1,0 +1,110 @@
+"""A causal LM's public outputs in the logits exchange: top-k per next-token position, checked,
+aggregated over the union of the sites' tokens, mixed with the teacher, and learned."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common import compression
+from common.config import ConfigError, load_config
+from common.losses import TOPK_IDS, TOPK_LOGPROBS
+from common.tasks import build_task
+from server.aggregate import aggregate
+
+
+def _mean(stack, weights):
+    return aggregate(stack, weights, method="mean")
+
+
+@pytest.fixture
+def lm_task(lm_overrides):
+    config = load_config([*lm_overrides, "exchange=logits", "exchange.topk=4", "exchange.teacher_weight=0"])
+    return config, build_task(config)
+
+
+def test_a_student_sends_top_k_at_each_next_token_position_of_the_public_records(lm_task):
+    config, task = lm_task
+    outputs = task.public_outputs(config.exchange)
+    student = task.student(config.student)
+    arrays = outputs.encode(student)
+    positions = int((task.public_labels() != -100).sum())
+    assert {k: (v.shape, str(v.dtype)) for k, v in arrays.items()} == {
+        k: spec for k, spec in outputs.expected().items()} == {
+        compression.VALUES: ((positions, 4), "float16"), compression.INDICES: ((positions, 4), "uint16")}
+    assert outputs.check(arrays) == ""
+    # the rows are the student's own top-4 at those positions, in order
+    labels = task.public_labels()
+    with torch.no_grad():
+        logits = student(task.public_inputs()[:1], attention_mask=(labels[:1] != -100).long() | 1)
+    first = logits[0][labels[0] != -100].log_softmax(-1).topk(4, dim=-1)
+    count = int((labels[0] != -100).sum())
+    assert torch.equal(torch.from_numpy(arrays[compression.INDICES][:count].astype(np.int64)), first.indices)
+    bad = dict(arrays, **{compression.INDICES: np.full_like(arrays[compression.INDICES], len(task.output_ids))})
+    assert "indices must be <" in outputs.check(bad)
+
+
+def test_the_consensus_is_the_top_k_of_the_sites_mean_log_probabilities(lm_task):
+    config, task = lm_task
+    outputs = task.public_outputs(config.exchange)
+    rows, vocabulary = outputs.rows, len(task.output_ids)
+
+    def site(second):  # both sites put 0.6 on token 9; they differ on the runner-up
+        values = np.log(np.tile([0.6, 0.3, 0.05, 0.01], (rows, 1))).astype(np.float16)
+        return {compression.VALUES: values, compression.INDICES: np.tile([9, second, 11, 12], (rows, 1)).astype(np.uint16)}
+
+    replies = [site(5), site(7)]
+    consensus = outputs.combine(replies, np.ones(2), _mean)
+    assert consensus[TOPK_IDS].shape == (rows, 4) and consensus[TOPK_IDS].max() < vocabulary
+    assert (consensus[TOPK_IDS][:, 0] == 9).all()
+    assert torch.allclose(consensus[TOPK_LOGPROBS][:, 0].exp(), torch.tensor(0.6), atol=0.01)
+    # the same as the dense computation: the top-4 of the mean of each site's log-probabilities
+    dense = torch.stack([torch.log_softmax(compression.decode(r, method="topk", classes=vocabulary), 1) for r in replies])
+    expected = dense.mean(0).topk(4, dim=1)
+    assert torch.allclose(consensus[TOPK_LOGPROBS], expected.values, atol=1e-4)
+    assert torch.equal(consensus[TOPK_IDS].sort(1).values, expected.indices.sort(1).values)
+
+
+def test_the_teacher_is_mixed_in_by_its_weight(lm_overrides):
+    config = load_config([*lm_overrides, "exchange=logits", "exchange.topk=4", "exchange.teacher_weight=1"])
+    task = build_task(config)
+    outputs = task.public_outputs(config.exchange)
+    student_arrays = outputs.encode(task.student(config.student))
+    consensus = outputs.combine([student_arrays], np.ones(1), _mean)
+    teacher = task.teacher_targets(task.public_inputs(), (TOPK_LOGPROBS, TOPK_IDS))
+    positions = task.public_labels() != -100
+    teacher_ids, teacher_values = teacher[TOPK_IDS][positions].long(), teacher[TOPK_LOGPROBS][positions].float()
+    # with weight 1 the consensus is the teacher's: its first two choices wherever they are in the
+    # output vocabulary, in the same ratio
+    both = (teacher_ids[:, :2] >= 0).all(1)
+    assert both.any()
+    assert torch.equal(consensus[TOPK_IDS][both, :2], teacher_ids[both, :2])
+    assert torch.allclose(consensus[TOPK_LOGPROBS][both, 0] - consensus[TOPK_LOGPROBS][both, 1],
+                          teacher_values[both, 0] - teacher_values[both, 1], atol=1e-3)
+
+
+def test_fitting_the_consensus_moves_the_student_towards_it(lm_task):
+    config, task = lm_task
+    outputs = task.public_outputs(config.exchange)
+    torch.manual_seed(1)
+    target = task.student(config.student)
+    for name, parameter in target.named_parameters():
+        if parameter.requires_grad and parameter.dim() == 2:
+            torch.nn.init.normal_(parameter, std=0.5)
+    consensus = outputs.combine([outputs.encode(target)], np.ones(1), _mean)
+    student = task.student(config.student)
+
+    def agreement():
+        rows = outputs.encode(student)[compression.INDICES][:, 0]
+        return float((rows == consensus[TOPK_IDS][:, 0].numpy()).mean())
+
+    before = agreement()
+    outputs.fit(student, consensus, config.exchange.server, seed=0)
+    assert before < 0.5 and agreement() > 1.5 * before
+
+
+def test_a_causal_lm_refuses_dense_public_outputs(lm_overrides):
+    config = load_config([*lm_overrides, "exchange=logits", "exchange.compression=float16"])
+    with pytest.raises(ConfigError, match="exchange.compression=topk"):
+        build_task(config).public_outputs(config.exchange)

@@ -1,0 +1,57 @@
+"""The LM benchmark's rows and targets, and a row measured end to end on the tiny teacher."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from bench.baselines import task_overrides
+from bench.lm_bench import CROSS_ENTROPY, LOGITS, PUBLIC, TEACHER, costs, lm_settings, rows_for, targets
+from common.config import load_config
+
+
+def test_every_row_the_issue_asks_for():
+    settings = lm_settings(["3", "8"])
+    assert [(n, e) for n, e, _ in settings[:2]] == [("teacher", "-"), (PUBLIC, "-")]
+    for name in (TEACHER, CROSS_ENTROPY):
+        assert [eps for n, eps, _ in settings if n == name] == ["3", "8", "no DP"], name
+    cross_entropy = next(extra for name, eps, extra in settings if name == CROSS_ENTROPY and eps == "8")
+    assert "distill.alpha=0" in cross_entropy and "privacy.epsilon=8" in cross_entropy
+    assert [eps for n, eps, _ in settings if n == LOGITS] == ["8"]
+    for _, _, extra in settings:
+        config = load_config(["task=lm", *extra, "seed=1"])
+        load_config(shlex.split(task_overrides(config)))  # what the benchmark builds the task from
+
+
+def _row(setting, eps, perplexity, std=0.5):
+    return {"setting": setting, "epsilon": eps, "perplexity": perplexity, "perplexity_std": std}
+
+
+COST = {"teacher": {"params": 2000, "tokens_per_s": 100.0}, "student": {"params": 120, "tokens_per_s": 900.0}}
+
+
+def test_targets_show_their_margins_met_or_missed():
+    rows = [_row(PUBLIC, "-", 20.0), _row(TEACHER, "8", 18.0, 1.0), _row(CROSS_ENTROPY, "8", 18.4, 0.2)]
+    checks = {t["target"]: t for t in targets(rows, COST)}
+    assert checks["student parameters <= teacher / 20"]["margin"] == -20 and not checks["student parameters <= teacher / 20"]["met"]
+    speed = checks["student >= 10x the teacher's tokens/s, 1 thread"]
+    assert abs(speed["value"] - 9.0) < 1e-9 and not speed["met"]
+    public = next(t for name, t in checks.items() if name.startswith("epsilon 8 federation below public-only"))
+    assert abs(public["margin"] - (2.0 - 1.0)) < 1e-9 and public["met"]
+    teacher = next(t for name, t in checks.items() if name.startswith("teacher below cross-entropy only"))
+    assert abs(teacher["margin"] - (0.4 - 1.0)) < 1e-9 and not teacher["met"]
+
+
+def test_rows_are_measured_on_the_tiny_teacher(lm_overrides, capsys):
+    overrides = [o for o in lm_overrides if not o.startswith(("run_dir=", "cache_dir="))]
+    cache = next(o.split("=", 1)[1] for o in lm_overrides if o.startswith("cache_dir="))
+    args = argparse.Namespace(seeds=2, only=["teacher", "public", "DP federation, with"])
+    settings = [s for s in lm_settings(["8"]) if s[1] in ("-", "8")]
+    rows = rows_for(settings, overrides, cache, args, lambda rows: None)
+    assert [(r["setting"], r["epsilon"]) for r in rows] == [("teacher", "-"), (PUBLIC, "-"), (TEACHER, "8")]
+    for r in rows:
+        assert r["seeds"] == 2 and r["perplexity"] > 1 and 0 <= r["agreement"] <= 1
+        assert {"perplexity_unseen", "perplexity_site-0", "perplexity_site-1"} <= set(r)
+    assert rows[0]["bytes_up_per_site_round"] is None and rows[2]["bytes_up_per_site_round"] > 0
+    cost = costs(overrides, cache)
+    assert cost["student"]["params"] < cost["teacher"]["params"] and cost["int8 student"]["tokens_per_s"] > 0
