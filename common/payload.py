@@ -102,8 +102,10 @@ def reply_items(content: RecordDict) -> set[str]:
 
 def frozen_names(model: nn.Module) -> set[str]:
     """Parameters that never train (e.g. a text student's projected teacher embeddings): every
-    site builds them identically, so they never travel."""
-    return {name for name, p in model.named_parameters() if not p.requires_grad}
+    site builds them identically, so they never travel. A name tied to a frozen parameter (a
+    causal LM's output head, tied to its embeddings) is frozen with it."""
+    frozen = {p.data_ptr() for p in model.parameters() if not p.requires_grad}
+    return {name for name, p in model.named_parameters(remove_duplicate=False) if p.data_ptr() in frozen}
 
 
 def model_to_record(model: nn.Module) -> ArrayRecord:

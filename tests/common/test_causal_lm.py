@@ -83,3 +83,19 @@ def test_lm_student_exports_with_its_full_head_and_reloads(tmp_path):
     assert torch.allclose(full[..., output_ids], restricted, atol=1e-5)
     generated = loaded.generate(inputs[:1, :3], max_new_tokens=4, do_sample=False, pad_token_id=2)
     assert generated.shape == (1, 7)
+
+
+def test_the_frozen_tied_embeddings_and_head_never_travel(lm_overrides):
+    from common import payload as P
+    from common.config import load_config
+    from common.tasks import build_task
+
+    config = load_config(lm_overrides)
+    task = build_task(config)
+    student = task.student(config.student)
+    record = P.model_to_record(student)
+    assert not any("embed_tokens" in name or "lm_head" in name for name in record.keys())
+    trained = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    assert sum(array.numpy().size for array in record.values()) == trained
+    fresh = task.student(config.student)
+    P.load_record(fresh, record)  # what a site receives loads into the model it builds
