@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # CPU build of torch; a GPU user installs their own torch into .venv first (see README).
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test bench bench-text install clean
+.PHONY: demo test bench bench-text bench-lm install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ bench: install
 
 bench-text: install
 	$(BIN)/python -m bench.text_bench
+
+bench-lm: install
+	$(BIN)/python -m bench.lm_bench
 
 clean:
 	rm -rf $(VENV) outputs
