@@ -112,7 +112,8 @@ def main() -> None:
     parser.add_argument("--public-epochs", type=int, default=300, help="epochs for the public-only student")
     parser.add_argument("--only", action="append", default=[], metavar="PREFIX",
                         help="run only the rows whose setting starts with PREFIX (repeatable)")
-    parser.add_argument("--epsilons", nargs="+", default=EPSILONS, help="the DP budgets of the DP rows")
+    parser.add_argument("--epsilons", nargs="*", default=EPSILONS,
+                        help="the DP budgets of the DP rows (none: only the no-DP rows)")
     parser.add_argument("--data", default=str(AGNEWS), help="AG News train.tsv (text<TAB>label)")
     parser.add_argument("--out", default="bench-text.json", help="file name under bench/results/")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every setting")
