@@ -24,7 +24,7 @@ import time
 import warnings
 
 from bench.baselines import compose, evaluator, federate, start_of, task_of
-from bench.run_bench import RESULTS
+from bench.run_bench import RESULTS, print_targets
 from common.config import ConfigError, load_config
 from common.models.inference import describe, quantize_int8
 from common.tasks.lm import default_teacher_path
@@ -163,9 +163,7 @@ def main() -> None:
     print_table(rows)
     result["targets"] = targets(rows, cost)
     save()
-    print("\n| target | value | bar | margin | met |\n|---|---|---|---|---|")
-    for t in result["targets"]:
-        print(f"| {t['target']} | {t['value']:,.3f} | {t['bar']:,.3f} | {t['margin']:+,.3f} | {'yes' if t['met'] else 'NO'} |")
+    print_targets(result["targets"])
     print(f"\nwritten to {out}")
 
 

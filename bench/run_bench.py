@@ -143,6 +143,13 @@ def print_table(rows: list[dict]) -> None:
         print(f"| {r['setting']} | {r['epsilon']} | {r['accuracy']:.3f} +- {r['accuracy_std']:.3f} | {r['agreement']:.3f} | {up} |")
 
 
+def print_targets(targets: list[dict]) -> None:
+    """The targets as a Markdown table, each with its margin (positive: met)."""
+    print("\n| target | value | bar | margin | met |\n|---|---|---|---|---|")
+    for t in targets:
+        print(f"| {t['target']} | {t['value']:,.3f} | {t['bar']:,.3f} | {t['margin']:+,.3f} | {'yes' if t['met'] else 'NO'} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from bench.baselines import compose, task_of
-from bench.run_bench import RESULTS, print_table, rows_for
+from bench.run_bench import RESULTS, print_table, print_targets, rows_for
 from common.config import load_config
 from common.models.inference import describe
 
@@ -143,9 +143,7 @@ def main() -> None:
     print_table(rows)
     result["targets"] = targets(rows, cost)
     save()
-    print("\n| target | value | bar | margin | met |\n|---|---|---|---|---|")
-    for t in result["targets"]:
-        print(f"| {t['target']} | {t['value']:,.3f} | {t['bar']:,.3f} | {t['margin']:+,.3f} | {'yes' if t['met'] else 'NO'} |")
+    print_targets(result["targets"])
     print(f"\nwritten to {out}")
 
 
