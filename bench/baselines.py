@@ -32,6 +32,9 @@ from server.exchange import build_exchange
 from server.report import released_items
 from server.strategy import TRAINED, content_bytes, for_site, read_content, round_request
 
+# The distillation settings the warm start depends on (it uses the local objective, not the DP step).
+OBJECTIVE_SETTINGS = ("temperature", "alpha", "feature_weight", "attention_weight", "attention_layers")
+
 
 def compose(overrides: list[str], cache_dir: str) -> Config:
     return load_config(overrides + [f"cache_dir={cache_dir}", f"run_dir={tempfile.mkdtemp(prefix='fedistill-bench-')}"])
@@ -107,15 +110,16 @@ def task_of(config: Config) -> Task:
 
 def start_of(config: Config) -> tuple[nn.Module, DistillReport | None]:
     """The global student before round 1 (warm-started where the config says), once per task,
-    server-distillation settings and seed."""
-    server = shlex.join(o for o in config.overrides if o.startswith("exchange.server"))
-    return _start(task_overrides(config), server, config.seed, str(config.cache_path))
+    student, objective (not the DP step's settings), server-distillation settings and seed."""
+    objective = tuple(f"distill.{key}" for key in OBJECTIVE_SETTINGS)
+    warm_start = shlex.join(o for o in config.overrides if o.startswith(("task", "student", "exchange.server", *objective)))
+    return _start(warm_start, config.seed, str(config.cache_path))
 
 
 @functools.lru_cache(maxsize=4)
-def _start(task_config: str, server_config: str, seed: int, cache_dir: str) -> tuple[nn.Module, DistillReport | None]:
-    config = load_config([f"seed={seed}", f"cache_dir={cache_dir}", *shlex.split(task_config), *shlex.split(server_config)])
-    return initial_student(_task(task_config, seed, cache_dir), config)
+def _start(overrides: str, seed: int, cache_dir: str) -> tuple[nn.Module, DistillReport | None]:
+    config = load_config([f"seed={seed}", f"cache_dir={cache_dir}", *shlex.split(overrides)])
+    return initial_student(task_of(config), config)
 
 
 def distill_non_private(config: Config, inputs: torch.Tensor, labels: torch.Tensor | None, epochs: int) -> Scores:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import statistics
 import sys
@@ -24,7 +23,7 @@ import time
 import warnings
 
 from bench.baselines import compose, evaluator, federate, start_of, task_of
-from bench.run_bench import RESULTS, print_targets
+from bench.run_bench import ResultsFile, print_targets
 from common.config import ConfigError, load_config
 from common.models.inference import describe, quantize_int8
 from common.tasks.lm import default_teacher_path
@@ -144,27 +143,18 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     cache = str(config.cache_path)
-    out = RESULTS / args.out
-    RESULTS.mkdir(exist_ok=True)
-    result: dict = {"overrides": overrides, "seeds": args.seeds, "rows": []}
-
-    def save(rows: list[dict] | None = None) -> None:
-        if rows is not None:
-            result["rows"] = rows
-        out.write_text(json.dumps(result, indent=2))
-
+    results = ResultsFile(args.out, overrides=overrides, seeds=args.seeds)
     cost = costs(overrides, cache)
-    result["cost"] = cost
+    results["cost"] = cost
     print("Cost, one record on one CPU thread: " + ", ".join(
         f"{k} {v['params']:,} parameters, {v['size_bytes'] / 2**20:.1f} MiB, {v['tokens_per_s']:,.0f} tokens/s"
         for k, v in cost.items()))
     print(f"Perplexity and agreement with the teacher, mean over {args.seeds} seeds:")
-    rows = rows_for(lm_settings(args.epsilons), overrides, cache, args, save)
+    rows = rows_for(lm_settings(args.epsilons), overrides, cache, args, results.save_rows)
     print_table(rows)
-    result["targets"] = targets(rows, cost)
-    save()
-    print_targets(result["targets"])
-    print(f"\nwritten to {out}")
+    results["targets"] = targets(rows, cost)
+    print_targets(results.result["targets"])
+    print(f"\nwritten to {results.path}")
 
 
 if __name__ == "__main__":

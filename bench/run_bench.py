@@ -60,6 +60,23 @@ def settings_for(include_logits: bool, epsilons: list[str]) -> list[tuple[str, s
     return settings
 
 
+class ResultsFile:
+    """A benchmark's JSON under bench/results/, rewritten whenever something is added: a long run
+    stopped part-way loses nothing."""
+
+    def __init__(self, name: str, **fields):
+        RESULTS.mkdir(exist_ok=True)
+        self.path = RESULTS / name
+        self.result: dict = {**fields, "rows": []}
+
+    def __setitem__(self, key: str, value) -> None:
+        self.result[key] = value
+        self.path.write_text(json.dumps(self.result, indent=2))
+
+    def save_rows(self, rows: list[dict]) -> None:
+        self["rows"] = rows
+
+
 def rows_for(settings: list[tuple[str, str, list[str]]], overrides: list[str], cache: str, args: argparse.Namespace,
              on_row: Callable[[list[dict]], None]) -> list[dict]:
     """Every row of `settings`, each a mean over `args.seeds` seeds; `on_row` sees the rows so far after each one."""
@@ -167,30 +184,20 @@ def main() -> None:
     logging.disable(logging.WARNING)
     cache = str(load_config(args.overrides).cache_path)
     print(f"Accuracy on the held-out test set, mean over {args.seeds} seeds:")
-    result: dict = {"overrides": args.overrides, "seeds": args.seeds, "rows": []}
-    out = RESULTS / args.out
-    RESULTS.mkdir(exist_ok=True)
-
-    def save(rows: list[dict] | None = None) -> None:  # after every row: a long run loses nothing
-        if rows is not None:
-            result["rows"] = rows
-        out.write_text(json.dumps(result, indent=2))
-
-    rows = rows_for(settings_for(not args.weights_only, args.epsilons), args.overrides, cache, args, save)
+    results = ResultsFile(args.out, overrides=args.overrides, seeds=args.seeds)
+    rows = rows_for(settings_for(not args.weights_only, args.epsilons), args.overrides, cache, args, results.save_rows)
     print_table(rows)
     steps = step_time_ratio(args.overrides, cache)
-    result["step_time"] = steps
-    save()
+    results["step_time"] = steps
     print(f"\nLocal step time: DP {steps['dp_ms_per_step']:.1f} ms, non-DP {steps['non_dp_ms_per_step']:.1f} ms, "
           f"ratio x{steps['ratio']:.2f} (batch {steps['batch_size']})")
     if not args.skip_simulation:
         wall = simulation_wall_time(args.overrides)
-        result["simulation"] = wall
-        save()
+        results["simulation"] = wall
         print(f"Default simulation ({wall['rounds']} rounds): wall {wall['wall_s']:.0f} s = start-up and teardown "
               f"{wall['startup_and_teardown_s']:.0f} s + training {wall['training_s']:.0f} s + evaluation "
               f"{wall['evaluation_s']:.1f} s")
-    print(f"\nwritten to {out}")
+    print(f"\nwritten to {results.path}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ targets, each with its margin. Prints tables and writes bench/results/bench-text
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import warnings
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 from bench.baselines import compose, task_of
-from bench.run_bench import RESULTS, print_table, print_targets, rows_for
+from bench.run_bench import ResultsFile, print_table, print_targets, rows_for
 from common.config import load_config
 from common.models.inference import describe
 
@@ -125,26 +124,17 @@ def main() -> None:
     logging.disable(logging.WARNING)
     overrides = ["task=text", f"task.data.path={args.data}", *args.overrides]
     cache = str(load_config(overrides).cache_path)
-    out = RESULTS / args.out
-    RESULTS.mkdir(exist_ok=True)
-    result: dict = {"overrides": overrides, "seeds": args.seeds, "rows": []}
-
-    def save(rows: list[dict] | None = None) -> None:
-        if rows is not None:
-            result["rows"] = rows
-        out.write_text(json.dumps(result, indent=2))
-
+    results = ResultsFile(args.out, overrides=overrides, seeds=args.seeds)
     cost = costs(overrides, cache)
-    result["cost"] = cost
+    results["cost"] = cost
     print("Teacher and student: " + ", ".join(f"{k} {v['params']:,} parameters, {v['size_bytes'] / 2**20:.1f} MiB, "
                                                f"{v['latency_ms']:.2f} ms per sample" for k, v in cost.items()))
     print(f"Accuracy on the held-out test texts, mean over {args.seeds} seeds:")
-    rows = rows_for(text_settings(args.epsilons), overrides, cache, args, save)
+    rows = rows_for(text_settings(args.epsilons), overrides, cache, args, results.save_rows)
     print_table(rows)
-    result["targets"] = targets(rows, cost)
-    save()
-    print_targets(result["targets"])
-    print(f"\nwritten to {out}")
+    results["targets"] = targets(rows, cost)
+    print_targets(results.result["targets"])
+    print(f"\nwritten to {results.path}")
 
 
 if __name__ == "__main__":

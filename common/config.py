@@ -124,8 +124,8 @@ class CorpusConfig:
     suffixes: list[str] = field(default_factory=lambda: [".py"])
     max_length: int = 128          # tokens per record
     held_out: float = 0.2          # share of each site's files kept for evaluation
-    max_records: int = 0           # > 0: at most this many training records per site, and public ones
-    eval_records: int = 0          # > 0: at most this many held-out records per site and unseen domain
+    max_records: int = 0           # > 0: a seeded sample of this many training records per site, and public ones
+    eval_records: int = 0          # > 0: the same for held-out records per site and unseen domain
 
     def validate(self) -> None:
         _require(self.max_length >= 4, f"task.corpus.max_length must be >= 4 tokens, got {self.max_length}")

@@ -7,6 +7,8 @@ Teacher targets come precomputed per record (see the tasks' `teacher_targets`): 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -113,21 +115,30 @@ class DistillationObjective(nn.Module):
 
 
 TOPK_LOGPROBS, TOPK_IDS = "topk_logprobs", "topk_ids"
+NO_BUCKET = -1e9  # the log-probability of a bucket that does not exist
+REST_FLOOR = -14.0  # log(1 - mass) is kept above this: float32 cannot tell a smaller rest from 0
 
 
 class TokenDistillLoss(nn.Module):
     """Token-level KD over the teacher's top-k next-token distribution, blended with
     next-token cross-entropy, masked on padding.
 
-    Per next-token position: alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(q, y), where p_T
-    is the teacher's top-k at temperature T renormalised over those of its k tokens that
-    are in the student's output vocabulary, and q_T the student's softmax at temperature T
-    over that vocabulary. A record's loss is the mean over its positions with a next token;
-    the batch's is the mean over records (so Opacus's per-sample gradients are exact).
+    Per next-token position the teacher's distribution is known as k tokens and the mass
+    left over. Both models' distributions are cut into the same k + 1 buckets (those
+    tokens, and the rest of the vocabulary), and the KD term is the KL between the
+    bucketed distributions: at temperature 1 exactly the part of the full KL that top-k
+    can see, and it never asks the student to put all its mass on the k tokens (which a
+    KL renormalised over them does, and which makes every other next token nearly
+    impossible). Temperature T is applied to the buckets on both sides (p^(1/T), renormalised).
+
+    Per position: alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(q, y). A record's loss is
+    the mean over its positions with a next token; the batch's is the mean over records
+    (so Opacus's per-sample gradients are exact).
 
     Shapes: student_logits [B, T, V_out]; labels [B, T] (the next token's output id, -100
     where there is none); topk_logprobs [B, T, k] (the teacher's log-probs); topk_ids
-    [B, T, k] (their output ids, -1 outside the output vocabulary) -> scalar.
+    [B, T, k] (their output ids; repeats, such as several tokens outside the output
+    vocabulary mapped to its unknown token, are merged; -1: no target) -> scalar.
     """
 
     def __init__(self, *, temperature: float, alpha: float):
@@ -139,19 +150,47 @@ class TokenDistillLoss(nn.Module):
                 topk_ids: torch.Tensor) -> torch.Tensor:
         t = self.temperature
         positions = (labels != -100).to(student_logits.dtype)  # [B, T]
-        student_log_probs = F.log_softmax(student_logits / t, dim=-1)
-        kept = topk_ids >= 0
-        teacher = (topk_logprobs.to(student_logits.dtype) / t).masked_fill(~kept, float("-inf"))
-        teacher = teacher.log_softmax(dim=-1).masked_fill(~kept, 0.0)  # log p_T over the kept tokens
-        at_teacher_tokens = student_log_probs.gather(-1, topk_ids.clamp(min=0))  # log q_T at those tokens
-        per_token_kl = (teacher.exp() * (teacher - at_teacher_tokens)).masked_fill(~kept, 0.0).sum(-1)  # [B, T]
-        if self.alpha < 1.0:
-            per_token_ce = F.cross_entropy(student_logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
-        else:
-            per_token_ce = torch.zeros_like(per_token_kl)
-        per_token = self.alpha * t * t * per_token_kl + (1.0 - self.alpha) * per_token_ce
+        # One gather for the k tokens and the label: over a [B, T, vocabulary] tensor each pass counts.
+        chosen = F.log_softmax(student_logits, dim=-1).gather(-1, torch.cat([topk_ids, labels[..., None]], -1).clamp(min=0))
+        teacher, student, kept = _buckets(chosen[..., :-1], topk_logprobs.to(student_logits.dtype), topk_ids,
+                                          vocabulary=student_logits.shape[-1])
+        # A finite fill: a position with no bucket at all (padding) must not give NaN gradients.
+        teacher_t = (teacher / t).masked_fill(~kept, NO_BUCKET).log_softmax(-1)
+        student_t = (student / t).masked_fill(~kept, NO_BUCKET).log_softmax(-1)
+        per_token_kl = (teacher_t.exp() * (teacher_t - student_t)).masked_fill(~kept, 0.0).sum(-1)  # [B, T]
+        per_token = self.alpha * t * t * per_token_kl - (1.0 - self.alpha) * chosen[..., -1]
         per_record = (per_token * positions).sum(-1) / positions.sum(-1).clamp(min=1.0)
         return per_record.mean()
+
+
+def _buckets(student_top: torch.Tensor, topk_logprobs: torch.Tensor, topk_ids: torch.Tensor,
+             vocabulary: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the k + 1 buckets for teacher and student, and which buckets exist.
+
+    The student's log-probabilities at the teacher's top-k ids [B, T, k], the teacher's
+    [B, T, k], the ids [B, T, k], the size of the student's vocabulary -> [B, T, k + 1] twice
+    (the last bucket: every other token), [B, T, k + 1] bool (a repeated id's bucket is
+    merged into its first occurrence; no last bucket where the k tokens are the whole vocabulary).
+    """
+    valid = topk_ids >= 0
+    ids = torch.where(valid, topk_ids, topk_ids.max(-1, keepdim=True).values.clamp(min=0))  # -1: a valid id's repeat
+    same = (ids[..., :, None] == ids[..., None, :]) & valid[..., None, :]  # [B, T, k, k]
+    first = valid & ~same.tril(diagonal=-1).any(-1)
+    # A merged bucket holds the probability of all its repeats (the student's once).
+    teacher_top = topk_logprobs[..., None, :].masked_fill(~same, float("-inf")).logsumexp(-1)
+    teacher_rest = _rest(topk_logprobs, valid)
+    student_rest = _rest(student_top, first)
+    has_rest = valid.any(-1, keepdim=True) & (first.sum(-1, keepdim=True) < vocabulary)  # none when k covers it
+    teacher = torch.cat([teacher_top, teacher_rest], -1)
+    student = torch.cat([student_top, student_rest], -1)
+    kept = torch.cat([first, has_rest], -1)
+    return teacher.masked_fill(~kept, 0.0), student.masked_fill(~kept, 0.0), kept
+
+
+def _rest(log_probs: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """log(1 - the mass of the counted tokens) [B, T, 1], at least REST_FLOOR."""
+    mass = log_probs.masked_fill(~counted, float("-inf")).logsumexp(-1, keepdim=True).exp()
+    return torch.log1p(-mass.clamp(max=1 - math.exp(REST_FLOOR)))
 
 
 class TokenDistillObjective(nn.Module):

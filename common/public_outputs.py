@@ -149,7 +149,7 @@ class TokenOutputs(PublicOutputs):
     position's top-k, learned with the token-level KD loss."""
 
     def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, vocabulary: int, exchange: ExchangeConfig,
-                 teacher: Callable[[], Targets], teacher_vocabulary: int):
+                 teacher: Callable[[], Targets], teacher_vocabulary: int, unknown: int):
         if exchange.compression != "topk":
             raise ConfigError(f"a causal LM's public outputs travel as top-k next-token distributions, got "
                               f"exchange.compression={exchange.compression!r}: set exchange.compression=topk")
@@ -159,8 +159,9 @@ class TokenOutputs(PublicOutputs):
         self.positions = labels != -100  # [P, T]
         super().__init__(inputs, vocabulary, int(self.positions.sum()), exchange)
         self.labels = labels
-        self._teacher = teacher  # -> the teacher's top-k {TOPK_LOGPROBS, TOPK_IDS} [P, T, k]
+        self._teacher = teacher  # -> the teacher's top-k {TOPK_LOGPROBS, TOPK_IDS} [P, T, k], ids as output ids
         self.teacher_vocabulary = teacher_vocabulary
+        self.unknown = unknown  # the output id every token outside the output vocabulary maps to
 
     def _student_rows(self, student: nn.Module, records: torch.Tensor) -> torch.Tensor:
         labels = self.labels[records]
@@ -173,16 +174,16 @@ class TokenOutputs(PublicOutputs):
 
     def _teacher_log_probs(self, rows: slice) -> torch.Tensor:
         values, ids = (part[rows] for part in self._teacher_rows)
-        # The teacher's mass outside its top-k is spread over the rest of its own vocabulary,
-        # and only the share that lands in the output vocabulary is kept; its top-k tokens outside
-        # the output vocabulary (id -1) land in spare columns, cut off below.
-        kept = ids >= 0
-        tail = (1 - values.exp().sum(1, keepdim=True)).clamp_min(1e-12)
-        spread = (tail / (self.teacher_vocabulary - ids.shape[1])).log()  # [rows, 1]
-        spare = self.classes + torch.arange(ids.shape[1]).expand_as(ids)
-        dense = spread.expand(len(ids), self.classes + ids.shape[1]).clone()
-        dense.scatter_(1, torch.where(kept, ids, spare), values)
-        return torch.log_softmax(dense[:, : self.classes], dim=1)
+        # The teacher's mass outside its top-k is spread evenly over the rest of its vocabulary; the
+        # unknown output token gets the share of every token outside the output vocabulary (and
+        # the top-k tokens mapped to it), as it does in training.
+        k = ids.shape[1]
+        spread = (1 - values.exp().sum(1, keepdim=True)).clamp_min(0) / (self.teacher_vocabulary - k)  # [rows, 1]
+        dense = spread.expand(len(ids), self.classes).clone()
+        dense[:, self.unknown] += spread[:, 0] * (self.teacher_vocabulary - self.classes)
+        dense.scatter_(1, ids, torch.where(ids == self.unknown, dense.gather(1, ids), 0.0))  # top-k tokens: no spread
+        dense.scatter_add_(1, ids, values.exp())
+        return torch.log_softmax(dense.clamp_min(1e-30).log(), dim=1)
 
     def _targets(self, combined: torch.Tensor) -> Targets:
         top = combined.topk(min(self.k, self.classes), dim=1)

@@ -113,8 +113,9 @@ def tiny_lm_teacher(tmp_path_factory) -> Path:
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # unknown, bos, eos (= pad), as SmolLM2's
     bpe = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    files = corpus_files(["stdlib:json", "stdlib:logging"], (".py",), what="tokenizer training")
-    bpe.train([str(f) for f in files], trainers.BpeTrainer(vocab_size=400, special_tokens=special,
+    # Large enough that the public corpus and the random teacher's top-k leave tokens outside the student's vocabulary
+    files = corpus_files(["stdlib:json", "stdlib:logging", "stdlib:html"], (".py",), what="tokenizer training")
+    bpe.train([str(f) for f in files], trainers.BpeTrainer(vocab_size=2000, special_tokens=special,
                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     from tokenizers import decoders
     bpe.decoder = decoders.ByteLevel()
@@ -125,7 +126,10 @@ def tiny_lm_teacher(tmp_path_factory) -> Path:
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # a confident teacher, as a trained one is: its top-k holds most of the mass
+        model.model.norm.weight.mul_(20.0)
+    model.save_pretrained(folder)
     return folder
 
 

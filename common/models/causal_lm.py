@@ -7,7 +7,7 @@ student sharing a 49k-token vocabulary is otherwise almost all embedding, and DP
 per-sample gradients would be spent on it. During distillation the logits are computed
 over an output vocabulary (the tokens a public corpus uses), since the [B, T, vocab]
 logits dominate a CPU step; the exported model keeps the full head, whose rows are the same
-frozen embeddings.
+frozen embeddings (the task tells `generate` to leave out the rows outside the output vocabulary).
 
 Opacus computes per-sample gradients of `nn.Linear` itself; Llama's RMSNorm gets the
 grad sampler below (Opacus ships one for `nn.RMSNorm` only). Attention is the eager
@@ -23,8 +23,6 @@ from opacus.grad_sample import register_grad_sampler
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-from common.models.encoder import project_embeddings
 
 
 @dataclass
@@ -47,7 +45,7 @@ def rms_norm_grad_sample(layer: LlamaRMSNorm, activations: list[torch.Tensor], b
 
 
 class StudentLM(nn.Module):
-    """Token ids [B, T] and a padding mask -> next-token logits [B, T, len(output_ids)] (or [B, T, vocab])."""
+    """Token ids [B, T] and a padding mask -> next-token logits [B, T, len(output_ids)]."""
 
     def __init__(self, model: LlamaForCausalLM, output_ids: torch.Tensor):
         super().__init__()
@@ -58,28 +56,27 @@ class StudentLM(nn.Module):
     def config(self) -> LlamaConfig:
         return self.model.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                full_vocabulary: bool = False) -> torch.Tensor:
-        """Logits over the output vocabulary, or over the full vocabulary as exported (evaluation)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits over the output vocabulary: the exported model's logits at `output_ids`."""
         hidden = self.model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        weights = self.model.model.embed_tokens.weight  # frozen: no per-sample gradient needed
-        return hidden @ (weights if full_vocabulary else weights[self.output_ids]).T
+        return hidden @ self.model.model.embed_tokens.weight[self.output_ids].T  # frozen: no per-sample gradient
 
 
-def build_student(config: StudentLMConfig, teacher_embeddings: torch.Tensor, output_ids: torch.Tensor, *,
+def build_student(config: StudentLMConfig, embeddings: torch.Tensor, output_ids: torch.Tensor, *,
                   bos_id: int | None, eos_id: int | None, pad_id: int | None) -> StudentLM:
-    """A student whose frozen, tied embeddings are `teacher_embeddings` [V, D_t] projected to `config.dim`."""
+    """A student whose frozen, tied embeddings are `embeddings` [V, config.dim] (the teacher's,
+    projected with `project_embeddings`)."""
     if config.dim % config.heads:
         raise ValueError(f"student.dim ({config.dim}) must be a multiple of student.heads ({config.heads})")
     llama = LlamaConfig(
-        vocab_size=teacher_embeddings.shape[0], hidden_size=config.dim, intermediate_size=config.ff,
+        vocab_size=embeddings.shape[0], hidden_size=config.dim, intermediate_size=config.ff,
         num_hidden_layers=config.layers, num_attention_heads=config.heads, num_key_value_heads=config.heads,
         max_position_embeddings=config.max_length, tie_word_embeddings=True,
         bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id, attn_implementation="eager",
     )
     model = LlamaForCausalLM(llama)
     with torch.no_grad():
-        model.model.embed_tokens.weight.copy_(project_embeddings(teacher_embeddings, config.dim))
+        model.model.embed_tokens.weight.copy_(embeddings)
     model.model.embed_tokens.weight.requires_grad_(False)  # tied: the head is frozen with it
     with torch.no_grad():
         # Unit-variance embeddings as the head would give logits of standard deviation

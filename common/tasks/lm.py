@@ -4,9 +4,11 @@
 Records are fixed-length token windows of one file each (`lm_corpus`). The teacher runs
 once per record: its top-k next-token log-probabilities are cached on disk under a hash of
 the teacher, the records and k, and every teacher quantity is read from that cache. The
-student's output vocabulary is the set of tokens of the public corpus (never the sites':
-which tokens a site uses is private); its next-token targets outside that set become the
-unknown token.
+student's output vocabulary is the set of tokens of the public corpus and of the teacher's
+top-k predictions on it (never the sites': which tokens a site uses is private); every
+token outside it is the unknown token, for the records' next tokens and the teacher's
+top-k alike, and the student's probability of the unknown token is spread evenly over the
+tokens it stands for when the student is scored or generates.
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ from torch.utils.data import TensorDataset
 
 from common.config import Config, ConfigError, DistillConfig, ExchangeConfig, StudentConfig
 from common.evaluation import Metric, Scores
-from common.losses import TOPK_IDS, TOPK_LOGPROBS, TokenDistillObjective
-from common.models.causal_lm import StudentLM, StudentLMConfig, build_student
+from common.losses import TOPK_IDS, TOPK_LOGPROBS, TokenDistillObjective, attention_mask
+from common.models.causal_lm import StudentLMConfig, build_student
+from common.models.encoder import project_embeddings
 from common.public_outputs import TokenOutputs
 from common.storage import save_tensors
-from common.tasks.lm_corpus import STDLIB, CorpusError, Records, corpus_files, cut_records, held_out
+from common.tasks.lm_corpus import (STDLIB, CorpusError, Records, corpus_files, cut_records, held_out,
+                                    sample_records)
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +124,13 @@ def _convert_gguf(path: Path, folder: Path) -> None:
 
 
 class TeacherLM(nn.Module):
-    """The teacher behind the same call as the student's evaluation: ids, mask -> logits [B, T, V]."""
+    """The teacher behind the student's call (for timing): ids, mask -> logits [B, T, V]."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                full_vocabulary: bool = True) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
@@ -188,7 +191,10 @@ class LMTask:
         return self._cut(corpus_files(entries, self.suffixes, what=what), limit)
 
     def _cut(self, files: list[Path], limit: int) -> Records:
-        return cut_records(files, self._tokenize, self.corpus.max_length, self.pad_id, max_records=limit or None)
+        return sample_records(self._cut_all(files), limit, self.seed)
+
+    def _cut_all(self, files: list[Path]) -> Records:
+        return cut_records(files, self._tokenize, self.corpus.max_length, self.pad_id)
 
     @functools.cache
     def _site_files(self, site: int) -> tuple[list[Path], list[Path]]:
@@ -206,8 +212,12 @@ class LMTask:
         return self._cut(evaluation, self.corpus.eval_records)
 
     @cached_property
+    def _public_all(self) -> Records:
+        return self._cut_all(corpus_files(list(self.corpus.public), self.suffixes, what="task.corpus.public"))
+
+    @cached_property
     def _public(self) -> Records:
-        return self._records(list(self.corpus.public), "task.corpus.public", self.corpus.max_records)
+        return sample_records(self._public_all, self.corpus.max_records, self.seed)
 
     @cached_property
     def _unseen(self) -> dict[str, Records]:
@@ -216,17 +226,26 @@ class LMTask:
 
     @cached_property
     def output_ids(self) -> torch.Tensor:
-        """The student's output vocabulary: the public corpus's tokens and the special ones, sorted."""
-        ids = self._public.ids[self._public.ids != self.pad_id]
+        """The student's output vocabulary, sorted: every token of the public files (all of them, not
+        only the sampled records), the teacher's top-k next tokens on the public records, and the
+        special tokens."""
+        corpus = self._public_all.ids.flatten()
+        predicted = self._top_k(self._public.ids)["ids"].long().flatten()
         special = [self.pad_id, self.unknown_id, *(t for t in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id)
                                                    if t is not None)]
-        return torch.unique(torch.cat([ids, torch.tensor(special)]))
+        return torch.unique(torch.cat([corpus, predicted, torch.tensor(special)]))
+
+    @cached_property
+    def unknown_share(self) -> float:
+        """log of how many tokens the unknown output token stands for (itself and every one outside the vocabulary)."""
+        return math.log(len(self.tokenizer) - len(self.output_ids) + 1)
 
     @cached_property
     def _to_output(self) -> torch.Tensor:
+        """Teacher token id -> output id; the unknown token's for those outside the vocabulary."""
         table = torch.full((len(self.tokenizer),), -1, dtype=torch.long)
         table[self.output_ids] = torch.arange(len(self.output_ids))
-        return table
+        return table.masked_fill(table < 0, int(table[self.unknown_id]))
 
     def _dataset(self, records: Records) -> TensorDataset:
         """(token ids [N, L], next-token output ids [N, L] with IGNORE where there is none)."""
@@ -234,9 +253,7 @@ class LMTask:
         positions = torch.arange(ids.shape[1])
         has_next = positions[None, :] < (records.lengths[:, None] - 1)
         next_tokens = F.pad(ids[:, 1:], (0, 1), value=self.pad_id)
-        labels = self._to_output[next_tokens]
-        labels = labels.masked_fill(labels < 0, int(self._to_output[self.unknown_id]))
-        return TensorDataset(ids, labels.masked_fill(~has_next, IGNORE))
+        return TensorDataset(ids, self._to_output[next_tokens].masked_fill(~has_next, IGNORE))
 
     def private_data(self, site: int, num_sites: int) -> TensorDataset:
         return self._dataset(self._site_records(site, "train"))
@@ -257,7 +274,8 @@ class LMTask:
     def public_outputs(self, exchange: ExchangeConfig) -> TokenOutputs:
         inputs = self.public_inputs()
         return TokenOutputs(inputs, self.public_labels(), len(self.output_ids), exchange,
-                            lambda: self.teacher_targets(inputs, TokenDistillObjective.target_kinds), len(self.tokenizer))
+                            lambda: self.teacher_targets(inputs, TokenDistillObjective.target_kinds), len(self.tokenizer),
+                            int(self._to_output[self.unknown_id]))
 
     def test_data(self) -> TensorDataset:
         """Every site's held-out records."""
@@ -267,7 +285,8 @@ class LMTask:
     # --- what the teacher contributes per record, computed once ---
 
     def teacher_targets(self, inputs: torch.Tensor, kinds: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        """The teacher's top-k next-token log-probs per position, their ids mapped to the output vocabulary."""
+        """The teacher's top-k next-token log-probs per position, their ids mapped to the output vocabulary
+        (those outside it to the unknown token, whose bucket the loss merges)."""
         cached = self._top_k(inputs)
         return {TOPK_LOGPROBS: cached["values"], TOPK_IDS: self._to_output[cached["ids"].long()]}
 
@@ -312,13 +331,17 @@ class LMTask:
     # --- students, objective, evaluation, export ---
 
     def student(self, config: StudentConfig) -> nn.Module:
-        teacher = self._teacher[0]
         tok = self.tokenizer
         return build_student(
             StudentLMConfig(dim=config.dim, layers=config.layers, heads=config.heads, ff=config.ff,
                             max_length=self.corpus.max_length),
-            teacher.get_input_embeddings().weight.detach(), self.output_ids,
+            self._student_embeddings(config.dim), self.output_ids,
             bos_id=tok.bos_token_id, eos_id=tok.eos_token_id, pad_id=self.pad_id)
+
+    @functools.cache
+    def _student_embeddings(self, dim: int) -> torch.Tensor:
+        """The teacher's token embeddings projected to the student's width, once (a site builds a student every round)."""
+        return project_embeddings(self._teacher[0].get_input_embeddings().weight.detach(), dim)
 
     def objective(self, distill: DistillConfig) -> nn.Module:
         return TokenDistillObjective(distill)
@@ -327,51 +350,56 @@ class LMTask:
         return LMEvaluator(self)
 
     def export(self, student: nn.Module, folder: Path) -> None:
-        """Hugging Face format (AutoModelForCausalLM.from_pretrained) with the teacher's tokenizer."""
+        """Hugging Face format (AutoModelForCausalLM.from_pretrained) with the teacher's tokenizer;
+        its generation config keeps `generate` to the output vocabulary (the other rows of the
+        head were never trained)."""
         target = folder / "student"
+        outside = torch.ones(len(self.tokenizer), dtype=torch.bool)
+        outside[self.output_ids] = False
+        student.model.generation_config.suppress_tokens = outside.nonzero()[:, 0].tolist()
         student.model.save_pretrained(target)
         self.tokenizer.save_pretrained(target)
 
 
 class LMEvaluator:
-    """Perplexity on the sites' held-out files and on unseen domains (full vocabulary), and
-    top-1 next-token agreement with the teacher. The teacher's scores come from its cache."""
+    """Perplexity on the sites' held-out files and on unseen domains, and top-1 next-token
+    agreement with the teacher. Both models are scored over the full vocabulary: the
+    student's probability of the unknown output token is shared evenly by the tokens it
+    stands for. The teacher's scores come from its cache."""
 
     def __init__(self, task: LMTask):
         parts = {f"site-{i}": task._site_records(i, "held_out") for i in range(len(task.corpus.sites))}
         parts |= {f"unseen-{name}": records for name, records in task._unseen.items()}
-        self.parts = parts
+        self.parts = {name: task._dataset(records) for name, records in parts.items()}
         self.cached = {name: task._top_k(records.ids) for name, records in parts.items()}
+        self.output_ids, self.unknown = task.output_ids, int(task._to_output[task.unknown_id])
+        self.unknown_share = task.unknown_share
         self.metrics = (
             Metric("perplexity", "held-out perplexity (sites)", higher_is_better=False, unit_interval=False),
             Metric("agreement", "top-1 agreement with teacher"),
             *((Metric("perplexity_unseen", "perplexity (unseen domains)", higher_is_better=False,
                       unit_interval=False),) if task._unseen else ()),
         )
-        self.teacher = self._scores({name: (float(self.cached[name]["next_nll"][self._has_next(r)].sum()),
-                                            int(self._has_next(r).sum()), int(self._has_next(r).sum()))
-                                     for name, r in parts.items()})
-
-    @staticmethod
-    def _has_next(records: Records) -> torch.Tensor:
-        """[N, L]: positions whose next token is in the same record."""
-        return torch.arange(records.ids.shape[1])[None, :] < (records.lengths[:, None] - 1)
+        self.teacher = self._scores({name: (float(self.cached[name]["next_nll"][data.tensors[1] != IGNORE].sum()),
+                                            int((data.tensors[1] != IGNORE).sum()), int((data.tensors[1] != IGNORE).sum()))
+                                     for name, data in self.parts.items()})
 
     @torch.inference_mode()
     def __call__(self, model: nn.Module) -> Scores:
         model.eval()
         sums = {}
-        for name, records in self.parts.items():
-            has_next, teacher_top1 = self._has_next(records), self.cached[name]["ids"][..., 0].long()
+        for name, data in self.parts.items():
+            ids, labels = data.tensors
+            teacher_top1 = self.cached[name]["ids"][..., 0].long()
             nll, agree = 0.0, 0
-            for rows in torch.arange(len(records.ids)).split(TEACHER_BATCH):
-                batch, mask = records.ids[rows], has_next[rows]
-                real = torch.arange(batch.shape[1])[None, :] < records.lengths[rows, None]
-                logits = model(batch, attention_mask=real.long(), full_vocabulary=True).float()
-                losses = F.cross_entropy(logits.transpose(1, 2)[..., :-1], batch[:, 1:], reduction="none")
-                nll += float(losses[mask[:, :-1]].sum())
-                agree += int((logits.argmax(-1) == teacher_top1[rows])[mask].sum())
-            sums[name] = (nll, int(has_next.sum()), agree)
+            for rows in torch.arange(len(ids)).split(TEACHER_BATCH):
+                batch, mask = labels[rows], labels[rows] != IGNORE
+                log_probs = model(ids[rows], attention_mask=attention_mask(batch)).float().log_softmax(-1)
+                target = batch.clamp(min=0)
+                nll -= float(log_probs.gather(-1, target[..., None])[..., 0][mask].sum())
+                nll += self.unknown_share * int((mask & (target == self.unknown)).sum())
+                agree += int((self.output_ids[log_probs.argmax(-1)] == teacher_top1[rows])[mask].sum())
+            sums[name] = (nll, int((labels != IGNORE).sum()), agree)
         return self._scores(sums)
 
     def _scores(self, sums: dict[str, tuple[float, int, int]]) -> Scores:

@@ -92,11 +92,10 @@ class Records:
         return int(self.lengths.sum())
 
 
-def cut_records(files: list[Path], tokenize, length: int, pad_id: int, *, min_tokens: int = 2,
-                max_records: int | None = None) -> Records:
+def cut_records(files: list[Path], tokenize, length: int, pad_id: int, *, min_tokens: int = 2) -> Records:
     """Each file's tokens (`tokenize(text) -> list[int]`) cut into records of `length` tokens;
     a file's last, shorter record is padded (kept if it has `min_tokens`, enough for one
-    next-token prediction). `max_records` keeps the first records in file order."""
+    next-token prediction)."""
     rows, lengths, sources = [], [], []
     for path in files:
         tokens = tokenize(read_text(path))
@@ -107,9 +106,16 @@ def cut_records(files: list[Path], tokenize, length: int, pad_id: int, *, min_to
             rows.append(chunk + [pad_id] * (length - len(chunk)))
             lengths.append(len(chunk))
             sources.append(path)
-            if max_records is not None and len(rows) == max_records:
-                return Records(torch.tensor(rows, dtype=torch.long), torch.tensor(lengths), sources)
     if not rows:
         raise CorpusError(f"no record of at least {min_tokens} tokens in {len(files)} file(s) "
                           f"({', '.join(str(p) for p in files[:3])}{'...' if len(files) > 3 else ''}): the files are empty")
     return Records(torch.tensor(rows, dtype=torch.long), torch.tensor(lengths), sources)
+
+
+def sample_records(records: Records, count: int, seed: int) -> Records:
+    """A seeded sample of `count` records (all when count is 0 or covers them), in corpus order:
+    spread over every file, not the first files' records."""
+    if not count or count >= len(records.ids):
+        return records
+    chosen = sorted(random.Random(seed).sample(range(len(records.ids)), count))
+    return Records(records.ids[chosen], records.lengths[chosen], [records.files[i] for i in chosen])

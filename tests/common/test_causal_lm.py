@@ -13,14 +13,15 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from common.config import load_config
 from common.losses import TOPK_IDS, TOPK_LOGPROBS, TokenDistillObjective
 from common.models.causal_lm import StudentLMConfig, build_student, rms_norm_grad_sample
+from common.models.encoder import project_embeddings
 
 VOCAB, TEACHER_WIDTH, K = 40, 16, 4
 
 
 def _student(output_ids):
     torch.manual_seed(0)
-    teacher_embeddings = torch.randn(VOCAB, TEACHER_WIDTH)
-    student = build_student(StudentLMConfig(dim=8, layers=2, heads=2, ff=16, max_length=8), teacher_embeddings,
+    embeddings = project_embeddings(torch.randn(VOCAB, TEACHER_WIDTH), 8)
+    student = build_student(StudentLMConfig(dim=8, layers=2, heads=2, ff=16, max_length=8), embeddings,
                             output_ids, bos_id=1, eos_id=2, pad_id=2)
     with torch.no_grad():  # move the norms off 1 so their per-sample gradients are not trivial
         for name, param in student.named_parameters():
@@ -42,7 +43,7 @@ def _batch(output_ids):
     labels[~torch.nn.functional.pad(real[:, 1:], (0, 1), value=False)] = -100
     teacher_logits = torch.randn(3, 8, VOCAB)
     values, ids = teacher_logits.log_softmax(-1).topk(K, dim=-1)
-    return inputs, labels, {TOPK_LOGPROBS: values.half(), TOPK_IDS: to_output[ids]}
+    return inputs, labels, {TOPK_LOGPROBS: values.half(), TOPK_IDS: to_output[ids].clamp(min=0)}  # repeats of 0
 
 
 def test_opacus_per_sample_gradients_of_the_lm_student_match_torch_func():

@@ -4,8 +4,9 @@ never span two files, held-out files are whole files."""
 from __future__ import annotations
 
 import pytest
+import torch
 
-from common.tasks.lm_corpus import CorpusError, corpus_files, cut_records, held_out, stdlib_root
+from common.tasks.lm_corpus import CorpusError, corpus_files, cut_records, held_out, sample_records, stdlib_root
 
 
 def _tokenize(text):
@@ -42,7 +43,18 @@ def test_records_hold_one_file_each_and_the_last_is_padded(tmp_path):
     records = cut_records([second, first], _tokenize, 3, pad_id=0)
     assert records.ids[1].tolist() == [ord("k"), ord("l"), 0] and records.lengths[1] == 2
     assert records.files[2] == first and records.tokens == 3 + 2 + 3 + 3
-    assert len(cut_records([first, second], _tokenize, 3, pad_id=0, max_records=2).ids) == 2
+
+
+def test_a_sample_of_records_is_seeded_spread_over_files_and_in_corpus_order(tmp_path):
+    files = [tmp_path / f"{name}.py" for name in "abcdefgh"]
+    for file in files:
+        file.write_text(file.stem * 9)  # 3 records of 3 per file
+    records = cut_records(files, _tokenize, 3, pad_id=0)
+    sample = sample_records(records, 6, seed=1)
+    assert len(sample.ids) == 6 and len(set(sample.files)) > 2  # not the first two files' records
+    assert sample.files == sorted(sample.files) and torch.equal(sample.ids, sample_records(records, 6, seed=1).ids)
+    assert not torch.equal(sample.ids, sample_records(records, 6, seed=2).ids)
+    assert sample_records(records, 0, seed=1) is records and sample_records(records, 99, seed=1) is records
 
 
 def test_a_file_that_is_not_utf8_names_the_file_and_the_fix(tmp_path):

@@ -4,6 +4,9 @@ teacher's cached top-k, a DP round that trains, evaluation and export."""
 from __future__ import annotations
 
 import dataclasses
+import math
+
+import pytest
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -24,11 +27,14 @@ def test_sites_public_and_held_out_records_and_their_next_token_labels(lm_overri
     output_ids = task.output_ids
     following = inputs[:, 1:][real[:, :-1]]
     mapped = output_ids[labels[:, :-1][real[:, :-1]]]
-    known = task._to_output[following] >= 0
-    assert torch.equal(mapped[known], following[known])
+    known = torch.isin(following, output_ids)
+    assert torch.equal(mapped[known], following[known]) and not known.all()
     assert (mapped[~known] == task.unknown_id).all()
-    public_tokens = set(task.public_inputs().unique().tolist())
-    assert set(output_ids.tolist()) <= public_tokens | {task.unknown_id, task.pad_id, 1, 2}
+    # the output vocabulary: every public file's tokens (beyond the sampled records), the teacher's top-k on them
+    public_tokens = set(task._public_all.ids.unique().tolist())
+    predicted = set(task._top_k(task.public_inputs())["ids"].unique().tolist())
+    assert set(output_ids.tolist()) == public_tokens | predicted | {task.unknown_id, task.pad_id, 1, 2}
+    assert len(public_tokens) > len(set(task.public_inputs().unique().tolist()))
     assert len(task.test_data().tensors[0]) == 8  # 4 held-out records per site
 
 
@@ -41,8 +47,9 @@ def test_teacher_top_k_is_cached_and_matches_the_teacher(lm_overrides):
         logits = task.teacher()(inputs[:2], attention_mask=torch.ones_like(inputs[:2]))
     best = logits.log_softmax(-1).topk(4, dim=-1)
     assert torch.allclose(targets[TOPK_LOGPROBS][:2].float(), best.values, atol=1e-2)
-    assert torch.equal(task.output_ids[targets[TOPK_IDS][:2].clamp(min=0)][targets[TOPK_IDS][:2] >= 0],
-                       best.indices[targets[TOPK_IDS][:2] >= 0])
+    known = torch.isin(best.indices, task.output_ids)
+    mapped = task.output_ids[targets[TOPK_IDS][:2]]
+    assert torch.equal(mapped[known], best.indices[known]) and (mapped[~known] == task.unknown_id).all()
     assert sorted(task.cache_dir.glob("lm-teacher-topk-*.safetensors"))
 
 
@@ -76,6 +83,16 @@ def test_training_on_next_tokens_lowers_perplexity_and_the_student_exports(lm_ov
     _train(task, config, student, rounds=2)
     after = evaluator(student)
     assert after["perplexity"] < before["perplexity"]
+    # site 0's perplexity by hand: the unknown token's probability is shared by every token it stands for
+    ids, labels = task._dataset(task._site_records(0, "held_out")).tensors
+    with torch.no_grad():
+        log_probs = student(ids, attention_mask=(labels != IGNORE).long() | (ids != task.pad_id).long()).log_softmax(-1)
+    real = labels != IGNORE
+    nll = -log_probs.gather(-1, labels.clamp(min=0)[..., None])[..., 0][real]
+    unknown = labels[real] == task._to_output[task.unknown_id]
+    shared = len(task.tokenizer) - len(task.output_ids) + 1
+    assert unknown.any() and shared > 1
+    assert after["perplexity_site-0"] == pytest.approx(float((nll + unknown * math.log(shared)).mean().exp()), rel=1e-4)
     assert {"perplexity", "agreement", "perplexity_unseen", "perplexity_site-0", "perplexity_unseen-wsgiref"} <= set(after)
     assert evaluator.teacher["agreement"] == 1.0
     inputs = task.private_data(0, 2).tensors[0]
@@ -87,4 +104,8 @@ def test_training_on_next_tokens_lowers_perplexity_and_the_student_exports(lm_ov
     out = model.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert out.shape[1] > prompt["input_ids"].shape[1]
     with torch.no_grad():
-        assert torch.allclose(model(inputs[:1]).logits, student(inputs[:1], full_vocabulary=True), atol=1e-4)
+        assert torch.allclose(model(inputs[:1]).logits[..., task.output_ids], student(inputs[:1]), atol=1e-4)
+    # generate never picks a token outside the output vocabulary, whose rows of the head were never trained
+    assert torch.isin(out[0, prompt["input_ids"].shape[1]:], task.output_ids).all()
+    outside = set(range(len(tokenizer))) - set(task.output_ids.tolist())
+    assert set(model.generation_config.suppress_tokens) == outside and outside

@@ -4,8 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from common.config import load_config
-from common.losses import FEATURES, LOGITS, AttentionLoss, DistillationObjective, FeatureLoss, SoftLabelLoss
+from common.losses import AttentionLoss, FeatureLoss, SoftLabelLoss, TokenDistillLoss
 
 
 def test_loss_matches_hand_computed_value():
@@ -64,3 +63,50 @@ def test_attention_loss_is_zero_for_equal_maps_and_ignores_padded_queries():
     assert loss.item() == pytest.approx(AttentionLoss()([other], maps[:, None], keep).item(), rel=1e-6)
     per_sample = [AttentionLoss()([other[i:i + 1]], maps[i:i + 1, None], keep[i:i + 1]) for i in range(2)]
     assert AttentionLoss()([other], maps[:, None], keep).item() == pytest.approx(torch.stack(per_sample).mean().item(), rel=1e-6)
+
+
+def _token_case(vocabulary=12, k=3):
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 5, vocabulary).mul(2).log_softmax(-1)
+    top = teacher.topk(k, dim=-1)
+    labels = torch.randint(0, vocabulary, (2, 5))
+    labels[1, 3:] = -100  # padding
+    return teacher, top.values, top.indices, labels
+
+
+def test_token_kd_is_the_kl_of_the_top_k_and_the_rest_at_temperature_one():
+    teacher, values, ids, labels = _token_case()
+    student = torch.randn(2, 5, 12)
+    q = student.softmax(-1)
+    p_top, q_top = values.exp(), q.gather(-1, ids)
+    p = torch.cat([p_top, 1 - p_top.sum(-1, keepdim=True)], -1)
+    r = torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)], -1)
+    per_position = (p * (p / r).log()).sum(-1)
+    real = (labels != -100).float()
+    expected = ((per_position * real).sum(-1) / real.sum(-1)).mean()
+    assert TokenDistillLoss(temperature=1.0, alpha=1.0)(student, labels, values, ids).item() == pytest.approx(
+        expected.item(), rel=1e-5)
+
+
+def test_token_kd_does_not_push_the_rest_of_the_mass_onto_the_top_k():
+    # The teacher's own distribution scores 0; the same top-k ratios with the rest moved onto
+    # them (what a KL renormalised over the top-k cannot tell apart) score worse.
+    teacher, values, ids, labels = _token_case()
+    loss = TokenDistillLoss(temperature=1.0, alpha=1.0)
+    assert loss(teacher, labels, values, ids).item() == pytest.approx(0.0, abs=1e-5)
+    peaked = teacher.scatter(-1, ids, values + 5.0)
+    assert loss(peaked, labels, values, ids).item() > 0.1
+
+
+def test_token_kd_merges_repeated_ids_into_one_bucket():
+    # Two of the teacher's top-k tokens outside the student's vocabulary both map to its unknown
+    # token 0: one bucket holding both probabilities.
+    _, values, ids, labels = _token_case()
+    student = torch.randn(2, 5, 12)
+    repeated = ids.clone()
+    repeated[..., 1:] = 0
+    merged_values = torch.stack([values[..., 0], values[..., 1:].logsumexp(-1), torch.full_like(values[..., 0], -30.0)], -1)
+    merged_ids = torch.stack([ids[..., 0], torch.zeros_like(ids[..., 0]), torch.full_like(ids[..., 0], -1)], -1)
+    loss = TokenDistillLoss(temperature=2.0, alpha=0.5)
+    assert loss(student, labels, values, repeated).item() == pytest.approx(
+        loss(student, labels, merged_values, merged_ids).item(), rel=1e-5)

@@ -76,12 +76,21 @@ def test_the_teacher_is_mixed_in_by_its_weight(lm_overrides):
     positions = task.public_labels() != -100
     teacher_ids, teacher_values = teacher[TOPK_IDS][positions].long(), teacher[TOPK_LOGPROBS][positions].float()
     # with weight 1 the consensus is the teacher's: its first two choices wherever they are in the
-    # output vocabulary, in the same ratio
-    both = (teacher_ids[:, :2] >= 0).all(1)
-    assert both.any()
-    assert torch.equal(consensus[TOPK_IDS][both, :2], teacher_ids[both, :2])
-    assert torch.allclose(consensus[TOPK_LOGPROBS][both, 0] - consensus[TOPK_LOGPROBS][both, 1],
-                          teacher_values[both, 0] - teacher_values[both, 1], atol=1e-3)
+    # output vocabulary, in the same ratio; the unknown token holds the teacher's tail share of every token
+    # outside the output vocabulary
+    unknown = int(task._to_output[task.unknown_id])
+    dense = torch.full((len(teacher_ids), len(task.output_ids)), -torch.inf)
+    dense.scatter_(1, consensus[TOPK_IDS], consensus[TOPK_LOGPROBS])
+    both = (teacher_ids[:, :2] != unknown).all(1) & (dense.gather(1, teacher_ids[:, :2]) > -torch.inf).all(1)
+    assert both.sum() > len(both) / 2
+    chosen = dense.gather(1, teacher_ids[:, :2])[both]
+    assert torch.allclose(chosen[:, 0] - chosen[:, 1], teacher_values[both, 0] - teacher_values[both, 1], atol=1e-3)
+    vocabulary, k = len(task.tokenizer), teacher_ids.shape[1]
+    tail = 1 - teacher_values.exp().sum(1)
+    share = tail * (vocabulary - len(task.output_ids) + 1) / (vocabulary - k)
+    ranked = dense[:, unknown] > -torch.inf
+    assert ranked.any() and vocabulary > len(task.output_ids)
+    assert torch.allclose(dense[ranked, unknown].exp(), share[ranked], rtol=1e-2)
 
 
 def test_fitting_the_consensus_moves_the_student_towards_it(lm_task):
