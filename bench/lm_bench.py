@@ -122,6 +122,22 @@ def print_table(rows: list[dict]) -> None:
               f"{r['perplexity_unseen']:.2f} +- {r['perplexity_unseen_std']:.2f} | {r['agreement']:.3f} | {up} |")
 
 
+def print_domains(rows: list[dict], sites: list[list[str]]) -> None:
+    """Perplexity per site's domain and per unseen domain, a Markdown table."""
+    parts = [key.removeprefix("perplexity_") for key in rows[0]
+             if key.startswith("perplexity_") and key[11:].startswith(("site-", "unseen-")) and not key.endswith("_std")]
+
+    def label(part: str) -> str:
+        if part.startswith("site-") and int(part[5:]) < len(sites):
+            return f"{part} ({', '.join(entry.removeprefix('stdlib:') for entry in sites[int(part[5:])])})"
+        return part
+
+    print("\n| setting | epsilon | " + " | ".join(label(p) for p in parts) + " |")
+    print("|---|---|" + "---|" * len(parts))
+    for r in rows:
+        print(f"| {r['setting']} | {r['epsilon']} | " + " | ".join(f"{r['perplexity_' + p]:.1f}" for p in parts) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
@@ -152,6 +168,7 @@ def main() -> None:
     print(f"Perplexity and agreement with the teacher, mean over {args.seeds} seeds:")
     rows = rows_for(lm_settings(args.epsilons), overrides, cache, args, results.save_rows)
     print_table(rows)
+    print_domains(rows, config.task.corpus.sites)
     results["targets"] = targets(rows, cost)
     print_targets(results.result["targets"])
     print(f"\nwritten to {results.path}")
