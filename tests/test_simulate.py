@@ -27,6 +27,18 @@ def simulate(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     return result
 
 
+def finished_run(run_dir: Path, files: list[str], rounds: int) -> dict:
+    """The run's summary, once its files exist and every site trained every round within its budget."""
+    for name in files:
+        assert (run_dir / name).stat().st_size > 0, name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds_completed"] == rounds
+    assert all(s["rounds_trained"] == rounds for s in summary["privacy"]["sites"])
+    for s in summary["privacy"]["sites"]:
+        assert 0 < s["epsilon"] <= s["budget"]
+    return summary
+
+
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory, cache_dir):
     root = tmp_path_factory.mktemp("e2e")

@@ -3,9 +3,6 @@ teacher built in the test, in both exchange modes with feature distillation on."
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,21 +10,10 @@ from transformers import AutoTokenizer
 
 from common.models.encoder import StudentEncoder
 from common.models.inference import quantize_int8
-from fedistill.simulation import processes_using
+from tests.test_simulate import finished_run, simulate
 
 RUN_FILES = ["config.yaml", "metrics.jsonl", "summary.json", "student/config.json", "student/model.safetensors",
              "student/tokenizer.json", "student-int8.pt", "privacy.json", "privacy.md", "progress.png"]
-
-
-def simulate(run_dir, overrides):
-    result = subprocess.run([sys.executable, "-m", "fedistill.cli", "simulate", *overrides, f"run_dir={run_dir}"],
-                            capture_output=True, text=True, timeout=900)
-    leftovers = processes_using(run_dir)
-    for proc in leftovers:
-        proc.kill()
-    assert not leftovers, f"processes left running after fedistill exited: {leftovers}"
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
 
 
 @pytest.mark.parametrize("exchange", [
@@ -38,14 +24,9 @@ def simulate(run_dir, overrides):
 def test_text_federation_runs_two_rounds_and_exports_a_student_that_classifies(text_overrides, tmp_path, exchange):
     run_dir = tmp_path / "text-run"
     overrides = [o for o in text_overrides if not o.startswith("run_dir=")] + exchange
-    result = simulate(run_dir, overrides)
-    for name in RUN_FILES:
-        assert (run_dir / name).stat().st_size > 0, name
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["task"] == "text" and summary["rounds_completed"] == 2
-    assert [s["rounds_trained"] for s in summary["privacy"]["sites"]] == [2, 2]
-    for s in summary["privacy"]["sites"]:
-        assert 0 < s["epsilon"] <= s["budget"]
+    result = simulate(run_dir, *overrides)
+    summary = finished_run(run_dir, RUN_FILES, rounds=2)
+    assert summary["task"] == "text" and len(summary["privacy"]["sites"]) == 2
     for model in ("teacher", "student", "student_int8"):
         assert {"accuracy", "agreement", "params", "size_bytes", "latency_ms"} <= set(summary[model]), model
     assert summary["student"]["params"] < summary["teacher"]["params"]
