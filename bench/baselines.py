@@ -22,6 +22,7 @@ from torch.utils.data import TensorDataset
 
 from client.app import load_site, train_round
 from client.dp_train import distill_locally, plan_round
+from common import payload as P
 from common.config import Config, load_config
 from common.policy import SitePolicy, policy_from
 from common.evaluation import Evaluator, Scores
@@ -63,10 +64,11 @@ def federate(config: Config, *, weight_by_count: bool = False) -> tuple[Scores, 
     student = copy.deepcopy(start_of(config)[0])
     exchange = build_exchange(config, task, student)
     allowed = set(released_items(config))
+    assets = P.asset_manifest(task.public_inputs(), task.teacher_digest())
     bytes_up = bytes_down = replies = 0
     epsilons: list[float] = []
     for server_round in range(1, config.rounds + 1):
-        content = round_request(exchange, student, server_round)
+        content = round_request(exchange, student, server_round, assets)
         outcomes, accepted, counts = [], [], []
         rounds_left = config.rounds - server_round + 1  # every site joins every round
         for site, state in zip(sites, states):

@@ -68,6 +68,11 @@ class Site:
         return PrivacyLedger(self.ledger_dir, budget=Budget(self.policy.epsilon, self.policy.delta), data=self.fingerprint)
 
     @cached_property
+    def assets(self) -> dict[str, int | str]:
+        """The teacher and public set this site holds, as the server announces its own."""
+        return P.asset_manifest(self.task.public_inputs(), self.task.teacher_digest())
+
+    @cached_property
     def outputs(self) -> PublicOutputs:
         """What this site's student says about the public inputs (exchange=logits)."""
         return self.task.public_outputs(self.config.exchange)
@@ -84,7 +89,7 @@ def read_request(overrides: str, policy: SitePolicy) -> Config:
     The request may not interpolate (`${...}` is resolved on the site's side, where it
     could read the site's environment) nor set Hydra's own keys (a search path would read
     the site's files), and must lie inside the policy. The site's cache
-    folder is its policy's, never the request's.
+    folder is its policy's, never the request's; so is its teacher when the policy names one.
     """
     if "${" in overrides:
         raise Refusal(P.REFUSAL_BAD_REQUEST, "the run config uses interpolation (${...}), which sites do not resolve")
@@ -108,6 +113,9 @@ def read_request(overrides: str, policy: SitePolicy) -> Config:
     problems = policy.violations(request)
     if problems:
         raise Refusal(P.REFUSAL_POLICY, "; ".join(problems))
+    if policy.teacher_path is not None:
+        task = dataclasses.replace(request.task, teacher=dataclasses.replace(request.task.teacher, path=policy.teacher_path))
+        request = dataclasses.replace(request, task=task)
     return dataclasses.replace(request, cache_dir=policy.cache_dir)
 
 
@@ -147,7 +155,7 @@ def _load_site(overrides: str, partition_id: int, num_partitions: int, policy_ke
     inputs, labels = data.tensors
     objective = task.objective(config.distill)
     targets = task.teacher_targets(inputs, objective.target_kinds)  # once per site: halves a KD step's cost
-    return Site(site_name(partition_id), config, policy, task, partition_id, objective,
+    return Site(policy.name or site_name(partition_id), config, policy, task, partition_id, objective,
                 TensorDataset(inputs, labels, *(targets[kind] for kind in objective.target_kinds)), fingerprint)
 
 
@@ -181,6 +189,7 @@ def answer(content: RecordDict, context: Context) -> RecordDict:
     name = site_name(partition_id)
     try:
         policy = site_policy(node)
+        name = policy.name or name
         site = load_site(str(context.run_config.get("overrides", "")), partition_id,
                          int(node.get("num-partitions", 1)), policy)
         server_round = int(content[P.CONFIG][P.SERVER_ROUND])
@@ -205,8 +214,7 @@ def train_round(site: Site, content: RecordDict, state: RecordDict, *, server_ro
     try:
         request = content.config_records.get(P.CONFIG, ConfigRecord())
         rounds_left = check_round(config, request, server_round)
-        if config.exchange.mode == "logits":
-            check_public_set(site, request)
+        check_assets(site, request)
         student = starting_student(site, content, state, server_round)
         plan = plan_round(config.distill)
         try:
@@ -274,13 +282,23 @@ def check_not_replayed(ledger: PrivacyLedger, site: Site, *, server_round: int, 
                                         f"(rounds, site.max_rounds)")
 
 
-def check_public_set(site: Site, request: ConfigRecord) -> None:
-    """Refuse when the server's public set is not this site's."""
-    mine = P.public_manifest(site.task.public_inputs())
-    theirs = {k: request.get(k) for k in mine}
-    if theirs != mine:
+def check_assets(site: Site, request: ConfigRecord) -> None:
+    """Refuse before any training when the server's teacher or public set is not this site's, or
+    the site's own are not the ones its policy pins."""
+    mine, pins = site.assets, site.policy
+    for key, pinned in ((P.TEACHER_SHA256, pins.teacher_sha256), (P.PUBLIC_SHA256, pins.public_sha256)):
+        if pinned is not None and mine[key] != pinned:
+            raise Refusal(P.REFUSAL_SITE_ERROR, "the site's own teacher or public set is not the one its policy pins",
+                          f"{key}: the site's files give {mine[key]}, its policy pins {pinned}: get the pinned files "
+                          "from the coordinator or update the pin (fedistill site-check shows both)")
+    if request.get(P.TEACHER_SHA256) != mine[P.TEACHER_SHA256]:
+        raise Refusal(P.REFUSAL_TEACHER, "the server's teacher does not match this site's: the site will not distill "
+                      "from a teacher it cannot check is the agreed one",
+                      f"server's teacher {request.get(P.TEACHER_SHA256)}, site's {mine[P.TEACHER_SHA256]}")
+    theirs = {k: request.get(k) for k in (P.PUBLIC_COUNT, P.PUBLIC_SHA256)}
+    if theirs != {k: mine[k] for k in theirs}:
         raise Refusal(P.REFUSAL_PUBLIC_SET, "the server's public set does not match this site's: the site will not "
-                      "send logits on inputs it cannot check are the agreed public ones",
+                      "train or send outputs on inputs it cannot check are the agreed public ones",
                       f"server's public set {theirs}, site's {mine}")
 
 

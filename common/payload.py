@@ -27,8 +27,9 @@ STATUS = "status"            # "ok" or "refused"
 CODE = "code"                # why a site refused, one of the REFUSAL_* codes
 REASON = "reason"            # a short text for the code; the details stay in the site's log
 SITE = "site"                # the site's name, as it reports it
-PUBLIC_COUNT = "public-count"    # the public set's manifest: how many inputs ...
-PUBLIC_SHA256 = "public-sha256"  # ... and a hash of their contents
+PUBLIC_COUNT = "public-count"    # the run's assets, announced every round: how many public inputs ...
+PUBLIC_SHA256 = "public-sha256"  # ... a hash of their contents ...
+TEACHER_SHA256 = "teacher-sha256"  # ... and of what the teacher is made from (Task.teacher_digest)
 
 STATUS_OK = "ok"
 STATUS_REFUSED = "refused"
@@ -36,6 +37,7 @@ STATUS_REFUSED = "refused"
 REFUSAL_POLICY = "policy"            # the request lies outside the site's policy
 REFUSAL_BAD_REQUEST = "bad-request"  # the request is malformed (config, weights, consensus, round numbers)
 REFUSAL_PUBLIC_SET = "public-set"    # the server's public set is not the site's
+REFUSAL_TEACHER = "teacher"          # the server's teacher is not the site's
 REFUSAL_BUDGET = "budget"            # the remaining budget cannot cover the run's rounds
 REFUSAL_LEDGER = "ledger"            # the ledger is unreadable or covers other records
 REFUSAL_SITE_ERROR = "site-error"    # the site failed (its policy, data or code); the error stays in its log
@@ -132,6 +134,12 @@ def public_manifest(inputs: torch.Tensor) -> dict[str, int | str]:
     """Identifies the public set: the server sends it, a site with other inputs refuses."""
     data = inputs.detach().cpu().contiguous().float().numpy().tobytes()
     return {PUBLIC_COUNT: int(inputs.shape[0]), PUBLIC_SHA256: hashlib.sha256(data).hexdigest()}
+
+
+def asset_manifest(public_inputs: torch.Tensor, teacher_digest: str) -> dict[str, int | str]:
+    """What the server announces every round and a site checks before training: neither the
+    teacher nor the public set travels with the app, so both sides must hold the same ones."""
+    return {**public_manifest(public_inputs), TEACHER_SHA256: teacher_digest}
 
 
 def check_arrays(record: ArrayRecord, expected: ArraySpec, *, max_abs: float, max_bytes: int) -> str:

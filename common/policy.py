@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -29,10 +30,23 @@ from common.config import CONF_DIR, Config, ConfigError, cache_path
 POLICY_FILE = CONF_DIR / "site.yaml"
 POLICY_NODE_KEY = "site-policy"
 POLICY_ENV = "FEDISTILL_SITE_POLICY"
+SITE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass
+class SuperNodeSettings:
+    """How a deployed site's SuperNode reaches the coordinator (used by `fedistill site`, not by the app)."""
+
+    superlink: str = "127.0.0.1:8000"      # the coordinator's SuperLink, host:port
+    root_certificates: str | None = None   # the deployment's CA certificate (PEM)
+    private_key: str | None = None         # this site's registered key (OpenSSH EC private key)
+    insecure: bool = False                 # plain text, no node authentication: loopback trials only
 
 
 @dataclass
 class SitePolicy:
+    name: str | None
     epsilon: float
     delta: float
     require_dp: bool
@@ -41,6 +55,12 @@ class SitePolicy:
     cache_dir: str | None
     data_path: str | None
     task_sources: list[str]
+    teacher_path: str | None
+    teacher_sha256: str | None
+    public_sha256: str | None
+    app_sha256: list[str]
+    metrics_port: int | None
+    supernode: SuperNodeSettings = field(default_factory=SuperNodeSettings)
 
     def validate(self) -> None:
         checks = (
@@ -49,6 +69,13 @@ class SitePolicy:
             (self.max_rounds >= 1, f"site.max_rounds must be >= 1, got {self.max_rounds}"),
             (all(isinstance(s, str) and s for s in self.task_sources),
              f"site.task_sources must be a list of task sources, got {self.task_sources}"),
+            (self.name is None or bool(SITE_NAME.fullmatch(self.name)),
+             f"site.name must be letters, digits, '.', '_' or '-', got {self.name!r}"),
+            (all(SHA256.fullmatch(h or "0" * 64) for h in (self.teacher_sha256, self.public_sha256, *self.app_sha256)),
+             "site.teacher_sha256, site.public_sha256 and site.app_sha256 hold 64-character hex SHA-256 digests "
+             "(as `fedistill assets` and `fedistill app-hash` print them)"),
+            (self.metrics_port is None or 0 <= self.metrics_port < 65536,
+             f"site.metrics_port must be a TCP port (0-65535) or null, got {self.metrics_port}"),
         )
         for ok, message in checks:
             if not ok:

@@ -54,6 +54,7 @@ def run(grid: Grid, config: Config) -> None:
         plan=plan,
         min_sites=config.federation.min_sites,
         allowed_items=set(released_items(config)),
+        assets=P.asset_manifest(task.public_inputs(), task.teacher_digest()),
     )
     ledger = PrivacyView()
     dropped: Counter[str] = Counter()

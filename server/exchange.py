@@ -99,12 +99,11 @@ class LogitsExchange:
         self.config = config.exchange
         self.seed = config.seed
         self.outputs = task.public_outputs(self.config)
-        self.manifest = P.public_manifest(task.public_inputs())
         self.max_bytes = int(self.config.max_reply_mb * 2**20)
         self.consensus: Targets | None = None  # last round's aggregate
 
     def outgoing(self, global_student: nn.Module) -> RecordDict:
-        content = RecordDict({P.CONFIG: ConfigRecord(dict(self.manifest))})
+        content = RecordDict()
         if self.config.broadcast == "weights":
             content[P.ARRAYS] = P.model_to_record(global_student)
         elif self.consensus is not None:

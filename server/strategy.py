@@ -92,7 +92,7 @@ class DistillStrategy(FedAvg):
     """
 
     def __init__(self, *, exchange: Exchange, global_student: nn.Module, plan: ParticipationPlan, min_sites: int,
-                 allowed_items: set[str]):
+                 allowed_items: set[str], assets: dict[str, int | str]):
         super().__init__(
             fraction_train=plan.fraction,
             fraction_evaluate=0.0,  # the server evaluates the global student itself
@@ -105,6 +105,7 @@ class DistillStrategy(FedAvg):
         self.global_student = global_student
         self.plan = plan
         self.allowed_items = allowed_items
+        self.assets = assets  # the teacher and public set every site must hold (common.payload.asset_manifest)
         self.rounds: dict[int, RoundOutcome] = {}
 
     def configure_train(
@@ -112,7 +113,7 @@ class DistillStrategy(FedAvg):
     ) -> Iterable[Message]:
         _, connected = sample_nodes(grid, self.min_available_nodes, 0)  # waits for enough sites
         sampled = self.plan.sample(server_round, connected)
-        content = round_request(self.exchange, self.global_student, server_round)
+        content = round_request(self.exchange, self.global_student, server_round, self.assets)
         self.rounds[server_round] = RoundOutcome(sampled=len(sampled), bytes_down=len(sampled) * content_bytes(content))
         return [Message(content=for_site(content, rounds_left), message_type=MessageType.TRAIN, dst_node_id=node)
                 for node, rounds_left in sampled.items()]
@@ -152,12 +153,11 @@ class DistillStrategy(FedAvg):
         return read_content(msg.content, node_id, self.exchange, self.allowed_items)
 
 
-def round_request(exchange: Exchange, global_student: nn.Module, server_round: int) -> RecordDict:
-    """What every sampled site receives this round: the exchange's content and the round number."""
+def round_request(exchange: Exchange, global_student: nn.Module, server_round: int,
+                  assets: dict[str, int | str]) -> RecordDict:
+    """What every sampled site receives this round: the exchange's content, the round number and the assets."""
     content = exchange.outgoing(global_student)
-    round_config = content.config_records.get(P.CONFIG, ConfigRecord())
-    round_config[P.SERVER_ROUND] = server_round
-    content[P.CONFIG] = round_config
+    content[P.CONFIG] = ConfigRecord({**assets, P.SERVER_ROUND: server_round})
     return content
 
 

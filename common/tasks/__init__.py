@@ -53,6 +53,10 @@ class Task(Protocol):
     def teacher(self) -> nn.Module:
         """The shared, fitted teacher in eval mode with frozen parameters: inputs -> logits [B, C]."""
 
+    def teacher_digest(self) -> str:
+        """SHA-256 of what the teacher is made from (its pretrained files, or the data and settings
+        it is fitted from): the server announces it, a site whose teacher differs refuses."""
+
     def teacher_targets(self, inputs: torch.Tensor, kinds: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """What the teacher contributes per record of `inputs`, for each of `kinds` (see
         common.losses): computed once, cached where that is costly."""

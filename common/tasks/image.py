@@ -163,6 +163,9 @@ class ImageTask:
         model.requires_grad_(False)
         return model
 
+    def teacher_digest(self) -> str:
+        return hashlib.sha256(f"{self._teacher_key()} {self._source_digest}".encode()).hexdigest()
+
     def _teacher_key(self) -> str:
         """Hash of everything the fitted teacher depends on."""
         facts = {

@@ -161,6 +161,13 @@ class LMTask:
                               ".gguf file")
         return path
 
+    def teacher_digest(self) -> str:
+        return self._teacher_file_digest
+
+    @cached_property
+    def _teacher_file_digest(self) -> str:  # without loading the teacher: a site's targets may all be cached
+        return file_digest(self.teacher_path)
+
     @cached_property
     def _teacher(self) -> tuple[nn.Module, object, str]:
         return load_teacher(self.teacher_path, self.cache_dir)

@@ -277,8 +277,16 @@ class TextTask:
             self._teacher = self._load_or_fit_teacher()
         return self._teacher
 
+    def teacher_digest(self) -> str:
+        return hashlib.sha256(json.dumps(self._teacher_facts, sort_keys=True).encode()).hexdigest()
+
     def _teacher_key(self) -> str:
-        facts = {
+        return self.teacher_digest()[:16]
+
+    @cached_property
+    def _teacher_facts(self) -> dict:
+        """Everything the fitted teacher depends on: the encoder's files, the records, the settings."""
+        return {
             "version": 3,
             "encoder": self._encoder_digest,
             "records": self._source_digest,
@@ -287,7 +295,6 @@ class TextTask:
             "teacher": {k: v for k, v in asdict(self.config.teacher).items() if k != "path"},
             "torch": torch.__version__.split("+")[0],
         }
-        return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
 
     def _load_or_fit_teacher(self) -> nn.Module:
         weights = {name: w for name, w in self.config.teacher.ensemble.items() if w > 0}

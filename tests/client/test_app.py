@@ -28,10 +28,11 @@ def site(small_config, policy):
     return load_site(shlex.join(small_config.overrides), 0, small_config.sites, policy)
 
 
-def _global(site, rounds_left=None):
+def _global(site, rounds_left=None, **asset_changes):
+    """Round 1's request as the server sends it: the global student and the announced assets."""
     torch.manual_seed(0)
     content = RecordDict({P.ARRAYS: P.model_to_record(site.task.student(site.config.student)),
-                          P.CONFIG: ConfigRecord({P.SERVER_ROUND: 1})})
+                          P.CONFIG: ConfigRecord({**site.assets, **asset_changes, P.SERVER_ROUND: 1})})
     return content if rounds_left is None else for_site(content, rounds_left)
 
 
@@ -190,22 +191,36 @@ def logits_site(small_config, policy):
     return load_site(shlex.join(overrides), 1, small_config.sites, policy)
 
 
-def _logits_request(site, **manifest_changes):
-    manifest = {**P.public_manifest(site.task.public_inputs()), **manifest_changes}
-    content = _global(site)
-    content[P.CONFIG] = ConfigRecord({**manifest, P.SERVER_ROUND: 1})
-    return content
+@pytest.mark.parametrize(("announced", "code"), [({P.PUBLIC_SHA256: "0" * 64}, P.REFUSAL_PUBLIC_SET),
+                                               ({P.PUBLIC_COUNT: 1}, P.REFUSAL_PUBLIC_SET),
+                                               ({P.TEACHER_SHA256: "0" * 64}, P.REFUSAL_TEACHER),
+                                               ({P.TEACHER_SHA256: None}, P.REFUSAL_TEACHER)])
+@pytest.mark.parametrize("mode", ["weights", "logits"])
+def test_a_site_whose_teacher_or_public_set_is_not_the_announced_one_refuses_before_spending_budget(
+        site, logits_site, mode, announced, code):
+    chosen = site if mode == "weights" else logits_site
+    content = _global(chosen)
+    content[P.CONFIG] = ConfigRecord({k: v for k, v in {**content[P.CONFIG], **announced}.items() if v is not None})
+    reply = train_round(chosen, content, RecordDict(), server_round=1, run="t")
+    assert reply[P.CONFIG][P.CODE] == code
+    assert not (chosen.ledger_dir / LEDGER_FILE).exists()
 
 
-def test_a_site_with_another_public_set_refuses_before_spending_budget(logits_site):
-    reply = train_round(logits_site, _logits_request(logits_site, **{P.PUBLIC_SHA256: "0" * 64}),
-                        RecordDict(), server_round=1, run="t")
-    assert reply[P.CONFIG][P.CODE] == P.REFUSAL_PUBLIC_SET
-    assert not (logits_site.ledger_dir / LEDGER_FILE).exists()
+def test_a_site_refuses_when_its_own_teacher_is_not_the_one_its_policy_pins(small_config, policy):
+    load_site.cache_clear()
+    pinned = policy_from({**vars(policy), "supernode": {}, "teacher_sha256": "1" * 64})
+    site = load_site(shlex.join(small_config.overrides), 0, small_config.sites, pinned)
+    reply = train_round(site, _global(site), RecordDict(), server_round=1, run="t")
+    assert reply[P.CONFIG][P.CODE] == P.REFUSAL_SITE_ERROR
+    assert not (site.ledger_dir / LEDGER_FILE).exists()
+    load_site.cache_clear()
+    right = policy_from({**vars(policy), "supernode": {}, "teacher_sha256": site.assets[P.TEACHER_SHA256]})
+    site = load_site(shlex.join(small_config.overrides), 0, small_config.sites, right)
+    assert train_round(site, _global(site), RecordDict(), server_round=1, run="t")[P.CONFIG][P.STATUS] == P.STATUS_OK
 
 
 def test_logits_mode_sends_top_k_log_probabilities_and_never_weights(logits_site):
-    reply = train_round(logits_site, _logits_request(logits_site), RecordDict(), server_round=1, run="t")
+    reply = train_round(logits_site, _global(logits_site), RecordDict(), server_round=1, run="t")
     assert reply[P.CONFIG][P.STATUS] == P.STATUS_OK
     assert P.ARRAYS not in reply.array_records
     rows = len(logits_site.task.public_inputs())
@@ -223,7 +238,7 @@ def fedmd_site(small_config, policy):
 
 
 def test_broadcast_logits_keeps_each_sites_own_student_of_its_own_shape(fedmd_site):
-    request = RecordDict({P.CONFIG: ConfigRecord({**P.public_manifest(fedmd_site.task.public_inputs()), P.SERVER_ROUND: 1})})
+    request = RecordDict({P.CONFIG: ConfigRecord({**fedmd_site.assets, P.SERVER_ROUND: 1})})
     state = RecordDict()
     assert train_round(fedmd_site, request, state, server_round=1, run="t")[P.CONFIG][P.STATUS] == P.STATUS_OK
     kept = state[P.STUDENT_STATE]

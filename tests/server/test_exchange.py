@@ -8,8 +8,8 @@ from common.config import load_config
 from common.tasks import build_task
 from common.losses import LOGITS
 from common.payload import check_arrays
-from server.exchange import LogitsExchange, WeightsExchange
-from server.strategy import INVALID, TRAINED, read_content
+from server.exchange import LogitsExchange, WeightsExchange, build_exchange
+from server.strategy import INVALID, TRAINED, read_content, round_request
 
 ALLOWED = set(P.released_items(mode="logits", weighting="uniform", dp=True))
 
@@ -105,12 +105,17 @@ def test_the_consensus_is_kept_only_once_the_global_student_has_learned_it(confi
     assert exchange.consensus is None
 
 
-def test_logits_exchange_sends_the_public_manifest(config):
+@pytest.mark.parametrize("mode", ["weights", "logits"])
+def test_every_round_request_announces_the_teacher_and_the_public_set(config, mode):
+    config = load_config(config.overrides + [f"exchange={mode}"])
     task = build_task(config)
-    exchange = LogitsExchange(config, task)
-    out = exchange.outgoing(task.student(config.student))
+    student = task.student(config.student)
+    assets = P.asset_manifest(task.public_inputs(), task.teacher_digest())
+    out = round_request(build_exchange(config, task, student), student, 3, assets)
     assert out[P.CONFIG][P.PUBLIC_COUNT] == len(task.public_inputs())
     assert out[P.CONFIG][P.PUBLIC_SHA256] == P.public_manifest(task.public_inputs())[P.PUBLIC_SHA256]
+    assert out[P.CONFIG][P.TEACHER_SHA256] == task.teacher_digest() and len(task.teacher_digest()) == 64
+    assert out[P.CONFIG][P.SERVER_ROUND] == 3
     assert P.ARRAYS in out.array_records  # broadcast=weights by default
 
 
