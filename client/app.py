@@ -7,12 +7,12 @@ may leave; a refusal carries a code and a short reason, and details stay in the 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import re
 import shlex
 import sys
+import time
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -27,8 +27,10 @@ from torch.utils.data import TensorDataset
 from client.dp_train import StepPlan, distill_locally, plan_round
 from common import payload as P
 from common.config import CONF_DIR, Config, ConfigError, load_config
+from common.monitoring import record_activity
 from common.policy import SitePolicy, policy_from, site_policy
-from common.privacy import Budget, BudgetExhausted, DataFingerprint, LedgerError, PrivacyLedger
+from common.privacy import (Budget, BudgetExhausted, DataFingerprint, LedgerError, PrivacyLedger, file_records,
+                            records_digest)
 from common.public_outputs import PublicOutputs
 from common.tasks import Task, build_task
 
@@ -141,17 +143,11 @@ def _load_site(overrides: str, partition_id: int, num_partitions: int, policy_ke
     policy = policy_from(json.loads(policy_key))
     if policy.data_path is not None:
         data = task.load_private(Path(policy.data_path).expanduser())
-        records = _digest(data)
-        fingerprint = DataFingerprint(dataset=f"file {records[:16]}", partition="whole", records=records)
-    else:
-        if num_partitions != config.sites:
-            raise ConfigError(
-                f"this federation has {num_partitions} SuperNodes but the config says sites={config.sites}: "
-                "start as many SuperNodes as sites"
-            )
-        data = task.private_data(partition_id, config.sites)
-        dataset, partition = task.partition_identity(config.sites)
-        fingerprint = DataFingerprint(dataset=dataset, partition=partition, records=_digest(data))
+        fingerprint = file_records(data)
+    else:  # the task's built-in data, split over the federation's SuperNodes (Flower's simulation)
+        data = task.private_data(partition_id, num_partitions)
+        dataset, partition = task.partition_identity(num_partitions)
+        fingerprint = DataFingerprint(dataset=dataset, partition=partition, records=records_digest(data))
     inputs, labels = data.tensors
     objective = task.objective(config.distill)
     targets = task.teacher_targets(inputs, objective.target_kinds)  # once per site: halves a KD step's cost
@@ -166,13 +162,6 @@ def site_name(partition_id: int) -> str:
     return f"site-{partition_id}"
 
 
-def _digest(data: TensorDataset) -> str:
-    sha = hashlib.sha256()
-    for tensor in data.tensors:
-        sha.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return sha.hexdigest()
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     return Message(content=answer(msg.content, context), reply_to=msg)
@@ -182,24 +171,42 @@ def answer(content: RecordDict, context: Context) -> RecordDict:
     """This site's reply to a training request: a trained reply or a refusal, never an exception.
 
     An exception's text would reach the server in Flower's error reply, so errors are
-    logged here and the server gets a code.
+    logged here and the server gets a code. Every outcome is added to the site's activity
+    log (common.monitoring), which its metrics endpoint serves.
     """
+    started = time.perf_counter()
     node = context.node_config
     partition_id = int(node.get("partition-id", 0))
     name = site_name(partition_id)
+    policy = None
     try:
         policy = site_policy(node)
         name = policy.name or name
         site = load_site(str(context.run_config.get("overrides", "")), partition_id,
                          int(node.get("num-partitions", 1)), policy)
         server_round = int(content[P.CONFIG][P.SERVER_ROUND])
-        return train_round(site, content, context.state, server_round=server_round, run=str(context.run_id))
+        reply = train_round(site, content, context.state, server_round=server_round, run=str(context.run_id))
     except Refusal as refused:
-        return refusal(name, refused)
+        reply = refusal(name, refused)
     except Exception:
         log.exception("%s: the round failed", name)
-        return refusal(name, Refusal(P.REFUSAL_SITE_ERROR,
-                                     "the site could not take part in this round (details in the site's log)"))
+        reply = refusal(name, Refusal(P.REFUSAL_SITE_ERROR,
+                                      "the site could not take part in this round (details in the site's log)"))
+    if policy is not None:
+        status = reply[P.CONFIG]
+        record_activity(policy.ledger_root / name, run=str(context.run_id), server_round=round_number(content),
+                        status=str(status[P.STATUS]), code=status.get(P.CODE),
+                        steps=int(reply.metric_records.get(P.METRICS, MetricRecord()).get(P.DP_STEPS, 0)),
+                        seconds=time.perf_counter() - started)
+    return reply
+
+
+def round_number(content: RecordDict) -> int:
+    """The request's round number for the activity log; 0 when it has none that reads."""
+    try:
+        return int(content.config_records.get(P.CONFIG, ConfigRecord()).get(P.SERVER_ROUND, 0))
+    except (TypeError, ValueError, OverflowError):
+        return 0
 
 
 def train_round(site: Site, content: RecordDict, state: RecordDict, *, server_round: int, run: str) -> RecordDict:

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+RUNS_ENV = "FEDISTILL_RUNS_DIR"  # where a ServerApp puts a run's folder when the run sets no run_dir
 
 
 # Upper bounds on noise settings: beyond them the accountant's analysis overflows or never
@@ -333,9 +334,13 @@ class FederationConfig:
     min_sites: int
     round_timeout: float
     cpus_per_site: int
+    metrics_port: int | None  # the ServerApp serves Prometheus metrics here during the run
+    metrics_host: str
 
     def validate(self) -> None:
         _fraction("federation.fraction_train", self.fraction_train)
+        _require(self.metrics_port is None or 0 < self.metrics_port < 65536,
+                 f"federation.metrics_port must be a TCP port (1-65535) or null, got {self.metrics_port}")
         _require(self.min_sites >= 1, f"federation.min_sites must be >= 1, got {self.min_sites}")
         _require(self.round_timeout > 0, f"federation.round_timeout must be > 0, got {self.round_timeout}")
         _require(self.cpus_per_site >= 1, f"federation.cpus_per_site must be >= 1, got {self.cpus_per_site}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import hashlib
 import json
 import math
 import random
@@ -30,6 +31,7 @@ from typing import Iterator
 import numpy as np
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
+from torch.utils.data import TensorDataset
 
 from common.storage import atomic_write
 
@@ -62,6 +64,20 @@ class DataFingerprint:
     dataset: str    # the data set the records were cut from
     partition: str  # how that data set was cut into sites ("whole" for a site's own file)
     records: str    # SHA-256 of the records themselves
+
+
+def records_digest(data: TensorDataset) -> str:
+    """SHA-256 of a site's records (every tensor of the data set, in order)."""
+    sha = hashlib.sha256()
+    for tensor in data.tensors:
+        sha.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return sha.hexdigest()
+
+
+def file_records(data: TensorDataset) -> DataFingerprint:
+    """The fingerprint of a site's own records (its policy's data_path), kept whole."""
+    records = records_digest(data)
+    return DataFingerprint(dataset=f"file {records[:16]}", partition="whole", records=records)
 
 
 @dataclass(frozen=True)
@@ -130,6 +146,19 @@ class PrivacyLedger:
         self.entries = self._read()
         if not self.path.exists():
             self._refuse_overlapping_partition()  # early, before any calibration; _append checks again
+
+    @classmethod
+    def inspect(cls, directory: Path | str, *, budget: Budget) -> "PrivacyLedger":
+        """The ledger kept in `directory`, opened for reading with the records it was kept for
+        (monitoring and the site check, which do not load the site's data); LedgerError if it
+        is missing, unreadable or fails its checks."""
+        path = Path(directory) / LEDGER_FILE
+        try:
+            data = DataFingerprint(**json.loads(path.read_text())["data"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise LedgerError(f"privacy ledger {path} is missing, unreadable or corrupt ({err}); restore it from "
+                              "the site's backup: a new ledger would start at epsilon 0") from None
+        return cls(directory, budget=budget, data=data)
 
     # -- queries ----------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -13,12 +14,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from common import payload as P
-from common.config import Config, ConfigError, load_config
+from common.config import RUNS_ENV, Config, ConfigError, load_config
 from common.models.inference import describe, quantize_int8
 from common.public_distill import initial_student
 from common.tasks import build_task
 from server import rundir as R
 from server.exchange import build_exchange
+from server.metrics import ServerMetrics
 from server.report import PrivacyView, mean, privacy_report, progress_line, released_items, round_record
 from server.strategy import FAILED, INVALID, DistillStrategy, ParticipationPlan, RoundOutcome
 
@@ -28,18 +30,28 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = load_config(str(context.run_config["overrides"]))
-    if config.run_dir is None or not Path(config.run_dir).is_absolute():
+    run(grid, dataclasses.replace(config, run_dir=str(run_directory(config, context.run_id))))
+
+
+def run_directory(config: Config, run_id: int) -> Path:
+    """Where this run's files go: `run_dir` (absolute), or a new folder under $FEDISTILL_RUNS_DIR
+    (`fedistill coordinator` sets it) or ./outputs of the process Flower started the ServerApp in."""
+    if config.run_dir is None:
+        runs = Path(os.environ.get(RUNS_ENV) or "outputs")
+        return (runs / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_run-{run_id}").resolve()
+    if not Path(config.run_dir).is_absolute():
         raise ConfigError(
             f"run_dir must be an absolute path when the ServerApp is started by `flwr run`, got "
-            f"{config.run_dir!r}: pass --run-config \"overrides='run_dir=/abs/path ...'\" "
-            "(`fedistill simulate` sets it for you)"
+            f"{config.run_dir!r}: it is read on the coordinator's machine, whose working directory is "
+            "Flower's. Pass --run-config \"overrides='run_dir=/abs/path ...'\", or leave it unset"
         )
-    run(grid, config)
+    return Path(config.run_dir)
 
 
 def run(grid: Grid, config: Config) -> None:
     start = time.perf_counter()
     run_dir = R.RunDirectory(config.run_dir, config)
+    log(INFO, f"{P.PROGRESS_TAG}run directory {run_dir.path}")
     task = build_task(config)
     teacher = task.teacher()
     evaluator = task.evaluator()
@@ -56,6 +68,8 @@ def run(grid: Grid, config: Config) -> None:
         allowed_items=set(released_items(config)),
         assets=P.asset_manifest(task.public_inputs(), task.teacher_digest()),
     )
+    metrics = ServerMetrics(tuple(m.name for m in evaluator.metrics))
+    metrics.serve(config.federation.metrics_port, config.federation.metrics_host)
     ledger = PrivacyView()
     dropped: Counter[str] = Counter()
     rounds: list[dict] = []
@@ -72,6 +86,7 @@ def run(grid: Grid, config: Config) -> None:
             record["eval_s"] = time.perf_counter() - eval_start
             rounds.append(record)
             run_dir.log_round(record)
+            metrics.observe_round(record)
             run_dir.save_checkpoint(server_round, student)
             log(INFO, progress_line(record, config, evaluator.metrics))
         return MetricRecord(scores)
@@ -111,3 +126,4 @@ def run(grid: Grid, config: Config) -> None:
     run_dir.write_json(R.PRIVACY_FILE, summary["privacy"])
     run_dir.write_text(R.PRIVACY_REPORT, privacy_report(summary["privacy"]))
     run_dir.plot(rounds, metrics=evaluator.metrics, teacher=evaluator.teacher, budgets=ledger.budgets)
+    log(INFO, f"{P.PROGRESS_TAG}finished: results, the global student and the privacy report in {run_dir.path}")

@@ -111,6 +111,7 @@ def round_record(server_round: int, outcome: RoundOutcome, scores: Scores, ledge
         "bytes_up": outcome.bytes_up,
         "bytes_down": outcome.bytes_down,
         "round_s": outcome.seconds,
+        "aggregation_s": outcome.aggregation_seconds,
         "server": outcome.server,
         "problems": [{"site": s.site, "status": s.status, "code": s.code, "reason": s.reason}
                      for s in outcome.sites if s.status != TRAINED],

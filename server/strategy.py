@@ -52,6 +52,7 @@ class RoundOutcome:
     bytes_up: int = 0
     started: float = field(default_factory=time.perf_counter)
     seconds: float = 0.0  # from sending the round's messages to the new global student
+    aggregation_seconds: float = 0.0  # combining the accepted replies into it
     sites: list[SiteOutcome] = field(default_factory=list)
     server: dict = field(default_factory=dict)  # what the exchange reports of its combine step
     reply_items: set[str] = field(default_factory=set)  # what the trained replies held, for the record
@@ -133,6 +134,7 @@ class DistillStrategy(FedAvg):
             else:
                 log.warning("Round %d: %s (node %d) %s: %s", server_round, site.site, site.node_id, site.status, site.reason)
         if accepted:
+            combine_start = time.perf_counter()
             previous = P.model_to_record(self.global_student)
             try:
                 outcome.server = self.exchange.combine(accepted, self.global_student, server_round)
@@ -141,6 +143,7 @@ class DistillStrategy(FedAvg):
                 P.load_record(self.global_student, previous)  # a combine may fail after changing it
                 outcome.server = {"error": repr(err)}
                 accepted = []
+            outcome.aggregation_seconds = time.perf_counter() - combine_start
         outcome.seconds = time.perf_counter() - outcome.started
         if not accepted:
             return None, None

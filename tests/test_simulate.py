@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fedistill.simulation import processes_using
+from fedistill.processes import processes_using
 
 FEDISTILL = [sys.executable, "-m", "fedistill.cli", "simulate"]
 RUN_FILES = ["config.yaml", "metrics.jsonl", "summary.json", "student.safetensors", "student.json", "student-int8.pt",

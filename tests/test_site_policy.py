@@ -18,7 +18,8 @@ import pytest
 
 from common.policy import POLICY_ENV
 from fedistill.cli import APP_DIR, resolve_paths, write_run_config
-from fedistill.simulation import SimulationSuperLink, processes_using
+from fedistill.processes import processes_using
+from fedistill.simulation import SimulationSuperLink
 
 
 @contextmanager

@@ -12,6 +12,7 @@ import client.app as client_app
 from client.app import answer, load_site, starting_student, train_round
 from common import payload as P
 from common.config import ConfigError
+from common.monitoring import read_activity
 from common.policy import POLICY_ENV, policy_from
 from common.privacy import LEDGER_FILE
 from server.strategy import for_site
@@ -148,7 +149,9 @@ def test_a_request_outside_the_sites_policy_is_refused_before_anything_is_loaded
     reply = answer(RecordDict({P.CONFIG: ConfigRecord({P.SERVER_ROUND: 1})}), _context(request))
     assert (reply[P.CONFIG][P.STATUS], reply[P.CONFIG][P.CODE]) == (P.STATUS_REFUSED, P.REFUSAL_POLICY)
     assert reason in reply[P.CONFIG][P.REASON]
-    assert not (tmp_path / "ledgers").exists()
+    site_dir = tmp_path / "ledgers" / "site-0"
+    assert not (site_dir / LEDGER_FILE).exists()  # nothing reserved
+    assert [a["code"] for a in read_activity(site_dir)] == [P.REFUSAL_POLICY]  # the site's metrics count it
 
 
 @pytest.mark.parametrize("request_override", ["privacy.ledger_dir=/tmp/elsewhere", "task.name=${oc.env:HOME}",
