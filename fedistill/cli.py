@@ -10,6 +10,7 @@ import re
 import shlex
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -20,7 +21,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from common import payload as P
 from common.config import CONF_DIR, LM_SOURCE, TEXT_SOURCE, Config, ConfigError, load_config
-from common.policy import POLICY_ENV, SitePolicy, policy_from
+from common.policy import POLICY_ENV, SitePolicy, load_policy, policy_from
+from fedistill import certs, deployment, sitecheck
+from fedistill.processes import console_script, run_streaming
 
 POLICY_FILE = "site-policy.yaml"  # the virtual sites' policy, written by this command into the run directory
 
@@ -39,18 +42,124 @@ def main(argv: list[str] | None = None) -> int:
     )
     simulate.add_argument("overrides", nargs="*", help="Hydra overrides (key=value)")
     simulate.add_argument("-v", "--verbose", action="store_true", help="show all of Flower's log, not only progress")
+    add_deployment_commands(commands)
+    certs.add_parser(commands)
+    sitecheck.add_parser(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # SIGTERM (e.g. from a job scheduler) unwinds like Ctrl-C, so Flower's processes are stopped.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return run_simulation(args.overrides, echo=print if args.verbose else ProgressOnly())
-    except ConfigError as err:
-        print(f"fedistill: config error: {err}", file=sys.stderr)
+        if args.command == "simulate":
+            return run_simulation(args.overrides, echo=print if args.verbose else ProgressOnly())
+        return args.handler(args)
+    except (ConfigError, ValueError) as err:
+        print(f"fedistill {args.command}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fedistill: interrupted; Flower processes stopped", file=sys.stderr)
         return 130
+
+
+def add_deployment_commands(commands) -> None:
+    link = argparse.ArgumentParser(add_help=False)
+    link.add_argument("--coordinator", required=True, help="the coordinator's SuperLink, host:port")
+    link.add_argument("--ca", type=Path, help="the deployment's CA certificate (ca.crt from `fedistill certs`)")
+    link.add_argument("--insecure", action="store_true", help="plain text (a coordinator started with --insecure)")
+
+    coordinator = commands.add_parser("coordinator", help="start the coordinator's SuperLink (TLS, registered sites)")
+    coordinator.add_argument("--certs", type=Path, help="folder with ca.crt, server.crt, server.key (`fedistill certs`)")
+    coordinator.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
+    coordinator.add_argument("--port", type=int, default=8000, help="the one HTTPS port sites and `flwr` use")
+    coordinator.add_argument("--state", type=Path, default=Path("coordinator"),
+                             help="the SuperLink's database, logs and the runs' folders (runs/)")
+    coordinator.add_argument("--insecure", action="store_true", help="plain text, no node authentication (warns)")
+    coordinator.set_defaults(handler=run_coordinator)
+
+    site = commands.add_parser("site", help="start this site's SuperNode and metrics endpoint from its site file")
+    site.add_argument("--config", type=Path, required=True, help="the site file (keys of conf/site.yaml)")
+    site.add_argument("--state", type=Path, help="the SuperNode's own files (default: a folder next to the ledger)")
+    site.set_defaults(handler=run_site)
+
+    register = commands.add_parser("register", parents=[link], help="admit a site's public key on the coordinator")
+    register.add_argument("public_key", type=Path, help="sites/<name>.pub from `fedistill certs`")
+    register.set_defaults(handler=run_register)
+
+    submit = commands.add_parser("submit", parents=[link], help="run the app on a coordinator's registered sites")
+    submit.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. task=digits rounds=5 privacy.epsilon=1")
+    submit.add_argument("--app", type=Path, default=APP_DIR, help="the app folder to ship (default: this one)")
+    submit.set_defaults(handler=run_submit)
+
+    app_hash = commands.add_parser("app-hash", help="the SHA-256 of the app a coordinator ships (for site app_sha256)")
+    app_hash.add_argument("app", type=Path, nargs="?", default=APP_DIR, help="the app folder (default: this one)")
+    app_hash.set_defaults(handler=lambda args: print(deployment.app_hash(args.app)) or 0)
+
+    assets = commands.add_parser("assets", help="the teacher and public-set SHA-256 a run announces (for site pins)")
+    assets.add_argument("overrides", nargs="*", help="the run's Hydra overrides, e.g. task=digits")
+    assets.set_defaults(handler=run_assets)
+
+
+def run_coordinator(args) -> int:
+    if args.insecure:
+        print(deployment.INSECURE_WARNING, file=sys.stderr)
+    with deployment.coordinator(certs=args.certs, host=args.host, port=args.port, state=args.state.resolve(),
+                                insecure=args.insecure) as link:
+        print(f"fedistill: coordinator listening on {args.host}:{args.port} (log {link.log_path}); runs go to "
+              f"{args.state.resolve() / 'runs'}\nnext: register each site's key with `fedistill register "
+              f"sites/<name>.pub --coordinator <host>:{args.port} --ca {args.certs or '<ca.crt>'}`, then "
+              "`fedistill submit task=... --coordinator ...`", flush=True)
+        return link.process.wait()
+
+
+def run_site(args) -> int:
+    policy = load_policy(args.config)
+    if policy.supernode.insecure:
+        print(deployment.INSECURE_WARNING, file=sys.stderr)
+    state = (args.state or policy.ledger_root / f"{policy.name}-supernode").resolve()
+    with deployment.site(policy, args.config, state) as node:
+        deployment.serve_site_metrics(policy)
+        print(f"fedistill: site {policy.name} connecting to {policy.supernode.superlink} (log {node.log_path}); "
+              f"metrics on port {policy.metrics_port}; ledger {policy.ledger_root / policy.name}\n"
+              f"check it with `fedistill site-check --config {args.config}`", flush=True)
+        return node.process.wait()
+
+
+def _link(args) -> deployment.Link:
+    if args.insecure:
+        print(deployment.INSECURE_WARNING, file=sys.stderr)
+    return deployment.Link(args.coordinator, args.ca, args.insecure)
+
+
+def run_register(args) -> int:
+    done = deployment.register(args.public_key, _link(args))
+    print(done.stdout + done.stderr, end="")
+    if done.returncode == 0:
+        print(f"fedistill: {args.public_key.name} registered; that site can now start `fedistill site --config ...`")
+    return done.returncode
+
+
+def run_submit(args) -> int:
+    overrides = args.overrides if any(o.startswith("federation=") for o in args.overrides) else \
+        ["federation=deployment", *args.overrides]
+    load_config(overrides)  # refuse a bad config here, not in the ServerApp
+    with tempfile.TemporaryDirectory(prefix="fedistill-submit-") as home:
+        home = Path(home)
+        _link(args).write_flwr_home(home / "flwr")
+        run_config = write_run_config(home, overrides)
+        command = [console_script("flwr"), "run", str(args.app.resolve()), deployment.CONNECTION, "--stream",
+                   "--run-config", str(run_config)]
+        code = run_streaming(command, env=deployment.flwr_env(home / "flwr"), log=home / "flower.log",
+                             echo=ProgressOnly())
+    return code
+
+
+def run_assets(args) -> int:
+    from common.tasks import build_task
+
+    task = build_task(load_config(args.overrides))
+    announced = P.asset_manifest(task.public_inputs(), task.teacher_digest())
+    print(f"teacher_sha256: {announced[P.TEACHER_SHA256]}\npublic_sha256: {announced[P.PUBLIC_SHA256]}")
+    return 0
 
 
 def _interrupt(signum, frame) -> None:

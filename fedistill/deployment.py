@@ -1,0 +1,145 @@
+"""Flower's deployment engine for fedistill: the coordinator's SuperLink, a site's SuperNode, and
+the `flwr` connection that registers sites and submits runs.
+
+Secure by default: the SuperLink serves TLS and admits only registered site keys; plain
+text needs `--insecure`, which warns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomli_w
+from prometheus_client import CollectorRegistry, start_http_server
+
+from common.config import RUNS_ENV
+from common.monitoring import SiteCollector
+from common.policy import POLICY_NODE_KEY, SitePolicy
+from common.privacy import Budget
+from fedistill import app_gate
+from fedistill.processes import Child, console_script, free_port
+
+CONNECTION = "fedistill"
+INSECURE_WARNING = ("WARNING: insecure mode: plain text and no node authentication; anyone who reaches the port can "
+                    "read the traffic and join as a site. Use it on 127.0.0.1 for trials only")
+
+
+@dataclass(frozen=True)
+class Link:
+    """How `flwr` reaches a coordinator: its address and the CA that signed its certificate."""
+
+    address: str
+    root_certificates: Path | None = None
+    insecure: bool = False
+
+    def write_flwr_home(self, flwr_home: Path) -> None:
+        """A private FLWR_HOME whose default connection is this coordinator."""
+        connection = {"address": self.address}
+        if self.insecure:
+            connection["insecure"] = True
+        else:
+            if self.root_certificates is None:
+                raise ValueError("the coordinator's CA certificate is needed (--ca certs/ca.crt), or --insecure")
+            connection["root-certificates"] = str(Path(self.root_certificates).resolve())
+        flwr_home.mkdir(parents=True, exist_ok=True)
+        config = {"superlink": {"default": CONNECTION, CONNECTION: connection}}
+        (flwr_home / "config.toml").write_bytes(tomli_w.dumps(config).encode())
+
+
+def flwr_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, **(extra or {}), "FLWR_HOME": str(flwr_home)}
+    # Flower's own processes (flower-superexec, flwr-serverapp, flwr-clientapp) come from this environment
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def superlink_command(*, certs: Path | None, host: str, port: int, state: Path, insecure: bool) -> list[str]:
+    command = [console_script("flower-superlink"), "--host", host, "--port", str(port),
+               "--database", str(state / "superlink.db"), "--disable-runtime-dependency-installation"]
+    if insecure:
+        return command + ["--insecure"]
+    if certs is None:
+        raise ValueError("the coordinator needs --certs DIR (ca.crt, server.crt, server.key from `fedistill certs`), "
+                         "or --insecure for a trial on 127.0.0.1")
+    files = {name: certs / name for name in ("ca.crt", "server.crt", "server.key")}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}: make them with `fedistill certs --out {certs} --host <name>`")
+    return command + ["--ssl-ca-certfile", str(files["ca.crt"]), "--ssl-certfile", str(files["server.crt"]),
+                      "--ssl-keyfile", str(files["server.key"]), "--enable-supernode-auth"]
+
+
+def coordinator(*, certs: Path | None, host: str, port: int, state: Path, insecure: bool) -> Child:
+    """The coordinator's SuperLink as a child process; runs' folders go under `state`/runs."""
+    state.mkdir(parents=True, exist_ok=True)
+    command = superlink_command(certs=certs, host=host, port=port, state=state, insecure=insecure)
+    env = flwr_env(state / "flwr", {RUNS_ENV: str(state / "runs")})
+    return Child(command, env=env, log=state / "superlink.log", port=port, flwr_home=state / "flwr")
+
+
+def supernode_command(policy: SitePolicy, policy_file: Path, runtime_port: int) -> list[str]:
+    link = policy.supernode
+    command = [console_script("flower-supernode"), "--superlink", link.superlink, "--port", str(runtime_port),
+               "--node-config", f"{POLICY_NODE_KEY}='{policy_file.resolve()}'"]
+    if link.insecure:
+        return command + ["--insecure"]
+    missing = [key for key in ("root_certificates", "private_key") if getattr(link, key) is None]
+    if missing:
+        raise ValueError(f"the site file sets no supernode.{' or supernode.'.join(missing)}: give the CA certificate "
+                         "and this site's key from `fedistill certs`, or supernode.insecure: true for a loopback trial")
+    return command + ["--root-certificates", str(Path(link.root_certificates).expanduser()),
+                      "--auth-supernode-private-key", str(Path(link.private_key).expanduser())]
+
+
+def site(policy: SitePolicy, policy_file: Path, state: Path) -> Child:
+    """A site's SuperNode as a child process, behind the app gate when the site pins apps."""
+    if policy.name is None:
+        raise ValueError(f"{policy_file} sets no name: a deployed site needs one (name: site-a), which names its "
+                         "ledger folder and its metrics")
+    extra = {}
+    if policy.app_sha256:
+        gate = app_gate.install_launcher(state / "bin").parent
+        extra = {app_gate.APP_SHA256_ENV: " ".join(policy.app_sha256),
+                 "PATH": f"{gate}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**flwr_env(state / "flwr"), **extra}
+    command = supernode_command(policy, policy_file, free_port())
+    return Child(command, env=env, log=state / "supernode.log", flwr_home=state / "flwr")
+
+
+def serve_site_metrics(policy: SitePolicy, host: str = "0.0.0.0") -> None:
+    """The site's Prometheus endpoint on `metrics_port`, read from its ledger and activity log."""
+    if policy.metrics_port is None:
+        return
+    registry = CollectorRegistry()
+    registry.register(SiteCollector(policy.ledger_root / policy.name, site=policy.name,
+                                    budget=Budget(policy.epsilon, policy.delta)))
+    try:
+        start_http_server(policy.metrics_port, addr=host, registry=registry)
+    except OSError as err:
+        raise ValueError(f"metrics_port {policy.metrics_port}: cannot listen ({err}); choose a free port in the "
+                         "site file, or metrics_port: null") from None
+
+
+def register(public_key: Path, link: Link) -> subprocess.CompletedProcess:
+    """`flwr supernode register` a site's public key on the coordinator."""
+    with tempfile.TemporaryDirectory(prefix="fedistill-flwr-") as home:
+        link.write_flwr_home(Path(home))
+        return subprocess.run([console_script("flwr"), "supernode", "register", str(public_key), CONNECTION],
+                              env=flwr_env(Path(home)), capture_output=True, text=True)
+
+
+def app_hash(app_dir: Path) -> str:
+    """The SHA-256 of the app `flwr run APP_DIR` would ship (Flower's FAB hash; builds are reproducible)."""
+    with tempfile.TemporaryDirectory(prefix="fedistill-fab-") as out:
+        done = subprocess.run([console_script("flwr"), "build", "--app", str(app_dir.resolve())], cwd=out,
+                              capture_output=True, text=True)
+        fabs = list(Path(out).glob("*.fab"))
+        if done.returncode != 0 or len(fabs) != 1:
+            raise RuntimeError(f"flwr build failed: {done.stdout}{done.stderr}")
+        return hashlib.sha256(fabs[0].read_bytes()).hexdigest()

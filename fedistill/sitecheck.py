@@ -1,0 +1,453 @@
+"""`fedistill site-check --config site.yaml`: is this site ready to join the federation?
+
+A partner runs it before `fedistill site`. It reads the site file and checks, in order: the
+file itself, the task and the site's records, the teacher and public set against the file's
+pins, the privacy ledger, the certificate and key, and that the coordinator answers. Each
+line says ok, warn or FAIL; a line that is not ok says how to fix it. The exit code is 0
+only when nothing failed.
+
+It changes nothing: the ledger is only read, no teacher is fitted, and the only machine it
+connects to is the coordinator named in the site file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import socket
+import ssl
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from torch.utils.data import TensorDataset
+
+from common import payload as P
+from common.config import Config, ConfigError, load_config
+from common.policy import SitePolicy, load_policy
+from common.privacy import LEDGER_FILE, Budget, DataFingerprint, LedgerError, PrivacyLedger, file_records
+from common.tasks import Task, build_task
+
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+
+DEFAULT_SITE_NAME = "site-0"  # the ledger folder of a site whose file names none
+CONNECT_TIMEOUT_S = 5.0
+NIST_CURVES = ("secp256r1", "secp384r1", "secp521r1")
+EXPIRY_WARNING = datetime.timedelta(days=30)
+CERTS_FIX = "copy ca.crt again from the coordinator's `fedistill certs` output (the whole file)"
+DATA_FIX = ("data_path must be the site's records in the task's format: image tasks an .npz with `images` "
+            "[N, H, W] in [0, 1] and integer `labels` [N]; task=text a CSV, TSV or JSON-lines file or folder "
+            "(see data_path in conf/site.yaml)")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report: what was checked, ok / warn / FAIL, what was found, and how to fix it."""
+
+    name: str
+    status: str
+    detail: str
+    fix: str = ""
+
+
+# -- the whole check ------------------------------------------------------------------
+
+
+def check_site(site_file: Path, task_overrides: list[str]) -> list[Check]:
+    """Every check of the site described by `site_file`, in order; `task_overrides` choose the task
+    (Hydra overrides such as `task=digits`; none: the configuration's default task)."""
+    try:
+        policy = load_policy(site_file)
+    except ConfigError as err:
+        return [Check("site file", FAIL, str(err), f"correct {site_file}; conf/site.yaml lists every key with its default")]
+    checks = [check_site_file(site_file, policy)]
+
+    task_check, task = check_task(policy, task_overrides)
+    data_check, data = check_data(policy, task)
+    checks += [task_check, data_check]
+    checks += check_teacher_and_public_set(policy, task)
+    checks.append(check_ledger(policy, data))
+
+    checks += check_certificates_and_coordinator(policy)
+    checks += [check_app_pins(policy), check_metrics(policy)]
+    return checks
+
+
+def check_certificates_and_coordinator(policy: SitePolicy) -> list[Check]:
+    """The transport, the CA certificate and the site's key, then the coordinator: over TLS where the
+    CA certificate loaded, in plain text where the site file says insecure."""
+    transport = check_transport(policy)
+    if policy.supernode.insecure:
+        return [transport, Check("certificates", WARN, "not checked: supernode.insecure is true"),
+                check_coordinator(policy, tls=False)]
+    ca = check_ca_certificate(policy)
+    return [transport, ca, check_site_key(policy), check_coordinator(policy, tls=ca.status != FAIL)]
+
+
+def check_site_file(site_file: Path, policy: SitePolicy) -> Check:
+    return Check("site file", OK, f"{site_file}: site {site_name(policy)}, budget epsilon {policy.epsilon:g} "
+                                  f"at delta {policy.delta:g}")
+
+
+def site_name(policy: SitePolicy) -> str:
+    return policy.name or DEFAULT_SITE_NAME
+
+
+# -- the task and the site's records --------------------------------------------------
+
+
+def site_config(policy: SitePolicy, overrides: list[str]) -> Config:
+    """The configuration as the site uses it (client/app.py's read_request): the site's cache folder,
+    and its own teacher when its file names one."""
+    config = load_config(overrides)
+    if policy.teacher_path is not None:
+        teacher = dataclasses.replace(config.task.teacher, path=policy.teacher_path)
+        config = dataclasses.replace(config, task=dataclasses.replace(config.task, teacher=teacher))
+    return dataclasses.replace(config, cache_dir=policy.cache_dir)
+
+
+def check_task(policy: SitePolicy, overrides: list[str]) -> tuple[Check, Task | None]:
+    """The task the site is checked for, allowed by its file's task_sources (checked before the task is
+    built: a `package.module:factory` source runs code), and built as the site builds it."""
+    given = " ".join(overrides) or "the default task"
+    overrides_fix = "give the coordinator's task as Hydra overrides: --task task=digits (or mnist, text, ...)"
+    try:
+        config = site_config(policy, overrides)
+    except ConfigError as err:
+        return Check("task", FAIL, f"{given}: {err}", overrides_fix), None
+    source = config.task.source
+    if source not in policy.task_sources:
+        return Check("task", FAIL, f"task.source {source!r} is not in task_sources {policy.task_sources}: the site "
+                                   "would refuse every run of it",
+                     f"add {source} to task_sources in the site file, or check the task the coordinator runs "
+                     "with --task task=NAME"), None
+    try:
+        task = build_task(config)
+    except Exception as err:  # any task's constructor, a listed `package.module:factory` included
+        return Check("task", FAIL, f"{given}: task {source!r} cannot be built: {_message(err)}", overrides_fix), None
+    return Check("task", OK, f"{config.task.name} (task.source {source}, allowed by task_sources)"), task
+
+
+def check_data(policy: SitePolicy, task: Task | None) -> tuple[Check, TensorDataset | None]:
+    """data_path is set, exists, is readable and holds records the task can load."""
+    if task is None:
+        return Check("data", WARN, "not checked: the task did not load (see above)"), None
+    if policy.data_path is None:
+        return Check("data", FAIL, "data_path is not set: a deployed site trains on its own records",
+                     f"set data_path to the file or folder of the site's records; {DATA_FIX}"), None
+    path = Path(policy.data_path).expanduser()
+    missing = _missing_path(path)
+    if missing:
+        return Check("data", FAIL, f"data_path {path} {missing}",
+                     f"put the site's records at {path}, or set data_path to where they are; {DATA_FIX}"), None
+    if not os.access(path, os.R_OK):
+        return Check("data", FAIL, f"data_path {path} is not readable by this user",
+                     f"let the user who runs `fedistill site` read it (chown or chmod u+r {path})"), None
+    try:
+        data = task.load_private(path)
+    except Exception as err:  # any task's loader: report what it says rather than a traceback
+        return Check("data", FAIL, f"data_path {path} cannot be loaded: {_message(err)}", DATA_FIX), None
+    return Check("data", OK, f"{path}: {describe_records(data)}"), data
+
+
+def _missing_path(path: Path) -> str:
+    """'' when `path` exists, else what is missing: the file, or the folder it should be in."""
+    if path.exists():
+        return ""
+    if not path.parent.exists():
+        return f"does not exist, nor does its folder {path.parent}"
+    return "does not exist"
+
+
+def describe_records(data: TensorDataset) -> str:
+    """'1797 records, 10 classes (0-9)': the count, and the classes where labels are one per record."""
+    labels = data.tensors[1] if len(data.tensors) > 1 else None
+    count = f"{len(data)} records"
+    if labels is None or labels.ndim != 1 or labels.is_floating_point():
+        return count
+    classes = sorted(int(c) for c in labels.unique())
+    shown = f"{classes[0]}-{classes[-1]}" if classes == list(range(classes[0], classes[-1] + 1)) else ", ".join(map(str, classes))
+    return f"{count}, {len(classes)} classes ({shown})"
+
+
+# -- the teacher and the public set ---------------------------------------------------
+
+
+def check_teacher_and_public_set(policy: SitePolicy, task: Task | None) -> list[Check]:
+    if task is None:
+        return [Check("teacher", WARN, "not checked: the task did not load (see above)")]
+    return [check_teacher(policy, task), check_public_set(policy, task)]
+
+
+def check_teacher(policy: SitePolicy, task: Task) -> Check:
+    """The digest of what the site's teacher is made from, against the file's teacher_sha256."""
+    where = f"the teacher file or folder (teacher_path: {policy.teacher_path})" if policy.teacher_path else \
+        "the coordinator's task settings (--task ...), from which the teacher is made"
+    try:
+        digest = task.teacher_digest()
+    except Exception as err:  # a missing or unreadable teacher, in any task
+        return Check("teacher", FAIL, f"the teacher cannot be read: {_message(err)}",
+                     f"get {where} from the coordinator; teacher_path names the site's copy")
+    return _compare_pin("teacher", "teacher_sha256", digest, policy.teacher_sha256, where)
+
+
+def check_public_set(policy: SitePolicy, task: Task) -> Check:
+    """The digest of the public inputs, against the file's public_sha256."""
+    where = "the public set's files and task settings (--task ...) the coordinator uses"
+    try:
+        digest = str(P.public_manifest(task.public_inputs())[P.PUBLIC_SHA256])
+    except Exception as err:  # missing public files, in any task
+        return Check("public set", FAIL, f"the public set cannot be read: {_message(err)}",
+                     f"get {where} from the coordinator")
+    return _compare_pin("public set", "public_sha256", digest, policy.public_sha256, where)
+
+
+def _compare_pin(name: str, key: str, digest: str, pinned: str | None, where: str) -> Check:
+    if pinned is None:
+        return Check(name, WARN, f"not pinned: pin with {key}: {digest}",
+                     f"compare it with what `fedistill assets` prints on the coordinator, then add {key}: {digest} "
+                     "to the site file")
+    if digest != pinned:
+        return Check(name, FAIL, f"this site's {name} has digest {digest}, but {key} pins {pinned}: the site would "
+                                 "refuse every run",
+                     f"get {where} from the coordinator (`fedistill assets` there prints the digest); or, if the "
+                     f"coordinator changed its {name} on purpose, set {key} to its new digest")
+    return Check(name, OK, f"matches {key} {digest}")
+
+
+# -- the privacy ledger ---------------------------------------------------------------
+
+
+def check_ledger(policy: SitePolicy, data: TensorDataset | None) -> Check:
+    """The site's ledger: none yet (the full budget is left), or readable, for these records, with
+    budget left. It is only read: PrivacyLedger writes nothing until a round reserves steps."""
+    folder = policy.ledger_root / site_name(policy)
+    path = folder / LEDGER_FILE
+    if not path.exists():  # checked first: PrivacyLedger would create the folder
+        return Check("ledger", OK, f"no ledger yet in {folder}: full budget epsilon {policy.epsilon:g} left")
+    fingerprint = file_records(data) if data is not None else _recorded_fingerprint(path)
+    try:
+        ledger = PrivacyLedger(folder, budget=Budget(policy.epsilon, policy.delta), data=fingerprint)
+    except LedgerError as err:
+        return Check("ledger", FAIL, str(err),
+                     f"if it names a setting or the records, make the site file or data_path agree with the ledger; "
+                     f"if {path} is damaged, restore it from your backup. Never delete or move a ledger aside: a new "
+                     "one starts at epsilon 0, which resets the site's budget and voids its guarantee")
+    spent = ledger.epsilon_spent(policy.delta)
+    left = policy.epsilon - spent
+    if left <= 0:
+        why = "these records were released without DP" if ledger.released_without_dp else \
+            f"epsilon {spent:.4g} of {policy.epsilon:g} is spent"
+        return Check("ledger", FAIL, f"{path}: {why}: the site will refuse every DP run",
+                     "a ledger's budget cannot be raised once spending started; these records cannot join "
+                     "another DP run (tell the coordinator)")
+    detail = f"{path}: epsilon {spent:.4g} spent, {left:.4g} left of {policy.epsilon:g} at delta {policy.delta:g}"
+    if data is None:
+        return Check("ledger", WARN, f"{detail}; not matched against the site's records (they did not load)")
+    return Check("ledger", OK, detail)
+
+
+def _recorded_fingerprint(path: Path) -> DataFingerprint:
+    """The fingerprint `path` says it covers, to read a ledger when the site's records do not load; a
+    placeholder when it cannot be read (the ledger then refuses to load and says why)."""
+    try:
+        return DataFingerprint(**json.loads(path.read_text())["data"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return DataFingerprint(dataset="", partition="", records="")
+
+
+# -- certificates and key -------------------------------------------------------------
+
+
+def check_transport(policy: SitePolicy) -> Check:
+    if policy.supernode.insecure:
+        return Check("supernode", WARN, "insecure: plain text, no node authentication",
+                     "for a real deployment set supernode.insecure: false with root_certificates and private_key "
+                     "from the coordinator's `fedistill certs`")
+    return Check("supernode", OK, "TLS, node authentication with the site's key")
+
+
+def check_ca_certificate(policy: SitePolicy) -> Check:
+    """root_certificates is a PEM X.509 CA certificate that is valid now."""
+    name, setting = "CA certificate", policy.supernode.root_certificates
+    if setting is None:
+        return Check(name, FAIL, "supernode.root_certificates is not set",
+                     "set supernode.root_certificates to ca.crt from the coordinator's `fedistill certs` output")
+    path = Path(setting).expanduser()
+    if not path.is_file():
+        return Check(name, FAIL, f"supernode.root_certificates {path} does not exist", f"{CERTS_FIX} to {path}")
+    try:
+        certificate = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as err:
+        return Check(name, FAIL, f"{path} is not a PEM X.509 certificate ({_message(err)})", f"{CERTS_FIX} to {path}")
+    subject = certificate.subject.rfc4514_string()
+    if not _is_ca(certificate):
+        return Check(name, FAIL, f"{path} ({subject}) is not a CA certificate (no BasicConstraints ca=True)",
+                     f"root_certificates must be the deployment's ca.crt, not a server certificate: {CERTS_FIX}")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if now < certificate.not_valid_before_utc:
+        return Check(name, FAIL, f"{path} is valid only from {certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC",
+                     "check this machine's clock")
+    if now > certificate.not_valid_after_utc:
+        return Check(name, FAIL, f"{path} expired on {certificate.not_valid_after_utc:%Y-%m-%d}",
+                     "ask the coordinator for the deployment's new ca.crt (`fedistill certs`)")
+    until = f"{path}: CA {subject}, valid until {certificate.not_valid_after_utc:%Y-%m-%d}"
+    if certificate.not_valid_after_utc - now < EXPIRY_WARNING:
+        return Check(name, WARN, f"{until}: expires within {EXPIRY_WARNING.days} days",
+                     "ask the coordinator for the deployment's new ca.crt before then")
+    return Check(name, OK, until)
+
+
+def _is_ca(certificate: x509.Certificate) -> bool:
+    try:
+        return certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
+def check_site_key(policy: SitePolicy) -> Check:
+    """private_key is an unencrypted OpenSSH EC key on a NIST curve (what Flower's SuperNode loads),
+    readable by its owner only."""
+    name, setting = "site key", policy.supernode.private_key
+    fix = "copy sites/<name>.key from the coordinator's `fedistill certs` output (an unencrypted OpenSSH EC key)"
+    if setting is None:
+        return Check(name, FAIL, "supernode.private_key is not set", f"set supernode.private_key: {fix}")
+    path = Path(setting).expanduser()
+    if not path.is_file():
+        return Check(name, FAIL, f"supernode.private_key {path} does not exist", f"{fix} to {path}")
+    try:
+        key = load_ssh_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as err:
+        return Check(name, FAIL, f"{path} is not an unencrypted OpenSSH private key ({_message(err)})", f"{fix} to {path}")
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in NIST_CURVES:
+        kind = f"an EC key on {key.curve.name}" if isinstance(key, ec.EllipticCurvePrivateKey) else type(key).__name__
+        return Check(name, FAIL, f"{path} is {kind}; the SuperNode needs an EC key on {', '.join(NIST_CURVES)}",
+                     f"{fix} to {path}")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o037:
+        return Check(name, FAIL, f"{path} has mode {mode:03o}: others may read or change the site's key",
+                     f"chmod 600 {path}")
+    if mode & 0o040:  # a Kubernetes Secret mounted with fsGroup is 0440: the group must be this site's alone
+        return Check(name, WARN, f"{path} has mode {mode:03o}: group {path.stat().st_gid} may read the site's key",
+                     f"chmod 600 {path}, or make sure that group holds only this site's service")
+    return Check(name, OK, f"{path}: EC key on {key.curve.name}, mode {mode:03o}")
+
+
+# -- the coordinator ------------------------------------------------------------------
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """('host', port) of 'host:port' or '[v6]:port'; ValueError names the value."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"supernode.superlink must be host:port, got {address!r}")
+    return host, int(port)
+
+
+def check_coordinator(policy: SitePolicy, *, tls: bool) -> Check:
+    """The coordinator's SuperLink accepts a TCP connection and, with `tls`, completes a TLS handshake
+    verified against root_certificates for the host name in supernode.superlink."""
+    address = policy.supernode.superlink
+    try:
+        host, port = split_address(address)
+    except ValueError as err:
+        return Check("coordinator", FAIL, str(err), "set supernode.superlink to the coordinator's host:port")
+    unreachable_fix = (f"check supernode.superlink ({address}) and the firewall: this machine needs outbound TCP to "
+                       f"{host} port {port}, and the coordinator must be running `fedistill coordinator`")
+    try:
+        connection = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+    except OSError as err:
+        return Check("coordinator", FAIL, f"{address} does not answer ({_message(err)})", unreachable_fix)
+    with connection:
+        if policy.supernode.insecure:
+            return Check("coordinator", OK, f"{address} answers (plain text)")
+        if not tls:
+            return Check("coordinator", WARN, f"{address} answers; TLS not checked (the CA certificate above failed)",
+                         "fix the CA certificate, then run site-check again")
+        ca = Path(str(policy.supernode.root_certificates)).expanduser()
+        return check_tls(connection, host, address, ca, unreachable_fix)
+
+
+def check_tls(connection: socket.socket, host: str, address: str, ca: Path, unreachable_fix: str) -> Check:
+    context = ssl.create_default_context(cafile=str(ca))
+    context.set_alpn_protocols(["h2"])  # what gRPC offers
+    try:
+        with context.wrap_socket(connection, server_hostname=host) as tls:
+            version = tls.version()
+    except ssl.SSLCertVerificationError as err:
+        return Check("coordinator", FAIL, f"{address} answers, but its certificate does not verify against {ca}: "
+                                          f"{err.verify_message}",
+                     f"the coordinator's certificate must be signed by this CA and name {host}: {CERTS_FIX}, and use "
+                     "the host name or IP address the coordinator's certificate was made for in supernode.superlink")
+    except (ssl.SSLError, OSError) as err:
+        return Check("coordinator", FAIL, f"{address} answers, but the TLS handshake fails ({_message(err)})",
+                     f"{unreachable_fix}; the port must be the SuperLink's, served with TLS")
+    return Check("coordinator", OK, f"{address} answers, {version} verified against {ca}")
+
+
+# -- pins and metrics -----------------------------------------------------------------
+
+
+def check_app_pins(policy: SitePolicy) -> Check:
+    if not policy.app_sha256:
+        return Check("app", WARN, "any app version will run: pin with app_sha256",
+                     "add app_sha256: [<digest>] with the digest `fedistill app-hash` prints for the coordinator's app")
+    return Check("app", OK, f"{len(policy.app_sha256)} app version(s) pinned by app_sha256")
+
+
+def check_metrics(policy: SitePolicy) -> Check:
+    if policy.metrics_port is None:
+        return Check("metrics", WARN, "metrics_port is null: `fedistill site` serves no metrics",
+                     "set metrics_port (e.g. 9401) to watch the site's rounds and budget")
+    return Check("metrics", OK, f"served on port {policy.metrics_port}")
+
+
+# -- report and command ---------------------------------------------------------------
+
+
+def _message(err: BaseException) -> str:
+    return str(err) or type(err).__name__
+
+
+def format_report(checks: list[Check]) -> str:
+    """One line per check (status, name, what was found), its fix below, and a verdict."""
+    width = max(len(c.name) for c in checks)
+    lines = []
+    for check in checks:
+        lines.append(f"{check.status:<4}  {check.name:<{width}}  {check.detail}")
+        if check.fix:
+            lines.append(f"{'':<4}  {'':<{width}}  fix: {check.fix}")
+    failed = sum(c.status == FAIL for c in checks)
+    warned = sum(c.status == WARN for c in checks)
+    verdict = "ready to join" if not failed else "not ready"
+    lines.append(f"\n{failed} failed, {warned} warning(s): {verdict}")
+    return "\n".join(lines)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """The `site-check` subcommand; its handler is `run` (also set as the `handler` default)."""
+    parser = subparsers.add_parser(
+        "site-check",
+        help="check a site before it joins",
+        description="Check this site's file, records, teacher and public set, privacy ledger, certificate, key "
+                    "and that the coordinator answers. Exit code 0 when the site is ready to join.",
+    )
+    parser.add_argument("--config", required=True, type=Path, metavar="FILE", help="the site file (site.yaml)")
+    parser.add_argument("--task", nargs="*", default=[], metavar="OVERRIDE",
+                        help="the coordinator's task as Hydra overrides, e.g. task=digits (default: the default task)")
+    parser.set_defaults(handler=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    checks = check_site(args.config, list(args.task or []))
+    print(format_report(checks))
+    return 1 if any(c.status == FAIL for c in checks) else 0

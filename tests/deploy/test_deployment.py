@@ -1,0 +1,215 @@
+"""A real deployment on 127.0.0.1, started with fedistill's own commands: a coordinator (SuperLink
+with TLS and node authentication), two registered sites (SuperNodes) with their own data,
+site files and ledgers, runs submitted with `fedistill submit`, and Prometheus scraping both sides.
+
+Every process is a child in its own session, stopped by PID when the module's tests end,
+also on failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from sklearn.datasets import load_digits
+
+from common.privacy import LEDGER_FILE, Budget, PrivacyLedger
+from fedistill import deployment as D
+from fedistill.certs import make_deployment
+from fedistill.loopback import APP_DIR, LoopbackDeployment, command_env
+from fedistill.processes import Child, free_port
+
+ROOT = APP_DIR
+SITES = ("site-a", "site-b")
+RUN = ["task=digits", "rounds=2", "federation.min_sites=2", "distill.local_epochs=1"]
+
+
+def site_records(root: Path, name: str, index: int) -> Path:
+    """Site `name`'s records: half of scikit-learn's digits."""
+    digits = load_digits()
+    half = slice(index, None, 2)
+    path = root / "records" / f"{name}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, images=(digits.images[half] / 16).astype(np.float32), labels=digits.target[half])
+    return path
+
+
+def one_more_epsilon(deployment: LoopbackDeployment) -> str:
+    """A run's request that lets each site spend about 1 more epsilon of its 8: a run's
+    privacy.epsilon caps what a site's ledger may hold after it, across runs."""
+    spent = [PrivacyLedger.inspect(deployment.root / "ledgers" / name, budget=Budget(8.0, 1e-5)).epsilon_spent()
+             for name in SITES if ledger(deployment, name)]
+    return f"privacy.epsilon={max(spent, default=0.0) + 1:.3f}"
+
+
+def ledger(deployment: LoopbackDeployment, name: str) -> dict | None:
+    path = deployment.root / "ledgers" / name / LEDGER_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory, cache_dir):
+    root = tmp_path_factory.mktemp("deployment")
+    pinned = [D.app_hash(ROOT)]  # site-a runs only this app; site-b any
+    sites = {name: {"epsilon": 8.0, "delta": 1e-5, "cache_dir": cache_dir, "task_sources": ["digits"],
+                    "data_path": str(site_records(root, name, index)),
+                    "app_sha256": pinned if name == "site-a" else []}
+             for index, name in enumerate(SITES)}
+    with LoopbackDeployment(root, sites) as deployment:
+        yield deployment
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def test_a_two_site_tls_federation_runs_to_completion_and_each_site_keeps_its_ledger(deployed):
+    done = deployed.submit(*RUN, one_more_epsilon(deployed))
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = deployed.runs()[-1]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2
+    assert {s["site"]: s["rounds_trained"] for s in summary["privacy"]["sites"]} == {"site-a": 2, "site-b": 2}
+    assert (run / "metrics.jsonl").read_text().count("\n") == 2
+    assert "run directory" in done.stdout and str(run) in done.stdout
+    for name in SITES:  # each site's own disk, outside the run directory, holds its two rounds
+        kept = ledger(deployed, name)
+        this_run = [e for e in kept["entries"] if e["run"] == run.name.rsplit("_run-", 1)[1]]
+        assert [e["round"] for e in this_run] == [1, 2] and all(e["dp"] for e in this_run)
+        assert kept["budget"] == 8.0
+        metrics = scrape(deployed.metrics_ports[name])
+        assert f'fedistill_site_rounds_trained_total{{site="{name}"}} 2.0' in metrics
+        spent = float(metrics.split(f'fedistill_site_epsilon_spent{{site="{name}"}} ')[1].split()[0])
+        assert 0 < spent <= 8.0
+
+
+def test_a_site_refuses_a_run_asking_for_more_epsilon_or_a_larger_delta_than_its_policy(deployed):
+    before = {name: ledger(deployed, name) for name in SITES}
+    done = deployed.submit(*RUN, "rounds=1", "privacy.epsilon=9", "privacy.delta=1e-4")
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((deployed.runs()[-1] / "summary.json").read_text())
+    refusals = {s["site"]: s["refusals"] for s in summary["privacy"]["sites"]}
+    assert set(refusals) == set(SITES)
+    for name in SITES:
+        [refusal] = refusals[name]
+        assert "privacy.epsilon=9 exceeds the site's budget 8" in refusal["reason"]
+        assert "privacy.delta=0.0001 exceeds the site's delta 1e-05" in refusal["reason"]
+        assert ledger(deployed, name) == before[name]  # nothing spent
+        assert 'fedistill_site_refusals_total{code="policy",site="' + name + '"} 1.0' in scrape(deployed.metrics_ports[name])
+
+
+def test_a_site_that_pins_the_app_runs_no_code_from_a_changed_one(deployed, tmp_path):
+    changed = tmp_path / "app"
+    shutil.copytree(ROOT, changed, ignore=shutil.ignore_patterns(".venv", ".git", "outputs", "__pycache__", "bench",
+                                                                 "tests", "deploy", "docs"))
+    with open(changed / "client" / "app.py", "a") as app:
+        app.write("\n# a change the site has not vetted\n")
+    before = ledger(deployed, "site-a")
+    done = deployed.submit(*RUN, "rounds=1", one_more_epsilon(deployed), app=changed)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [round_record] = [json.loads(line) for line in (deployed.runs()[-1] / "metrics.jsonl").read_text().splitlines()]
+    assert round_record["sites_trained"] == 1 and len(round_record["problems"]) == 1, round_record["problems"]
+    [problem] = round_record["problems"]  # site-b trained; site-a's app failed before it ran
+    assert problem["status"] == "failed" and "AppNotVetted" in problem["reason"], problem
+    assert ledger(deployed, "site-a") == before
+
+
+def test_a_supernode_with_an_unregistered_key_is_refused(deployed):
+    log = deployed.root / "stranger.log"
+    make_deployment(deployed.certs, sites=["stranger"])  # a key from the same CA that was never registered
+    command = [D.console_script("flower-supernode"), "--superlink", deployed.address, "--port", str(free_port()),
+               "--root-certificates", str(deployed.ca), "--max-retries", "2", "--max-wait-time", "20",
+               "--auth-supernode-private-key", str(deployed.certs / "sites" / "stranger.key")]
+    assert_refused(command, deployed.root / "stranger-home", log)
+
+
+def test_a_plain_text_supernode_cannot_join_the_tls_coordinator(deployed):
+    log = deployed.root / "plain.log"
+    command = [D.console_script("flower-supernode"), "--superlink", deployed.address, "--port", str(free_port()),
+               "--insecure", "--max-retries", "2", "--max-wait-time", "20"]
+    assert_refused(command, deployed.root / "plain-home", log)
+
+
+def assert_refused(command: list[str], flwr_home: Path, log: Path) -> None:
+    """The SuperNode gives up without ever being admitted, and the coordinator lists no node for it."""
+    with Child(command, env=D.flwr_env(flwr_home), log=log, flwr_home=flwr_home) as node:
+        try:
+            node.process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the SuperNode was not refused within 120 s; its log:\n{node.log_text()}")
+        assert node.process.returncode != 0, node.log_text()
+        assert "Node registered" not in node.log_text() and "Heartbeat" not in node.log_text()
+
+
+def test_prometheus_scrapes_the_coordinator_and_a_site_with_the_deploy_scrape_configuration(deployed, tmp_path):
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("no `prometheus` binary (Debian: apt-get install prometheus); .ci/run installs it")
+    server_port, prometheus_port = free_port(), free_port()
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    config["global"]["scrape_interval"] = "1s"
+    targets = {"fedistill-coordinator": [f"127.0.0.1:{server_port}"],
+               "fedistill-sites": [f"127.0.0.1:{deployed.metrics_ports[name]}" for name in SITES]}
+    for job in config["scrape_configs"]:
+        job["scrape_interval"] = "1s"
+        job["static_configs"][0]["targets"] = targets[job["job_name"]]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    command = [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+               f"--web.listen-address=127.0.0.1:{prometheus_port}"]
+    with Child(command, env=dict(os.environ), log=tmp_path / "prometheus.log", port=prometheus_port):
+        with subprocess.Popen(deployed.submit_command(*RUN, "rounds=3", one_more_epsilon(deployed),
+                                                      f"federation.metrics_port={server_port}"),
+                              env=command_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) as submitted:
+            try:
+                server_metrics = wait_for_round(server_port, submitted)
+                output, _ = submitted.communicate(timeout=600)
+            finally:
+                if submitted.poll() is None:
+                    submitted.kill()
+        assert submitted.returncode == 0, output
+        for name in ("fedistill_server_rounds_completed_total", "fedistill_server_replies_received_total",
+                     'fedistill_server_bytes_total{direction="up"}', "fedistill_server_aggregation_seconds_bucket",
+                     'fedistill_server_site_epsilon{site="site-a"}', 'fedistill_server_student_metric{metric="accuracy"}'):
+            assert name in server_metrics
+        epsilon = query(prometheus_port, 'fedistill_site_epsilon_spent{site="site-b"}', until=lambda r: r)
+        assert 0 < float(epsilon[0]["value"][1]) <= 8.0
+        rounds = query(prometheus_port, "max_over_time(fedistill_server_rounds_completed_total[10m])",
+                       until=lambda r: r)
+        assert float(rounds[0]["value"][1]) >= 1
+
+
+def wait_for_round(port: int, submitted: subprocess.Popen) -> str:
+    """The coordinator's metrics once a round is complete (the endpoint lives as long as the run)."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and submitted.poll() is None:
+        with contextlib.suppress(OSError):
+            text = scrape(port)
+            if "fedistill_server_rounds_completed_total 1.0" in text:
+                return text
+        time.sleep(0.5)
+    pytest.fail(f"the coordinator's metrics never showed a completed round; submit said:\n{submitted.stdout.read()}")
+
+
+def query(port: int, expression: str, *, until, timeout: float = 30) -> list:
+    """Prometheus's answer to `expression` through its HTTP API, polled until `until(result)`."""
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expression})
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            answer = json.loads(response.read())
+        assert answer["status"] == "success", answer
+        if until(answer["data"]["result"]) or time.monotonic() > deadline:
+            return answer["data"]["result"]
+        time.sleep(1)
