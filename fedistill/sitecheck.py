@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import socket
 import ssl
@@ -32,7 +31,7 @@ from torch.utils.data import TensorDataset
 from common import payload as P
 from common.config import Config, ConfigError, load_config
 from common.policy import SitePolicy, load_policy
-from common.privacy import LEDGER_FILE, Budget, DataFingerprint, LedgerError, PrivacyLedger, file_records
+from common.privacy import LEDGER_FILE, Budget, LedgerError, PrivacyLedger, file_records
 from common.tasks import Task, build_task
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -232,9 +231,10 @@ def check_ledger(policy: SitePolicy, data: TensorDataset | None) -> Check:
     path = folder / LEDGER_FILE
     if not path.exists():  # checked first: PrivacyLedger would create the folder
         return Check("ledger", OK, f"no ledger yet in {folder}: full budget epsilon {policy.epsilon:g} left")
-    fingerprint = file_records(data) if data is not None else _recorded_fingerprint(path)
-    try:
-        ledger = PrivacyLedger(folder, budget=Budget(policy.epsilon, policy.delta), data=fingerprint)
+    budget = Budget(policy.epsilon, policy.delta)
+    try:  # without the records, read it for the records it says it covers
+        ledger = PrivacyLedger(folder, budget=budget, data=file_records(data)) if data is not None else \
+            PrivacyLedger.inspect(folder, budget=budget)
     except LedgerError as err:
         return Check("ledger", FAIL, str(err),
                      f"if it names a setting or the records, make the site file or data_path agree with the ledger; "
@@ -252,15 +252,6 @@ def check_ledger(policy: SitePolicy, data: TensorDataset | None) -> Check:
     if data is None:
         return Check("ledger", WARN, f"{detail}; not matched against the site's records (they did not load)")
     return Check("ledger", OK, detail)
-
-
-def _recorded_fingerprint(path: Path) -> DataFingerprint:
-    """The fingerprint `path` says it covers, to read a ledger when the site's records do not load; a
-    placeholder when it cannot be read (the ledger then refuses to load and says why)."""
-    try:
-        return DataFingerprint(**json.loads(path.read_text())["data"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return DataFingerprint(dataset="", partition="", records="")
 
 
 # -- certificates and key -------------------------------------------------------------
