@@ -65,7 +65,9 @@ def _train(task, config, student, rounds=1):
 
 
 def test_distillation_follows_the_teacher_under_dp(lm_overrides):
-    config = load_config(lm_overrides + ["distill.lr=0.05", "privacy.max_grad_norm=10"])
+    # Clipping at 1, not 10: the noise grows with the clipping norm, and at 10 it outweighed
+    # 30 steps of learning (the loss rose from round 2 on; this test passed by luck).
+    config = load_config(lm_overrides + ["distill.lr=0.05", "privacy.max_grad_norm=1"])
     task = build_task(config)
     torch.manual_seed(0)
     losses = _train(task, config, task.student(config.student), rounds=3)
