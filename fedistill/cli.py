@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     certs.add_parser(commands)
     sitecheck.add_parser(commands)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # force: importing Opacus (through the privacy ledger) already gave the root logger a handler
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     # SIGTERM (e.g. from a job scheduler) unwinds like Ctrl-C, so Flower's processes are stopped.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
