@@ -64,7 +64,7 @@ def federate(config: Config, *, weight_by_count: bool = False) -> tuple[Scores, 
     student = copy.deepcopy(start_of(config)[0])
     exchange = build_exchange(config, task, student)
     allowed = set(released_items(config))
-    assets = P.asset_manifest(task.public_inputs(), task.teacher_digest())
+    assets = P.asset_manifest(task)
     bytes_up = bytes_down = replies = 0
     epsilons: list[float] = []
     for server_round in range(1, config.rounds + 1):

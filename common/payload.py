@@ -4,11 +4,15 @@ checks every received array passes."""
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, RecordDict
 from torch import nn
+
+if TYPE_CHECKING:
+    from common.tasks import Task
 
 ArraySpec = dict[str, tuple[tuple[int, ...], str]]  # array name -> (shape, dtype)
 
@@ -136,10 +140,10 @@ def public_manifest(inputs: torch.Tensor) -> dict[str, int | str]:
     return {PUBLIC_COUNT: int(inputs.shape[0]), PUBLIC_SHA256: hashlib.sha256(data).hexdigest()}
 
 
-def asset_manifest(public_inputs: torch.Tensor, teacher_digest: str) -> dict[str, int | str]:
+def asset_manifest(task: Task) -> dict[str, int | str]:
     """What the server announces every round and a site checks before training: neither the
     teacher nor the public set travels with the app, so both sides must hold the same ones."""
-    return {**public_manifest(public_inputs), TEACHER_SHA256: teacher_digest}
+    return {**public_manifest(task.public_inputs()), TEACHER_SHA256: task.teacher_digest()}
 
 
 def check_arrays(record: ArrayRecord, expected: ArraySpec, *, max_abs: float, max_bytes: int) -> str:

@@ -158,7 +158,7 @@ def run_assets(args) -> int:
     from common.tasks import build_task
 
     task = build_task(load_config(args.overrides))
-    announced = P.asset_manifest(task.public_inputs(), task.teacher_digest())
+    announced = P.asset_manifest(task)
     print(f"teacher_sha256: {announced[P.TEACHER_SHA256]}\npublic_sha256: {announced[P.PUBLIC_SHA256]}")
     return 0
 

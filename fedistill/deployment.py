@@ -102,12 +102,10 @@ def site(policy: SitePolicy, policy_file: Path, state: Path) -> Child:
     if policy.name is None:
         raise ValueError(f"{policy_file} sets no name: a deployed site needs one (name: site-a), which names its "
                          "ledger folder and its metrics")
-    extra = {}
+    env = flwr_env(state / "flwr")
     if policy.app_sha256:
         gate = app_gate.install_launcher(state / "bin").parent
-        extra = {app_gate.APP_SHA256_ENV: " ".join(policy.app_sha256),
-                 "PATH": f"{gate}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env = {**flwr_env(state / "flwr"), **extra}
+        env |= {app_gate.APP_SHA256_ENV: " ".join(policy.app_sha256), "PATH": f"{gate}{os.pathsep}{env['PATH']}"}
     command = supernode_command(policy, policy_file, free_port())
     return Child(command, env=env, log=state / "supernode.log", flwr_home=state / "flwr")
 

@@ -66,7 +66,7 @@ def run(grid: Grid, config: Config) -> None:
         plan=plan,
         min_sites=config.federation.min_sites,
         allowed_items=set(released_items(config)),
-        assets=P.asset_manifest(task.public_inputs(), task.teacher_digest()),
+        assets=P.asset_manifest(task),
     )
     metrics = ServerMetrics(tuple(m.name for m in evaluator.metrics))
     metrics.serve(config.federation.metrics_port, config.federation.metrics_host)

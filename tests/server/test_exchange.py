@@ -110,7 +110,7 @@ def test_every_round_request_announces_the_teacher_and_the_public_set(config, mo
     config = load_config(config.overrides + [f"exchange={mode}"])
     task = build_task(config)
     student = task.student(config.student)
-    assets = P.asset_manifest(task.public_inputs(), task.teacher_digest())
+    assets = P.asset_manifest(task)
     out = round_request(build_exchange(config, task, student), student, 3, assets)
     assert out[P.CONFIG][P.PUBLIC_COUNT] == len(task.public_inputs())
     assert out[P.CONFIG][P.PUBLIC_SHA256] == P.public_manifest(task.public_inputs())[P.PUBLIC_SHA256]
