@@ -1,6 +1,6 @@
 """In-process federations and baselines for the benchmarks, built from the project's own parts.
 
-`federate` runs the same site round (`client.app.train_round`: ledger, calibration, Opacus
+`federate` runs the same site round (`client.round.train_round`: ledger, calibration, Opacus
 DP-SGD), the same reply checks and the same exchange (`server.exchange`) as the Flower
 apps, without Flower's processes,
 so that many settings and seeds fit in one benchmark run. The Flower path itself is timed
@@ -20,12 +20,14 @@ from flwr.app import RecordDict
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from client.app import load_site, train_round
 from client.dp_train import distill_locally, plan_round
+from client.round import train_round
+from client.site import Site, load_site
 from common import payload as P
 from common.config import Config, load_config
-from common.policy import SitePolicy, policy_from
 from common.evaluation import Evaluator, Scores
+from common.request import encode, request_of
+from common.site_config import simulated_site_policy, site_config
 from common.public_distill import DistillReport, initial_student
 from common.tasks import Task, build_task
 from common.losses import LOGITS
@@ -41,13 +43,12 @@ def compose(overrides: list[str], cache_dir: str) -> Config:
     return load_config(overrides + [f"cache_dir={cache_dir}", f"run_dir={tempfile.mkdtemp(prefix='fedistill-bench-')}"])
 
 
-def site_policy_for(config: Config) -> SitePolicy:
-    """The sites' policy for one benchmark federation: what it asks, a fresh ledger in its run directory."""
-    values = {"ledger_dir": f"{config.run_dir}/ledger", "cache_dir": str(config.cache_path),
-              "require_dp": config.privacy.enabled, "task_sources": [config.task.source]}
-    if config.privacy.enabled:
-        values |= {"epsilon": config.privacy.epsilon, "delta": config.privacy.delta}
-    return policy_from(values)
+def sites_of(config: Config) -> list[Site]:
+    """The virtual sites of one benchmark federation, as `fedistill simulate` makes them: the run's
+    request admitted under the policy it writes for them (a fresh ledger in the run directory)."""
+    policy = simulated_site_policy(config, [] if config.privacy.enabled else ["require_dp=false"])
+    site_run = site_config(policy, request_of(config))
+    return [load_site(site_run, policy, i, config.sites) for i in range(config.sites)]
 
 
 def federate(config: Config, *, weight_by_count: bool = False) -> tuple[Scores, dict]:
@@ -56,19 +57,18 @@ def federate(config: Config, *, weight_by_count: bool = False) -> tuple[Scores, 
     `weight_by_count` combines sites in proportion to their record counts, which no site
     sends under DP: a non-private reference for the cost of counting sites equally.
     """
-    overrides = shlex.join(config.overrides)
-    policy = site_policy_for(config)
-    sites = [load_site(overrides, i, config.sites, policy) for i in range(config.sites)]
+    sites = sites_of(config)
     states = [RecordDict() for _ in sites]  # each site's context.state
     task = task_of(config)
     student = copy.deepcopy(start_of(config)[0])
     exchange = build_exchange(config, task, student)
     allowed = set(released_items(config))
     assets = P.asset_manifest(task)
+    request = encode(request_of(config))
     bytes_up = bytes_down = replies = 0
     epsilons: list[float] = []
     for server_round in range(1, config.rounds + 1):
-        content = round_request(exchange, student, server_round, assets)
+        content = round_request(exchange, student, server_round, assets, request)
         outcomes, accepted, counts = [], [], []
         rounds_left = config.rounds - server_round + 1  # every site joins every round
         for site, state in zip(sites, states):

@@ -61,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         cache = str(root / "cache")
         files = records(root, cache)
         fedistill("assets", "task=digits", f"cache_dir={cache}")  # fits the teacher once, outside the timings
-        policy = {"epsilon": 8.0, "cache_dir": cache, "task_sources": ["digits"]}
+        # The same code both ways, unpinned; no reply held back (reply_after_s pads a round to a
+        # wall-clock bound the site chooses, which would measure that bound, not Flower's overhead).
+        policy = {"epsilon": 8.0, "cache_dir": cache, "task_sources": ["digits"], "allow_unpinned_apps": True,
+                  "reply_after_s": 0}
         start = time.perf_counter()
         with LoopbackDeployment(root / "deployment", {name: {**policy, "data_path": str(files[name])}
                                                       for name in SITES}) as deployment:

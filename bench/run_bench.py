@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import shlex
 import statistics
 import subprocess
 import sys
@@ -28,8 +27,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from bench.baselines import centralized, compose, evaluator, federate, public_only, site_policy_for, task_of
-from client.app import load_site
+from bench.baselines import centralized, compose, evaluator, federate, public_only, sites_of, task_of
 from client.dp_train import distill_locally, plan_round
 from common.config import load_config
 
@@ -121,7 +119,7 @@ def _row(name: str, eps: str, scores: list, bytes_up: float | None) -> dict:
 def step_time_ratio(overrides: list[str], cache: str, repeats: int = 5) -> dict:
     """Seconds per local DP step over seconds per non-DP step, same site, data and plan."""
     config = compose([*overrides, "seed=0"], cache)
-    site = load_site(shlex.join(config.overrides), 0, config.sites, site_policy_for(config))
+    site = sites_of(config)[0]
     plan = plan_round(config.distill)
     no_dp = dataclasses.replace(config.privacy, enabled=False)
     timings = {}

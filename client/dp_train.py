@@ -54,6 +54,17 @@ def plan_round(config: DistillConfig) -> StepPlan:
     )
 
 
+def noise_generator(privacy: PrivacyConfig, seed: int) -> torch.Generator:
+    """The generator of a round's batches and noise.
+
+    DP sampling and noise must not be reproducible from the (public) config seed, or anyone
+    could regenerate and subtract the noise: under privacy it is seeded from the operating
+    system's entropy. This is not a CSPRNG: Opacus's secure_mode needs torchcsprng, which has
+    no wheels for current torch.
+    """
+    return torch.Generator().manual_seed(secrets.randbits(63) if privacy.enabled else seed)
+
+
 def _backward(student: nn.Module, batch: list[torch.Tensor], objective: nn.Module, optimizer: torch.optim.Optimizer,
               private: bool, *, chunk: int, expected_batch_size: int) -> float:
     """Gradients of one step's batch, in physical chunks of at most `chunk` records; returns
@@ -89,6 +100,7 @@ def distill_locally(
     noise_multiplier: float | None,
     plan: StepPlan,
     seed: int,
+    generator: torch.Generator | None = None,
 ) -> TrainResult:
     """Train `student` in place on `data` = (inputs, labels, *teacher targets in the order of
     `objective.target_kinds`) for `plan.steps` steps, minimising `objective`.
@@ -96,14 +108,12 @@ def distill_locally(
     Batches are Poisson samples at `plan.sample_rate` with or without privacy. With privacy:
     per-sample clipping to `privacy.max_grad_norm` and Gaussian noise `noise_multiplier`;
     the steps Opacus's accountant records are checked against `plan` (what the ledger
-    reserved) and any difference is an error, never ignored. `seed` draws batches only when
-    privacy is disabled.
+    reserved) and any difference is an error, never ignored. `generator` draws the batches and
+    the noise; None: one seeded from the operating system's entropy under privacy, from `seed`
+    without (tests inject their own).
     """
-    # DP sampling and noise must not be reproducible from the (public) config seed, or
-    # anyone could regenerate and subtract the noise: seed them from the OS's entropy.
-    # This is not a CSPRNG: Opacus's secure_mode needs torchcsprng, which has no wheels
-    # for current torch.
-    generator = torch.Generator().manual_seed(secrets.randbits(63) if privacy.enabled else seed)
+    if generator is None:
+        generator = noise_generator(privacy, seed)
     loader = DPDataLoader(data, sample_rate=plan.sample_rate, generator=generator)  # int(1/q) steps per pass
     optimizer = torch.optim.SGD(student.parameters(), lr=distill.lr, momentum=distill.momentum)
     hooks = accountant = None

@@ -57,6 +57,7 @@ class SplitConfig:
         )
 
 
+TASK_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 IMAGE_SOURCES = ("mnist", "digits")
 TEXT_SOURCE = "text"
 LM_SOURCE = "lm"
@@ -149,6 +150,8 @@ class TaskConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)    # causal-LM tasks only
 
     def validate(self) -> None:
+        _require(bool(TASK_NAME.fullmatch(self.name)),
+                 f"task.name must be letters, digits, '_' or '-' (it names cache files and folders), got {self.name!r}")
         self.split.validate()
         self.teacher.validate(self.source)
         _require(
@@ -404,11 +407,12 @@ def cache_path(cache_dir: str | None) -> Path:
     return Path(base) / "fedistill"
 
 
-def load_config(overrides: list[str] | str = ()) -> Config:
+def load_config(overrides: list[str] | str = (), *, values: Any = None) -> Config:
     """Compose conf/ with Hydra overrides and return a validated `Config`.
 
     `overrides` is a list (`["sites=3", "privacy.epsilon=1"]`) or one shell-quoted string,
-    the form in which overrides travel through Flower's run config.
+    the form in which overrides travel through Flower's run config. `values` (a mapping of
+    config keys, e.g. a site file's own settings) is merged over the composed config.
     """
     if isinstance(overrides, str):
         overrides = shlex.split(overrides)
@@ -418,7 +422,7 @@ def load_config(overrides: list[str] | str = ()) -> Config:
             raw = compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_explain(err, overrides)) from None
-    return to_config(raw, overrides)
+    return to_config(raw, overrides, values)
 
 
 def _explain(err: Exception, overrides: list[str]) -> str:
@@ -438,10 +442,10 @@ def _explain(err: Exception, overrides: list[str]) -> str:
     return f"{key} is not a config key; the keys{' of ' + parent if parent else ''} are: {', '.join(known)}"
 
 
-def to_config(raw: DictConfig, overrides: list[str]) -> Config:
+def to_config(raw: DictConfig, overrides: list[str], values: Any = None) -> Config:
     schema = OmegaConf.structured(Config)
     try:
-        merged = OmegaConf.merge(schema, raw, {"overrides": overrides})
+        merged = OmegaConf.merge(schema, raw, values or {}, {"overrides": overrides})
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)

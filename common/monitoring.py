@@ -18,6 +18,7 @@ from pathlib import Path
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from common.privacy import LEDGER_FILE, Budget, LedgerError, PrivacyLedger
+from common.storage import private_folder
 
 ACTIVITY_FILE = "activity.jsonl"
 
@@ -42,17 +43,17 @@ SITE_METRICS = (
     "fedistill_site_dp_steps_total",
     "fedistill_site_rounds_trained_total",
     "fedistill_site_refusals_total",
-    "fedistill_site_training_seconds_total",
     "fedistill_site_ledger_readable",
 )
 
 
 def record_activity(ledger_dir: Path, *, run: str, server_round: int, status: str, code: str | None = None,
-                    steps: int = 0, seconds: float = 0.0) -> None:
-    """Append one round's outcome at this site to its activity log (what its metrics count)."""
-    ledger_dir.mkdir(parents=True, exist_ok=True)
+                    steps: int = 0) -> None:
+    """Append one round's outcome at this site to its activity log (what its metrics count). No
+    duration: how long a site works grows with its number of records."""
+    private_folder(ledger_dir)
     line = json.dumps({"time": time.time(), "run": run, "round": server_round, "status": status, "code": code,
-                       "steps": steps, "seconds": round(seconds, 3)}) + "\n"
+                       "steps": steps}) + "\n"
     # O_APPEND: whole lines from concurrent processes never interleave
     fd = os.open(ledger_dir / ACTIVITY_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
@@ -116,12 +117,9 @@ class SiteCollector:
         trained = [line for line in lines if line["status"] == "ok"]
         rounds = CounterMetricFamily("fedistill_site_rounds_trained", "Rounds this site trained", labels=["site"])
         rounds.add_metric([self.site], len(trained))
-        seconds = CounterMetricFamily("fedistill_site_training_seconds", "Seconds spent in local DP training",
-                                      labels=["site"])
-        seconds.add_metric([self.site], sum(line.get("seconds", 0.0) for line in trained))
         refusals = CounterMetricFamily("fedistill_site_refusals", "Rounds this site refused, by code",
                                        labels=["site", "code"])
         for code, count in sorted(Counter(line.get("code") or "unknown" for line in lines
                                           if line["status"] != "ok").items()):
             refusals.add_metric([self.site, code], count)
-        yield from (rounds, seconds, refusals)
+        yield from (rounds, refusals)

@@ -26,6 +26,7 @@ STUDENT_STATE = "student"    # a site's own student, kept in Flower's context.st
 
 # ConfigRecord keys
 SERVER_ROUND = "server-round"
+REQUEST = "request"          # down: the run request, JSON text of common.request's schema
 ROUNDS_LEFT = "rounds-left"  # down: the rounds this site is sampled for from this one on, this one included
 STATUS = "status"            # "ok" or "refused"
 CODE = "code"                # why a site refused, one of the REFUSAL_* codes

@@ -1,9 +1,11 @@
 """A site's privacy policy: what a site will do with its private records, read on its side only.
 
-A run's configuration reaches a site as a *request* from whoever submits the run. The site
-checks it against its policy and refuses what lies outside: the server cannot make a site
-train without DP, spend more epsilon, account at a larger delta, move the site's ledger
-or cache, point it at other data, or make it import code it has not listed.
+A run reaches a site as a *request* (common/request.py) from whoever submits the run. The
+site checks it against its policy and refuses what lies outside: the server cannot make a
+site train without DP, spend more epsilon, account at a larger delta or run more rounds, nor
+import code the site has not listed. Everything else that touches the site's records (its
+ledger and cache, its data and teacher, how its records are read) is in the policy, so no
+request can reach it (common/site_config.py).
 
 Where the policy comes from, in this order (never from the run config):
 1. the file named by the SuperNode's node config key `site-policy`;
@@ -21,16 +23,20 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from common.config import CONF_DIR, Config, ConfigError, cache_path
+from common.config import CONF_DIR, ConfigError, TaskConfig, cache_path
+
+if TYPE_CHECKING:
+    from common.request import RunRequest
 
 POLICY_FILE = CONF_DIR / "site.yaml"
 POLICY_NODE_KEY = "site-policy"
 POLICY_ENV = "FEDISTILL_SITE_POLICY"
-SITE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+SITE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -59,7 +65,11 @@ class SitePolicy:
     teacher_sha256: str | None
     public_sha256: str | None
     app_sha256: list[str]
+    allow_unpinned_apps: bool
     metrics_port: int | None
+    metrics_host: str
+    reply_after_s: float
+    task: dict[str, Any] = field(default_factory=dict)  # the site's own task settings (TaskConfig keys)
     supernode: SuperNodeSettings = field(default_factory=SuperNodeSettings)
 
     def validate(self) -> None:
@@ -70,16 +80,26 @@ class SitePolicy:
             (all(isinstance(s, str) and s for s in self.task_sources),
              f"site.task_sources must be a list of task sources, got {self.task_sources}"),
             (self.name is None or bool(SITE_NAME.fullmatch(self.name)),
-             f"site.name must be letters, digits, '.', '_' or '-', got {self.name!r}"),
+             f"site.name must be letters, digits, '_' or '-' (it names the ledger's folder), got {self.name!r}"),
             (all(SHA256.fullmatch(h or "0" * 64) for h in (self.teacher_sha256, self.public_sha256, *self.app_sha256)),
              "site.teacher_sha256, site.public_sha256 and site.app_sha256 hold 64-character hex SHA-256 digests "
              "(as `fedistill assets` and `fedistill app-hash` print them)"),
             (self.metrics_port is None or 0 <= self.metrics_port < 65536,
              f"site.metrics_port must be a TCP port (0-65535) or null, got {self.metrics_port}"),
+            (0 <= self.reply_after_s <= 86400,
+             f"site.reply_after_s must be in [0, 86400] seconds, got {self.reply_after_s}"),
+            (not {"name", "source"} & set(self.task),
+             "site.task holds the site's settings of a task (data, split, teacher, ...), not task.name or "
+             "task.source: the run's request names the task, and site.task_sources lists the sources allowed"),
         )
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        try:  # the task settings are a TaskConfig's keys (checked here, applied in common/site_config.py)
+            OmegaConf.merge(OmegaConf.structured(TaskConfig(name="site", source="site")), self.task)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"site.task: key {getattr(err, 'full_key', None)!r} is not a task setting "
+                              f"({str(err).splitlines()[0]}); see conf/task/*.yaml for the keys") from None
 
     @property
     def ledger_root(self) -> Path:
@@ -93,28 +113,45 @@ class SitePolicy:
     def cache_path(self) -> Path:
         return cache_path(self.cache_dir)
 
-    def violations(self, request: Config) -> list[str]:
+    @property
+    def pads_replies(self) -> bool:
+        """Whether replies are held until `reply_after_s`: a site with records of its own, whose
+        number is private. The built-in partition (simulation) is public data."""
+        return self.data_path is not None and self.reply_after_s > 0
+
+    def violations(self, request: RunRequest) -> list[str]:
         """Why `request` lies outside this policy; empty when the site may accept it.
 
-        Each reason names the setting and says what the site allows. None depends on the
-        site's records, so the reasons may leave the site.
+        Each reason names the setting and says what the site allows, and repeats nothing of
+        the request. None depends on the site's records, so the reasons may leave the site.
         """
         asked = request.privacy
         problems = []
         if not asked.enabled:
             if self.require_dp:
-                problems.append("privacy.enabled=false: the site's policy requires DP (site.require_dp)")
+                problems.append("privacy.enabled is false: the site's policy requires DP (site.require_dp)")
         else:
             if asked.epsilon > self.epsilon:
-                problems.append(f"privacy.epsilon={asked.epsilon:g} exceeds the site's budget {self.epsilon:g} (site.epsilon)")
+                problems.append(f"privacy.epsilon exceeds the site's budget {self.epsilon:g} (site.epsilon)")
             if asked.delta > self.delta:
-                problems.append(f"privacy.delta={asked.delta:g} exceeds the site's delta {self.delta:g} (site.delta)")
+                problems.append(f"privacy.delta exceeds the site's delta {self.delta:g} (site.delta)")
         if request.rounds > self.max_rounds:
-            problems.append(f"rounds={request.rounds} exceeds the site's limit of {self.max_rounds} per run (site.max_rounds)")
-        if request.task.source not in self.task_sources:
-            problems.append(f"task.source={request.task.source!r} is not one of the site's task sources "
-                            "(site.task_sources)")
+            problems.append(f"rounds exceeds the site's limit of {self.max_rounds} per run (site.max_rounds)")
+        if request.source not in self.task_sources:
+            problems.append("task.source is not one of the site's task sources (site.task_sources)")
         return problems
+
+    def check_delta(self, records: int) -> None:
+        """The site's delta must be below 1/N of its own records (a delta of 1/N allows releasing
+        one record outright); ConfigError otherwise. Checked when the records load, never per request."""
+        if records and self.delta >= 1 / records:
+            raise ConfigError(f"site.delta {self.delta:g} is not below 1/N for the site's {records} records "
+                              f"({1 / records:.3g}): set delta below that, e.g. {_below(1 / records):g}")
+
+
+def _below(limit: float) -> float:
+    """A round power of ten below `limit`."""
+    return 10.0 ** math.floor(math.log10(limit) - 1)
 
 
 def policy_from(values: Mapping | None = None, *, origin: str = "the site policy") -> SitePolicy:

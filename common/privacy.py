@@ -20,6 +20,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import random
 import time
 import warnings
@@ -33,7 +34,7 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from torch.utils.data import TensorDataset
 
-from common.storage import atomic_write
+from common.storage import atomic_write, private_folder
 
 LEDGER_FILE = "ledger.json"
 LEDGER_FORMAT = "fedistill-privacy-ledger"
@@ -47,6 +48,14 @@ class LedgerError(RuntimeError):
 
 class BudgetExhausted(RuntimeError):
     """The site's remaining budget cannot cover the requested DP steps."""
+
+
+class RoundAlreadyTrained(RuntimeError):
+    """The run already trained this round here: a replayed request."""
+
+
+class RoundLimit(RuntimeError):
+    """The run already trained as many rounds here as it and the site's policy allow."""
 
 
 @dataclass(frozen=True)
@@ -142,7 +151,7 @@ class PrivacyLedger:
         self.path = self.directory / LEDGER_FILE
         self.budget = budget
         self.data = data
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_folder(self.directory)
         self.entries = self._read()
         if not self.path.exists():
             self._refuse_overlapping_partition()  # early, before any calibration; _append checks again
@@ -169,6 +178,14 @@ class PrivacyLedger:
     def rounds_of(self, run: str) -> set[int]:
         """The rounds of `run` this ledger recorded a training release for."""
         return {e.round for e in self.entries if e.run == run and e.released is None}
+
+    def epsilon_of_run(self, run: str, delta: float) -> float:
+        """Epsilon of `run`'s own releases at `delta` (what a reply reports: the site's spend in
+        other runs is none of that run's business); infinite if the run released without DP."""
+        mine = [e for e in self.entries if e.run == run]
+        if any(not e.dp for e in mine):
+            return math.inf
+        return epsilon_of([e.accountant_step for e in mine], delta=delta)
 
     def epsilon_spent(self, delta: float | None = None) -> float:
         """Epsilon spent at `delta` (the site's by default); infinite after a release without DP."""
@@ -216,6 +233,35 @@ class PrivacyLedger:
 
     # -- the mutations ----------------------------------------------------------------
 
+    def admit_round(
+        self, *, run: str, round: int, most_rounds: int, sample_rate: float, steps: int,
+        limit: Budget | None, planned_steps: int = 0, max_noise_multiplier: float = 0.0,
+    ) -> float | None:
+        """Admit round `round` of `run` and record its release before it happens, all under one lock,
+        so that concurrent requests cannot both pass a check before either writes.
+
+        Refuses a round this run already trained (RoundAlreadyTrained) and one beyond
+        `most_rounds` rounds of the run (RoundLimit). With DP (`limit` set) the noise multiplier
+        is calibrated so that `planned_steps` steps (this round's and those of the rounds the
+        site has left) stay within `limit` and the budget, and this round's `steps` are
+        reserved with it (BudgetExhausted if impossible); without DP (`limit` None) the round is
+        recorded as a release without DP. Returns the noise multiplier (None without DP).
+        """
+        with self._locked():  # the checks and the write under one lock
+            self.entries = self._read()
+            trained = self.rounds_of(run)
+            if round in trained:
+                raise RoundAlreadyTrained(f"round {round} of this run was already trained")
+            if len(trained) >= most_rounds:
+                raise RoundLimit(f"this run already trained {len(trained)} rounds, its limit (rounds, site.max_rounds)")
+            if limit is None:
+                self._append(LedgerEntry(0.0, sample_rate, steps, run, round, time.time(), dp=False))
+                return None
+            noise = self.calibrate(limit=limit, sample_rate=sample_rate, steps=planned_steps,
+                                   max_noise_multiplier=max_noise_multiplier)
+            self._reserve(limit, noise, sample_rate, steps, run, round)
+        return noise
+
     def reserve(
         self, *, limit: Budget, noise_multiplier: float, sample_rate: float, steps: int, run: str, round: int
     ) -> float:
@@ -224,13 +270,17 @@ class PrivacyLedger:
         The ledger is re-read under an exclusive lock so that concurrent processes on one
         site cannot both spend the same remaining budget. Returns epsilon spent afterwards.
         """
-        entry = LedgerEntry(noise_multiplier, sample_rate, steps, run, round, time.time())
         with self._locked():
             self.entries = self._read()
-            self._refuse_without_guarantee()
-            after = self._refuse_beyond([self.budget, limit], noise_multiplier, sample_rate, steps,
-                                        f"{steps} steps at noise multiplier {noise_multiplier:.4g}")
-            self._append(entry)
+            return self._reserve(limit, noise_multiplier, sample_rate, steps, run, round)
+
+    def _reserve(self, limit: Budget, noise_multiplier: float, sample_rate: float, steps: int, run: str,
+                 round: int) -> float:
+        """`reserve` with the lock held and the entries fresh."""
+        self._refuse_without_guarantee()
+        after = self._refuse_beyond([self.budget, limit], noise_multiplier, sample_rate, steps,
+                                    f"{steps} steps at noise multiplier {noise_multiplier:.4g}")
+        self._append(LedgerEntry(noise_multiplier, sample_rate, steps, run, round, time.time()))
         return after
 
     def release_noisy_count(self, *, limit: Budget, count: int, noise: float, run: str, round: int) -> float:
@@ -251,14 +301,6 @@ class PrivacyLedger:
             value = count + random.SystemRandom().gauss(0.0, noise)  # the operating system's entropy
             self._append(LedgerEntry(noise, 1.0, 1, run, round, time.time(), released=value))
         return value
-
-    def record_release_without_dp(self, *, sample_rate: float, steps: int, run: str, round: int) -> None:
-        """Record, before it happens, a round trained and released without DP: from now on no
-        DP guarantee holds for these records, and the ledger says so."""
-        entry = LedgerEntry(0.0, sample_rate, steps, run, round, time.time(), dp=False)
-        with self._locked():
-            self.entries = self._read()
-            self._append(entry)
 
     def _append(self, entry: LedgerEntry) -> None:
         """Write `entry`; the caller holds the lock. A first entry re-checks the sibling ledgers,
@@ -293,12 +335,12 @@ class PrivacyLedger:
     def _locked(self) -> Iterator[None]:
         """One lock for every ledger in the folder: writes are rare, and a new ledger's check of
         its siblings must not race another new ledger."""
-        with open(self.directory.parent / ".ledgers.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        fd = os.open(self.directory.parent / ".ledgers.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
     def _read(self) -> list[LedgerEntry]:
         if not self.path.exists():
@@ -369,7 +411,7 @@ class PrivacyLedger:
             "data": asdict(self.data),
             "entries": [asdict(e) for e in entries],
         }
-        atomic_write(self.path, json.dumps(doc, indent=1).encode(), durable=True)
+        atomic_write(self.path, json.dumps(doc, indent=1).encode(), durable=True, mode=0o600)
 
 
 def _difference(recorded: DataFingerprint, current: DataFingerprint) -> str:

@@ -14,8 +14,9 @@ from safetensors.torch import save
 from torch import nn
 
 
-def atomic_write(path: Path, data: bytes, *, durable: bool = False) -> None:
-    """Write `data` to `path` through a temporary file and a rename.
+def atomic_write(path: Path, data: bytes, *, durable: bool = False, mode: int = 0o644) -> None:
+    """Write `data` to `path` through a temporary file and a rename; the file gets `mode`
+    (0644 by default: mkstemp's 0600 would hide reports from the user's other tools).
 
     `durable` also fsyncs the file and its folder, so the write survives a power loss
     (the privacy ledger needs that; caches and reports do not).
@@ -23,7 +24,7 @@ def atomic_write(path: Path, data: bytes, *, durable: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide reports from the user's other tools
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             if durable:
@@ -39,6 +40,15 @@ def atomic_write(path: Path, data: bytes, *, durable: bool = False) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def private_folder(path: Path) -> Path:
+    """`path` as a folder only its owner may enter (0700), created with its parents if missing
+    (the parents keep the modes they have or get by default)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:

@@ -17,11 +17,12 @@ from typing import Callable
 
 import tomli_w
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from common import payload as P
-from common.config import CONF_DIR, LM_SOURCE, TEXT_SOURCE, Config, ConfigError, load_config
-from common.policy import POLICY_ENV, SitePolicy, load_policy, policy_from
+from common.config import CONF_DIR, Config, ConfigError, load_config
+from common.policy import POLICY_ENV, load_policy
+from common.request import request_of
+from common.site_config import simulated_site_policy
 from fedistill import certs, deployment, sitecheck
 from fedistill.processes import console_script, run_streaming
 
@@ -113,14 +114,19 @@ def run_coordinator(args) -> int:
 
 
 def run_site(args) -> int:
+    from common.site_config import check_records
+
     policy = load_policy(args.config)
+    deployment.refuse_unpinned(policy, args.config)
     if policy.supernode.insecure:
         print(deployment.INSECURE_WARNING, file=sys.stderr)
+    for line in check_records(policy):  # once, whatever a run will ask: a site whose records fail does not start
+        print(f"fedistill: {line}", flush=True)
     state = (args.state or policy.ledger_root / f"{policy.name}-supernode").resolve()
     with deployment.site(policy, args.config, state) as node:
         deployment.serve_site_metrics(policy)
         print(f"fedistill: site {policy.name} connecting to {policy.supernode.superlink} (log {node.log_path}); "
-              f"metrics on port {policy.metrics_port}; ledger {policy.ledger_root / policy.name}\n"
+              f"metrics on {policy.metrics_host}:{policy.metrics_port}; ledger {policy.ledger_root / policy.name}\n"
               f"check it with `fedistill site-check --config {args.config}`", flush=True)
         return node.process.wait()
 
@@ -188,29 +194,6 @@ def resolve_paths(overrides: list[str]) -> tuple[list[str], Config]:
     return overrides, load_config(overrides)
 
 
-def simulation_policy(site_overrides: list[str], request: Config) -> SitePolicy:
-    """The one policy of every virtual site, from this command line (never from the run config).
-
-    In simulation the person at the command line is every site's administrator: by default
-    the sites accept the budget this command asks for, keep their ledgers in the run
-    directory and share its cache; `site.KEY=VALUE` says otherwise.
-    """
-    values = {"ledger_dir": str(Path(request.run_dir) / "ledger"), "cache_dir": str(request.cache_path)}
-    if request.task.source in (TEXT_SOURCE, LM_SOURCE):  # the virtual sites read the files this command names
-        values["task_sources"] = [*policy_from().task_sources, request.task.source]
-    if request.privacy.enabled:
-        values |= {"epsilon": request.privacy.epsilon, "delta": request.privacy.delta}
-    try:
-        given = OmegaConf.from_dotlist(site_overrides)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"site.* overrides {site_overrides} cannot be read: {err}") from None
-    policy = policy_from(OmegaConf.merge(values, given), origin="site.* on the command line")
-    for key in ("ledger_dir", "cache_dir", "data_path"):
-        if getattr(policy, key) is not None:
-            setattr(policy, key, str(Path(getattr(policy, key)).expanduser().resolve()))
-    return policy
-
-
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -249,8 +232,8 @@ def run_simulation(overrides: list[str], echo: Callable[[str], None] = print) ->
 
     overrides, site_overrides = split_site_overrides(overrides)
     overrides, config = resolve_paths(overrides)
-    policy = simulation_policy(site_overrides, config)
-    problems = policy.violations(config)
+    policy = simulated_site_policy(config, site_overrides)
+    problems = policy.violations(request_of(config))
     if problems:
         raise ConfigError("every site would refuse this run: " + "; ".join(problems)
                           + ". In simulation you set the sites' policy too, with site.KEY=VALUE")

@@ -110,18 +110,28 @@ def site(policy: SitePolicy, policy_file: Path, state: Path) -> Child:
     return Child(command, env=env, log=state / "supernode.log", flwr_home=state / "flwr")
 
 
-def serve_site_metrics(policy: SitePolicy, host: str = "0.0.0.0") -> None:
-    """The site's Prometheus endpoint on `metrics_port`, read from its ledger and activity log."""
+def refuse_unpinned(policy: SitePolicy, policy_file: Path) -> None:
+    """A site that pins no app runs whatever code the coordinator ships, which could ignore its
+    policy: refused unless its file says so on purpose."""
+    if not policy.app_sha256 and not policy.allow_unpinned_apps:
+        raise ValueError(f"{policy_file} pins no app (app_sha256 is empty), so any code the coordinator ships would "
+                         "run at this site and could ignore its policy: add app_sha256: [<digest>] with the digest "
+                         "`fedistill app-hash <the app folder you vetted>` prints, or allow_unpinned_apps: true for a "
+                         "trial")
+
+
+def serve_site_metrics(policy: SitePolicy) -> None:
+    """The site's Prometheus endpoint on `metrics_host`:`metrics_port`, read from its ledger and activity log."""
     if policy.metrics_port is None:
         return
     registry = CollectorRegistry()
     registry.register(SiteCollector(policy.ledger_root / policy.name, site=policy.name,
                                     budget=Budget(policy.epsilon, policy.delta)))
     try:
-        start_http_server(policy.metrics_port, addr=host, registry=registry)
+        start_http_server(policy.metrics_port, addr=policy.metrics_host, registry=registry)
     except OSError as err:
-        raise ValueError(f"metrics_port {policy.metrics_port}: cannot listen ({err}); choose a free port in the "
-                         "site file, or metrics_port: null") from None
+        raise ValueError(f"metrics {policy.metrics_host}:{policy.metrics_port}: cannot listen ({err}); choose a free "
+                         "port (metrics_port) or address (metrics_host) in the site file, or metrics_port: null") from None
 
 
 def register(public_key: Path, link: Link) -> subprocess.CompletedProcess:

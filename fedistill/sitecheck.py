@@ -13,7 +13,6 @@ connects to is the coordinator named in the site file.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import os
 import socket
@@ -29,21 +28,23 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from torch.utils.data import TensorDataset
 
 from common import payload as P
-from common.config import Config, ConfigError, load_config
+from common.config import ConfigError
 from common.policy import SitePolicy, load_policy
 from common.privacy import LEDGER_FILE, Budget, LedgerError, PrivacyLedger, file_records
+from common.site_config import available_tasks, read_records, site_task_config
 from common.tasks import Task, build_task
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
 DEFAULT_SITE_NAME = "site-0"  # the ledger folder of a site whose file names none
+CUSTOM_TASK = "custom"  # the task name a package.module:factory source is checked under (conf's defaults)
 CONNECT_TIMEOUT_S = 5.0
 NIST_CURVES = ("secp256r1", "secp384r1", "secp521r1")
 EXPIRY_WARNING = datetime.timedelta(days=30)
 CERTS_FIX = "copy ca.crt again from the coordinator's `fedistill certs` output (the whole file)"
 DATA_FIX = ("data_path must be the site's records in the task's format: image tasks an .npz with `images` "
-            "[N, H, W] in [0, 1] and integer `labels` [N]; task=text a CSV, TSV or JSON-lines file or folder "
-            "(see data_path in conf/site.yaml)")
+            "[N, H, W] in [0, 1] and integer `labels` [N]; task=text a CSV, TSV or JSON-lines file or folder, read "
+            "with the site file's task: data settings; site.delta must be below 1/N (see conf/site.yaml)")
 
 
 @dataclass(frozen=True)
@@ -59,23 +60,23 @@ class Check:
 # -- the whole check ------------------------------------------------------------------
 
 
-def check_site(site_file: Path, task_overrides: list[str]) -> list[Check]:
-    """Every check of the site described by `site_file`, in order; `task_overrides` choose the task
-    (Hydra overrides such as `task=digits`; none: the configuration's default task)."""
+def check_site(site_file: Path, task: str | None = None) -> list[Check]:
+    """Every check of the site described by `site_file`, in order, for `task` (a task name of
+    conf/task/ or a task source; None: the first of the file's task_sources)."""
     try:
         policy = load_policy(site_file)
     except ConfigError as err:
         return [Check("site file", FAIL, str(err), f"correct {site_file}; conf/site.yaml lists every key with its default")]
     checks = [check_site_file(site_file, policy)]
 
-    task_check, task = check_task(policy, task_overrides)
+    task_check, task = check_task(policy, task or policy.task_sources[0])
     data_check, data = check_data(policy, task)
     checks += [task_check, data_check]
     checks += check_teacher_and_public_set(policy, task)
     checks.append(check_ledger(policy, data))
 
     checks += check_certificates_and_coordinator(policy)
-    checks += [check_app_pins(policy), check_metrics(policy)]
+    checks += [check_app_pins(policy), check_timing(policy), check_metrics(policy)]
     return checks
 
 
@@ -102,40 +103,28 @@ def site_name(policy: SitePolicy) -> str:
 # -- the task and the site's records --------------------------------------------------
 
 
-def site_config(policy: SitePolicy, overrides: list[str]) -> Config:
-    """The configuration as the site uses it (client/app.py's read_request): the site's cache folder,
-    and its own teacher when its file names one."""
-    config = load_config(overrides)
-    if policy.teacher_path is not None:
-        teacher = dataclasses.replace(config.task.teacher, path=policy.teacher_path)
-        config = dataclasses.replace(config, task=dataclasses.replace(config.task, teacher=teacher))
-    return dataclasses.replace(config, cache_dir=policy.cache_dir)
-
-
-def check_task(policy: SitePolicy, overrides: list[str]) -> tuple[Check, Task | None]:
+def check_task(policy: SitePolicy, source: str) -> tuple[Check, Task | None]:
     """The task the site is checked for, allowed by its file's task_sources (checked before the task is
-    built: a `package.module:factory` source runs code), and built as the site builds it."""
-    given = " ".join(overrides) or "the default task"
-    overrides_fix = "give the coordinator's task as Hydra overrides: --task task=digits (or mnist, text, ...)"
-    try:
-        config = site_config(policy, overrides)
-    except ConfigError as err:
-        return Check("task", FAIL, f"{given}: {err}", overrides_fix), None
-    source = config.task.source
+    built: a `package.module:factory` source runs code), and built as the site builds it: conf/task/
+    with the site file's own task settings."""
+    source = source.removeprefix("task=")
     if source not in policy.task_sources:
-        return Check("task", FAIL, f"task.source {source!r} is not in task_sources {policy.task_sources}: the site "
-                                   "would refuse every run of it",
+        return Check("task", FAIL, f"task {source!r} is not in task_sources {policy.task_sources}: the site would "
+                                   "refuse every run of it",
                      f"add {source} to task_sources in the site file, or check the task the coordinator runs "
-                     "with --task task=NAME"), None
+                     "with --task NAME"), None
+    name = source if source in available_tasks() else CUSTOM_TASK
     try:
-        task = build_task(config)
+        task = build_task(site_task_config(policy, name, source))
     except Exception as err:  # any task's constructor, a listed `package.module:factory` included
-        return Check("task", FAIL, f"{given}: task {source!r} cannot be built: {_message(err)}", overrides_fix), None
-    return Check("task", OK, f"{config.task.name} (task.source {source}, allowed by task_sources)"), task
+        return Check("task", FAIL, f"task {source!r} cannot be built from the site's settings: {_message(err)}",
+                     "correct the task settings in the site file (task:, teacher_path; conf/site.yaml says what "
+                     "each key means)"), None
+    return Check("task", OK, f"{name} (task source {source}, allowed by task_sources)"), task
 
 
 def check_data(policy: SitePolicy, task: Task | None) -> tuple[Check, TensorDataset | None]:
-    """data_path is set, exists, is readable and holds records the task can load."""
+    """data_path is set, exists, is readable and holds records the task can load with the site's settings."""
     if task is None:
         return Check("data", WARN, "not checked: the task did not load (see above)"), None
     if policy.data_path is None:
@@ -150,7 +139,7 @@ def check_data(policy: SitePolicy, task: Task | None) -> tuple[Check, TensorData
         return Check("data", FAIL, f"data_path {path} is not readable by this user",
                      f"let the user who runs `fedistill site` read it (chown or chmod u+r {path})"), None
     try:
-        data = task.load_private(path)
+        data = read_records(task, policy)
     except Exception as err:  # any task's loader: report what it says rather than a traceback
         return Check("data", FAIL, f"data_path {path} cannot be loaded: {_message(err)}", DATA_FIX), None
     return Check("data", OK, f"{path}: {describe_records(data)}"), data
@@ -188,7 +177,7 @@ def check_teacher_and_public_set(policy: SitePolicy, task: Task | None) -> list[
 def check_teacher(policy: SitePolicy, task: Task) -> Check:
     """The digest of what the site's teacher is made from, against the file's teacher_sha256."""
     where = f"the teacher file or folder (teacher_path: {policy.teacher_path})" if policy.teacher_path else \
-        "the coordinator's task settings (--task ...), from which the teacher is made"
+        "the coordinator's task settings, from which the teacher is made (the site file's task: settings must match)"
     try:
         digest = task.teacher_digest()
     except Exception as err:  # a missing or unreadable teacher, in any task
@@ -199,7 +188,7 @@ def check_teacher(policy: SitePolicy, task: Task) -> Check:
 
 def check_public_set(policy: SitePolicy, task: Task) -> Check:
     """The digest of the public inputs, against the file's public_sha256."""
-    where = "the public set's files and task settings (--task ...) the coordinator uses"
+    where = "the public set's files and task settings the coordinator uses (the site file's task: settings must match)"
     try:
         digest = str(P.public_manifest(task.public_inputs())[P.PUBLIC_SHA256])
     except Exception as err:  # missing public files, in any task
@@ -388,17 +377,33 @@ def check_tls(connection: socket.socket, host: str, address: str, ca: Path, unre
 
 
 def check_app_pins(policy: SitePolicy) -> Check:
+    fix = "add app_sha256: [<digest>] with the digest `fedistill app-hash` prints for the coordinator's app"
+    if not policy.app_sha256 and not policy.allow_unpinned_apps:
+        return Check("app", FAIL, "no app pinned (app_sha256 is empty): any code the coordinator ships would run here, "
+                                  "and `fedistill site` refuses to start", f"{fix}; or allow_unpinned_apps: true for a trial")
     if not policy.app_sha256:
-        return Check("app", WARN, "any app version will run: pin with app_sha256",
-                     "add app_sha256: [<digest>] with the digest `fedistill app-hash` prints for the coordinator's app")
+        return Check("app", WARN, "any app version will run (allow_unpinned_apps: true): pin with app_sha256", fix)
     return Check("app", OK, f"{len(policy.app_sha256)} app version(s) pinned by app_sha256")
+
+
+def check_timing(policy: SitePolicy) -> Check:
+    if policy.reply_after_s <= 0:
+        return Check("timing", WARN, "reply_after_s is 0: a reply leaves as soon as the round is done, and how long "
+                                     "that takes grows with the number of records",
+                     "set reply_after_s above the slowest round (e.g. 60)")
+    return Check("timing", OK, f"replies held until {policy.reply_after_s:g} s after each request")
 
 
 def check_metrics(policy: SitePolicy) -> Check:
     if policy.metrics_port is None:
         return Check("metrics", WARN, "metrics_port is null: `fedistill site` serves no metrics",
                      "set metrics_port (e.g. 9401) to watch the site's rounds and budget")
-    return Check("metrics", OK, f"served on port {policy.metrics_port}")
+    where = f"{policy.metrics_host}:{policy.metrics_port}"
+    if policy.metrics_host not in ("127.0.0.1", "::1", "localhost"):
+        return Check("metrics", WARN, f"served on {where}: every machine that reaches it can read the site's budget "
+                                      "and refusals (no authentication)",
+                     "metrics_host: 127.0.0.1 and a Prometheus of the site's own, or a firewall rule")
+    return Check("metrics", OK, f"served on {where}")
 
 
 # -- report and command ---------------------------------------------------------------
@@ -432,13 +437,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "and that the coordinator answers. Exit code 0 when the site is ready to join.",
     )
     parser.add_argument("--config", required=True, type=Path, metavar="FILE", help="the site file (site.yaml)")
-    parser.add_argument("--task", nargs="*", default=[], metavar="OVERRIDE",
-                        help="the coordinator's task as Hydra overrides, e.g. task=digits (default: the default task)")
+    parser.add_argument("--task", metavar="NAME",
+                        help="the task to check, a name of conf/task/ such as digits or a task source the site lists "
+                             "(default: the first of the site file's task_sources)")
     parser.set_defaults(handler=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    checks = check_site(args.config, list(args.task or []))
+    checks = check_site(args.config, args.task)
     print(format_report(checks))
     return 1 if any(c.status == FAIL for c in checks) else 0

@@ -17,6 +17,7 @@ from common import payload as P
 from common.config import RUNS_ENV, Config, ConfigError, load_config
 from common.models.inference import describe, quantize_int8
 from common.public_distill import initial_student
+from common.request import encode, request_of
 from common.tasks import build_task
 from server import rundir as R
 from server.exchange import build_exchange
@@ -67,6 +68,7 @@ def run(grid: Grid, config: Config) -> None:
         min_sites=config.federation.min_sites,
         allowed_items=set(released_items(config)),
         assets=P.asset_manifest(task),
+        request=encode(request_of(config)),
     )
     metrics = ServerMetrics(tuple(m.name for m in evaluator.metrics))
     metrics.serve(config.federation.metrics_port, config.federation.metrics_host)

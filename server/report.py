@@ -22,8 +22,8 @@ GUARANTEE = (
 )
 TRUST = (
     "A site must still trust the code it runs: the coordinator ships the app (this project's client code) to "
-    "every site, and that code is what enforces the site's policy and writes its ledger. Pinning the app a site "
-    "runs belongs to the deployment work. DP randomness comes from the operating system's entropy, not a "
+    "every site, and that code is what enforces the site's policy and writes its ledger; a deployed site pins "
+    "the app it vetted (app_sha256) and runs no other. DP randomness comes from the operating system's entropy, not a "
     "cryptographically secure generator (Opacus's secure_mode needs torchcsprng, which has no wheels for "
     "current torch)"
 )

@@ -93,7 +93,7 @@ class DistillStrategy(FedAvg):
     """
 
     def __init__(self, *, exchange: Exchange, global_student: nn.Module, plan: ParticipationPlan, min_sites: int,
-                 allowed_items: set[str], assets: dict[str, int | str]):
+                 allowed_items: set[str], assets: dict[str, int | str], request: str):
         super().__init__(
             fraction_train=plan.fraction,
             fraction_evaluate=0.0,  # the server evaluates the global student itself
@@ -107,6 +107,7 @@ class DistillStrategy(FedAvg):
         self.plan = plan
         self.allowed_items = allowed_items
         self.assets = assets  # the teacher and public set every site must hold (common.payload.asset_manifest)
+        self.request = request  # the run request every site gets (common.request.encode)
         self.rounds: dict[int, RoundOutcome] = {}
 
     def configure_train(
@@ -114,7 +115,7 @@ class DistillStrategy(FedAvg):
     ) -> Iterable[Message]:
         _, connected = sample_nodes(grid, self.min_available_nodes, 0)  # waits for enough sites
         sampled = self.plan.sample(server_round, connected)
-        content = round_request(self.exchange, self.global_student, server_round, self.assets)
+        content = round_request(self.exchange, self.global_student, server_round, self.assets, self.request)
         self.rounds[server_round] = RoundOutcome(sampled=len(sampled), bytes_down=len(sampled) * content_bytes(content))
         return [Message(content=for_site(content, rounds_left), message_type=MessageType.TRAIN, dst_node_id=node)
                 for node, rounds_left in sampled.items()]
@@ -157,10 +158,11 @@ class DistillStrategy(FedAvg):
 
 
 def round_request(exchange: Exchange, global_student: nn.Module, server_round: int,
-                  assets: dict[str, int | str]) -> RecordDict:
-    """What every sampled site receives this round: the exchange's content, the round number and the assets."""
+                  assets: dict[str, int | str], request: str) -> RecordDict:
+    """What every sampled site receives this round: the exchange's content, the run request, the
+    round number and the assets."""
     content = exchange.outgoing(global_student)
-    content[P.CONFIG] = ConfigRecord({**assets, P.SERVER_ROUND: server_round})
+    content[P.CONFIG] = ConfigRecord({**assets, P.SERVER_ROUND: server_round, P.REQUEST: request})
     return content
 
 

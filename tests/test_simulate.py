@@ -91,9 +91,10 @@ def test_second_run_on_the_same_ledger_refuses_once_the_budget_is_spent(first_ru
     assert summary["rounds_completed"] == 0
     for s in summary["privacy"]["sites"]:
         assert s["refused_rounds"] == 2 and s["epsilon"] <= s["budget"]
-    first = json.loads((root / "run1" / "summary.json").read_text())
-    assert [s["epsilon"] for s in summary["privacy"]["sites"]] == [s["epsilon"] for s in first["privacy"]["sites"]]
+    assert [s["epsilon"] for s in summary["privacy"]["sites"]] == [0.0, 0.0, 0.0]  # this run spent nothing
     assert {r["code"] for s in summary["privacy"]["sites"] for r in s["refusals"]} == {"budget"}
+    ledger = json.loads((root / "ledger" / "site-0" / "ledger.json").read_text())
+    assert {e["run"] for e in ledger["entries"]} and len(ledger["entries"]) == 2  # the first run's two rounds
     assert "refused" in result.stdout
 
 

@@ -16,14 +16,18 @@ def _data(n=96):
     return TensorDataset(x, y, torch.randn(n, 10))
 
 
-def _train(small_config, *, privacy=None, noise=None, seed=0, data=None, distill=None):
+def _train(small_config, *, privacy=None, noise=None, seed=0, data=None, distill=None, objective=None,
+           generator="seeded"):
+    """One round on `data`; the batches and noise come from a generator seeded here (so no test passes by
+    luck), or with generator=None from the one the site uses."""
     data = data or _data()
     distill = distill or small_config.distill
     torch.manual_seed(123)
     student = StudentMLP((1, 8, 8), 10, [16])
     plan = plan_round(distill)
-    result = distill_locally(student, data, objective=DistillationObjective(distill), distill=distill, privacy=privacy or small_config.privacy,
-                             noise_multiplier=noise, plan=plan, seed=seed)
+    result = distill_locally(student, data, objective=objective or DistillationObjective(distill), distill=distill,
+                             privacy=privacy or small_config.privacy, noise_multiplier=noise, plan=plan, seed=seed,
+                             generator=torch.Generator().manual_seed(7) if generator == "seeded" else generator)
     return student, result, plan
 
 
@@ -59,13 +63,41 @@ def test_dp_noise_is_not_reproducible_from_the_config_seed(small_config):
     # Sample rate 1 makes Poisson sampling deterministic, so any difference between two
     # runs with one seed is the noise.
     full = dataclasses.replace(small_config.distill, sample_rate=1.0)
-    a, _, _ = _train(small_config, noise=1.0, seed=5, distill=full)
-    b, _, _ = _train(small_config, noise=1.0, seed=5, distill=full)
+    a, _, _ = _train(small_config, noise=1.0, seed=5, distill=full, generator=None)
+    b, _, _ = _train(small_config, noise=1.0, seed=5, distill=full, generator=None)
     assert not torch.allclose(a.net[1].weight, b.net[1].weight)
     off = dataclasses.replace(small_config.privacy, enabled=False)
-    c, _, _ = _train(small_config, privacy=off, seed=5)
-    d, _, _ = _train(small_config, privacy=off, seed=5)
+    c, _, _ = _train(small_config, privacy=off, seed=5, generator=None)
+    d, _, _ = _train(small_config, privacy=off, seed=5, generator=None)
     assert torch.equal(c.net[1].weight, d.net[1].weight)
+
+
+class CountingObjective(DistillationObjective):
+    """The KD objective, counting the records each step's batch holds."""
+
+    def __init__(self, distill):
+        super().__init__(distill)
+        self.records = 0
+
+    def forward(self, student, inputs, labels, targets):
+        self.records += len(labels)
+        return super().forward(student, inputs, labels, targets)
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_batches_are_drawn_at_the_sample_rate_the_accountant_charges(small_config, private):
+    """The accountant charges each step at the plan's sample rate (checked inside against its history);
+    the records the steps actually see must be that rate's Poisson draws: a sampler at 4x the rate
+    is far outside (sample rate 0.1, 1,000 records, 30 steps: 3,000 expected, 55 standard deviation)."""
+    records = 1000
+    data = TensorDataset(torch.rand(records, 1, 8, 8), torch.randint(0, 10, (records,)), torch.randn(records, 10))
+    distill = dataclasses.replace(small_config.distill, sample_rate=0.1, local_epochs=3)
+    counting = CountingObjective(distill)
+    privacy = small_config.privacy if private else dataclasses.replace(small_config.privacy, enabled=False)
+    _, result, plan = _train(small_config, privacy=privacy, noise=1.0 if private else None, data=data,
+                             distill=distill, objective=counting)
+    expected = plan.sample_rate * records * result.steps
+    assert result.steps == 30 and abs(counting.records - expected) < 0.1 * expected, counting.records
 
 
 def test_more_noise_moves_the_weights_further_at_the_same_clipping(small_config):
@@ -115,6 +147,7 @@ def test_an_empty_poisson_batch_is_a_noised_step(small_config):
     torch.manual_seed(123)
     student = StudentMLP((1, 8, 8), 10, [16])
     result = distill_locally(student, _data(), objective=DistillationObjective(distill), distill=distill,
-                             privacy=small_config.privacy, noise_multiplier=1.0, plan=plan, seed=0)
+                             privacy=small_config.privacy, noise_multiplier=1.0, plan=plan, seed=0,
+                             generator=torch.Generator().manual_seed(7))
     assert result.steps == 3 and result.loss == 0.0  # nothing seen, three accounted steps (checked inside)
     assert not torch.allclose(student.net[1].weight, _start())

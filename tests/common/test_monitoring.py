@@ -17,7 +17,7 @@ def test_a_sites_metrics_are_its_ledger_and_its_activity_log(tmp_path):
     budget = Budget(3.0, 1e-5)
     ledger = PrivacyLedger(tmp_path, budget=budget, data=DataFingerprint(dataset="d", partition="p", records="r"))
     ledger.reserve(limit=budget, noise_multiplier=2.0, sample_rate=0.05, steps=20, run="1", round=1)
-    record_activity(tmp_path, run="1", server_round=1, status="ok", steps=20, seconds=2.5)
+    record_activity(tmp_path, run="1", server_round=1, status="ok", steps=20)
     record_activity(tmp_path, run="1", server_round=2, status="refused", code="budget")
     text = site_metrics(tmp_path, budget)
     spent = ledger.epsilon_spent()
@@ -25,7 +25,7 @@ def test_a_sites_metrics_are_its_ledger_and_its_activity_log(tmp_path):
     assert f'fedistill_site_epsilon_left{{site="site-a"}} {3.0 - spent}' in text
     assert 'fedistill_site_dp_steps_total{site="site-a"} 20.0' in text
     assert 'fedistill_site_rounds_trained_total{site="site-a"} 1.0' in text
-    assert 'fedistill_site_training_seconds_total{site="site-a"} 2.5' in text
+    assert "seconds" not in text  # how long a site works grows with its number of records
     assert 'fedistill_site_refusals_total{code="budget",site="site-a"} 1.0' in text
     assert 'fedistill_site_ledger_readable{site="site-a"} 1.0' in text
     assert {name for name in SITE_METRICS if name in text} == set(SITE_METRICS)

@@ -4,6 +4,11 @@ import pytest
 
 from common.config import ConfigError, load_config
 from common.policy import POLICY_ENV, POLICY_NODE_KEY, load_policy, policy_from, site_policy
+from common.request import request_of
+
+
+def _request(*overrides):
+    return request_of(load_config(list(overrides)))
 
 
 @pytest.fixture
@@ -12,28 +17,50 @@ def policy():
 
 
 def test_a_request_inside_the_policy_has_no_violations(policy):
-    assert policy.violations(load_config(["task=digits", "rounds=10", "privacy.epsilon=2", "privacy.delta=1e-6"])) == []
+    assert policy.violations(_request("task=digits", "rounds=10", "privacy.epsilon=2", "privacy.delta=1e-6")) == []
 
 
 @pytest.mark.parametrize(
     "override, named",
     [
-        ("privacy=none", "site.require_dp"),
-        ("privacy.epsilon=8", "privacy.epsilon=8 exceeds the site's budget 3"),
-        ("privacy.delta=1e-4", "privacy.delta=0.0001 exceeds the site's delta 1e-05"),
-        ("rounds=11", "rounds=11 exceeds the site's limit of 10"),
-        ("task=mnist", "task.source='mnist' is not one of the site's task sources (site.task_sources)"),
+        ("privacy=none", "privacy.enabled is false: the site's policy requires DP (site.require_dp)"),
+        ("privacy.epsilon=8", "privacy.epsilon exceeds the site's budget 3 (site.epsilon)"),
+        ("privacy.delta=1e-4", "privacy.delta exceeds the site's delta 1e-05 (site.delta)"),
+        ("rounds=11", "rounds exceeds the site's limit of 10 per run (site.max_rounds)"),
+        ("task=mnist", "task.source is not one of the site's task sources (site.task_sources)"),
     ],
 )
-def test_each_request_outside_the_policy_is_named(policy, override, named):
-    request = load_config(["task=digits", "rounds=2", override])
-    [problem] = policy.violations(request)
-    assert named in problem
+def test_each_request_outside_the_policy_is_named_without_repeating_its_value(policy, override, named):
+    [problem] = policy.violations(_request("task=digits", "rounds=2", override))
+    assert problem == named
 
 
 def test_a_site_that_allows_training_without_dp_accepts_privacy_none():
     allowing = policy_from({"require_dp": False, "task_sources": ["digits"]})
-    assert allowing.violations(load_config(["task=digits", "privacy=none"])) == []
+    assert allowing.violations(_request("task=digits", "privacy=none")) == []
+
+
+@pytest.mark.parametrize("records, ok", [(99_999, True), (100_000, False), (1_000_000, False)])
+def test_the_sites_delta_must_be_below_one_over_its_record_count(records, ok):
+    policy = policy_from({"delta": 1e-5})
+    if ok:
+        policy.check_delta(records)
+    else:
+        with pytest.raises(ConfigError, match=f"not below 1/N for the site's {records} records"):
+            policy.check_delta(records)
+
+
+@pytest.mark.parametrize("name", ["site.a", "../up", "a/b", "", "x" * 65])
+def test_a_site_name_is_letters_digits_underscores_and_dashes(name):
+    with pytest.raises(ConfigError, match="site.name must be"):
+        policy_from({"name": name})
+
+
+@pytest.mark.parametrize("task, message", [({"name": "x"}, "not task.name or task.source"),
+                                           ({"data": {"colour": 1}}, "is not a task setting")])
+def test_a_site_files_task_settings_are_task_keys_other_than_name_and_source(task, message):
+    with pytest.raises(ConfigError, match=message):
+        policy_from({"task": task})
 
 
 def test_a_policy_file_sets_some_keys_and_keeps_the_defaults_of_the_rest(tmp_path):
@@ -51,6 +78,7 @@ def test_a_policy_file_sets_some_keys_and_keeps_the_defaults_of_the_rest(tmp_pat
         ("epsilon: .inf\n", "site.epsilon must be a finite number > 0"),
         ("delta: 2\n", r"site.delta must be in \(0, 1\)"),
         ("noise: 3\n", "the keys of a site policy are"),
+        ("reply_after_s: -1\n", r"site.reply_after_s must be in \[0, 86400\]"),
         ("- a list\n", "must be a YAML mapping"),
     ],
 )

@@ -5,7 +5,7 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 from common.privacy import (LEDGER_FILE, Budget, BudgetExhausted, DataFingerprint, LedgerError, PrivacyLedger,
-                            epsilon_of)
+                            RoundAlreadyTrained, RoundLimit, epsilon_of)
 
 DELTA = 1e-5
 DATA = DataFingerprint(dataset="digits abc", partition="seed 0, 3 sites", records="r0")
@@ -92,7 +92,7 @@ def test_calibration_against_what_remains_keeps_the_total_within_budget(tmp_path
 def test_a_release_without_dp_makes_epsilon_infinite_and_refuses_every_later_dp_claim(tmp_path):
     ledger = _ledger(tmp_path / "s")
     _reserve(ledger, sigma=4.0, steps=10)
-    ledger.record_release_without_dp(sample_rate=0.1, steps=30, run="baseline", round=1)
+    ledger.admit_round(run="baseline", round=1, most_rounds=1, sample_rate=0.1, steps=30, limit=None)
     reread = _ledger(tmp_path / "s")  # recorded on disk, not only in memory
     assert math.isinf(reread.epsilon_spent())
     for attempt in (
@@ -188,3 +188,25 @@ def test_two_new_ledgers_cannot_both_pass_the_partition_check(tmp_path):
     with pytest.raises(LedgerError, match="under another partition"):
         _reserve(late)
     assert not (tmp_path / "site-3" / LEDGER_FILE).exists()
+
+
+def test_admitting_a_round_refuses_a_replay_and_a_run_past_its_rounds_and_records_nothing(tmp_path):
+    ledger = _ledger(tmp_path / "s")
+    admit = dict(most_rounds=2, sample_rate=0.1, steps=10, limit=ledger.budget, planned_steps=20,
+                 max_noise_multiplier=50)
+    noise = ledger.admit_round(run="r", round=1, **admit)
+    assert noise > 0 and [(e.run, e.round, e.noise_multiplier) for e in ledger.entries] == [("r", 1, noise)]
+    with pytest.raises(RoundAlreadyTrained):
+        ledger.admit_round(run="r", round=1, **admit)
+    ledger.admit_round(run="r", round=2, **{**admit, "planned_steps": 10})
+    with pytest.raises(RoundLimit):
+        ledger.admit_round(run="r", round=3, **admit)
+    assert len(_ledger(tmp_path / "s").entries) == 2
+
+
+def test_a_runs_own_spend_leaves_out_the_other_runs(tmp_path):
+    ledger = _ledger(tmp_path / "s")
+    _reserve(ledger, sigma=2.0, steps=50, run="a")
+    _reserve(ledger, sigma=2.0, steps=50, run="b")
+    assert ledger.epsilon_of_run("a", 1e-5) == pytest.approx(ledger.epsilon_of_run("b", 1e-5))
+    assert ledger.epsilon_of_run("a", 1e-5) < ledger.epsilon_spent() and ledger.epsilon_of_run("c", 1e-5) == 0.0

@@ -24,7 +24,9 @@ from kubernetes_validate.utils import latest_version
 from yamllint import linter
 from yamllint.config import YamlLintConfig
 
+from common.config import ConfigError
 from common.monitoring import SERVER_METRICS, SITE_METRICS
+from common.policy import load_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -170,7 +172,7 @@ def test_images_match_what_their_kubernetes_manifest_expects(image):
     pod = workload["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert last["USER"] == (f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}",)
-    assert set(last["EXPOSE"]) == {str(port["containerPort"]) for port in container["ports"]}
+    assert set(last.get("EXPOSE", ())) == {str(port["containerPort"]) for port in container.get("ports", [])}
     assert last["ENTRYPOINT"] == ("fedistill", image)
 
 
@@ -195,19 +197,23 @@ def test_kubernetes_site_keeps_its_ledger_on_a_retained_claim():
     assert site["spec"]["persistentVolumeClaimRetentionPolicy"] == retained
 
 
-def test_prometheus_scrapes_the_coordinator_and_every_compose_site():
+def test_the_coordinators_prometheus_scrapes_the_coordinator_and_no_site():
     jobs = {job["job_name"]: job["static_configs"] for job in load(DEPLOY / "prometheus.yml")["scrape_configs"]}
-    sites = [f"{name}:{site['metrics_port']}" for name, site in compose_sites().items()]
-    assert jobs == {
-        "fedistill-coordinator": [{"targets": ["coordinator:9400"]}],
-        "fedistill-sites": [{"targets": sites}],
-    }
+    assert jobs == {"fedistill-coordinator": [{"targets": ["coordinator:9400"]}]}
+
+
+def test_a_sites_prometheus_scrapes_the_site_on_its_own_loopback():
+    jobs = {job["job_name"]: job["static_configs"] for job in load(DEPLOY / "site-prometheus.yml")["scrape_configs"]}
+    for name, site in compose_sites().items():
+        assert site["metrics_host"] == "127.0.0.1", name
+        assert jobs == {"fedistill-site": [{"targets": [f"127.0.0.1:{site['metrics_port']}"]}]}
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None,
                     reason="promtool is not installed (Debian: apt-get install prometheus)")
-def test_promtool_accepts_the_prometheus_config():
-    result = subprocess.run(["promtool", "check", "config", str(DEPLOY / "prometheus.yml")],
+@pytest.mark.parametrize("config", ["prometheus.yml", "site-prometheus.yml"])
+def test_promtool_accepts_the_prometheus_configs(config):
+    result = subprocess.run(["promtool", "check", "config", str(DEPLOY / config)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -253,6 +259,19 @@ def test_site_files_set_exactly_the_keys_of_the_site_policy(site_file):
 
 def test_kubernetes_site_file_sets_exactly_the_keys_of_the_site_policy():
     assert key_tree(k8s_site_file()) == policy_keys()
+
+
+@pytest.mark.parametrize("site_file", [*(DEPLOY / "sites" / name for name in SITE_FILES), "k8s"], ids=str)
+def test_a_shipped_site_file_pins_the_app_and_does_not_start_until_the_pin_is_filled_in(site_file, tmp_path):
+    """The examples pin (allow_unpinned_apps false): their placeholder digest is refused with the fix."""
+    site = k8s_site_file() if site_file == "k8s" else load(site_file)
+    assert site["app_sha256"] and site["allow_unpinned_apps"] is False and site["reply_after_s"] > 0
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump(site))
+    with pytest.raises(ConfigError, match="fedistill app-hash"):
+        load_policy(path)
+    path.write_text(yaml.safe_dump({**site, "app_sha256": ["a" * 64]}))
+    assert load_policy(path).app_sha256 == ["a" * 64]
 
 
 @pytest.mark.parametrize("path", YAML_FILES, ids=str)

@@ -23,7 +23,7 @@ from common.privacy import Budget, PrivacyLedger, file_records
 from common.tasks import build_task
 from fedistill import sitecheck as S
 
-TASK = ["task=digits"]
+TASK = "digits"
 
 
 # -- certificates, a coordinator stand-in, records ------------------------------------
@@ -116,7 +116,7 @@ def records(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def digests(cache_dir) -> dict[str, str]:
-    task = build_task(load_config([*TASK, f"cache_dir={cache_dir}"]))
+    task = build_task(load_config([f"task={TASK}", f"cache_dir={cache_dir}"]))
     return {"teacher": task.teacher_digest(), "public": str(public_manifest(task.public_inputs())["public-sha256"])}
 
 
@@ -128,8 +128,9 @@ def site(tmp_path, write_policy, pki, coordinator, records, digests):
         supernode = {"superlink": coordinator, "root_certificates": str(pki["ca"]),
                      "private_key": str(pki["site_key"]), "insecure": False, **changes.pop("supernode", {})}
         values = {"name": "site-a", "ledger_dir": str(tmp_path / "ledgers"), "data_path": str(records),
-                  "teacher_sha256": digests["teacher"], "public_sha256": digests["public"],
-                  "app_sha256": ["a" * 64], "metrics_port": 9401, "supernode": supernode, **changes}
+                  "teacher_sha256": digests["teacher"], "public_sha256": digests["public"], "task_sources": [TASK],
+                  "app_sha256": ["a" * 64], "metrics_port": 9401, "reply_after_s": 30, "supernode": supernode,
+                  **changes}
         return write_policy(tmp_path / "site.yaml", **values)
 
     return write
@@ -140,17 +141,17 @@ def site_ledger(tmp_path, records, cache_dir):
     """site_ledger(budget): site-a's ledger for `records`, keyed as a deployed site keys it (client/app.py)."""
 
     def open_ledger(budget: Budget) -> PrivacyLedger:
-        data = build_task(load_config([*TASK, f"cache_dir={cache_dir}"])).load_private(records)
+        data = build_task(load_config([f"task={TASK}", f"cache_dir={cache_dir}"])).load_private(records)
         return PrivacyLedger(tmp_path / "ledgers" / "site-a", budget=budget, data=file_records(data))
 
     return open_ledger
 
 
 def command(site_file: Path) -> int:
-    """`fedistill site-check --config FILE --task task=digits` through the subcommand's own parser."""
+    """`fedistill site-check --config FILE --task digits` through the subcommand's own parser."""
     parser = argparse.ArgumentParser(prog="fedistill")
     S.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["site-check", "--config", str(site_file), "--task", *TASK])
+    args = parser.parse_args(["site-check", "--config", str(site_file), "--task", TASK])
     return args.handler(args)
 
 
@@ -177,10 +178,10 @@ def test_a_healthy_site_is_ready(site, capsys):
 
 def test_unpinned_and_insecure_settings_are_warnings(site, digests):
     checks = by_name(S.check_site(site(teacher_sha256=None, public_sha256=None, app_sha256=[], metrics_port=None,
-                                       supernode={"insecure": True}), TASK))
+                                       allow_unpinned_apps=True, reply_after_s=0, supernode={"insecure": True}), TASK))
     assert not failed(list(checks.values()))
     warned = {name for name, c in checks.items() if c.status == S.WARN}
-    assert warned == {"teacher", "public set", "app", "metrics", "supernode", "certificates"}
+    assert warned == {"teacher", "public set", "app", "metrics", "supernode", "certificates", "timing"}
     assert checks["teacher"].detail == f"not pinned: pin with teacher_sha256: {digests['teacher']}"
     assert "app_sha256" in checks["app"].detail
     assert checks["supernode"].detail == "insecure: plain text, no node authentication"
@@ -321,8 +322,23 @@ def test_the_report_reads_line_by_line():
                                    "                fix: chmod 600 k", "", "1 failed, 0 warning(s): not ready"]
 
 
+def test_a_site_that_pins_no_app_fails_unless_its_file_allows_it(site):
+    check = failed(S.check_site(site(app_sha256=[]), TASK))["app"]
+    assert "no app pinned" in check.detail and "allow_unpinned_apps: true" in check.fix
+
+
+def test_metrics_served_beyond_loopback_are_a_warning(site):
+    check = by_name(S.check_site(site(metrics_host="0.0.0.0"), TASK))["metrics"]
+    assert check.status == S.WARN and "no authentication" in check.detail
+
+
+def test_a_delta_at_or_above_one_over_the_records_fails_the_data_check(site):
+    check = failed(S.check_site(site(delta=0.01), TASK))["data"]  # 300 records: 1/N = 0.0033
+    assert "site.delta 0.01 is not below 1/N for the site's 300 records" in check.detail
+
+
 def test_records_released_without_dp_fail(site, site_ledger):
-    site_ledger(Budget(3.0, 1e-5)).record_release_without_dp(sample_rate=0.05, steps=10, run="r", round=1)
+    site_ledger(Budget(3.0, 1e-5)).admit_round(run="r", round=1, most_rounds=1, sample_rate=0.05, steps=10, limit=None)
     check = failed(S.check_site(site(), TASK))["ledger"]
     assert "released without DP: the site will refuse every DP run" in check.detail
     assert "cannot be raised" in check.fix
@@ -331,9 +347,9 @@ def test_records_released_without_dp_fail(site, site_ledger):
 def test_a_task_the_site_does_not_allow_fails_before_its_code_is_imported(site, monkeypatch):
     built = []
     monkeypatch.setattr(S, "build_task", built.append)
-    checks = S.check_site(site(), ["task.source=partner_tasks.image:build"])
+    checks = S.check_site(site(), "partner_tasks.image:build")
     check = failed(checks)["task"]
-    assert "'partner_tasks.image:build' is not in task_sources" in check.detail
+    assert "task 'partner_tasks.image:build' is not in task_sources" in check.detail
     assert "add partner_tasks.image:build to task_sources" in check.fix
     assert built == []
     assert by_name(checks)["data"].status == S.WARN  # not checked without a task

@@ -9,6 +9,7 @@ from common.tasks import build_task
 from common.losses import LOGITS
 from common.payload import check_arrays
 from server.exchange import LogitsExchange, WeightsExchange, build_exchange
+from common.request import decode, encode, request_of
 from server.strategy import INVALID, TRAINED, read_content, round_request
 
 ALLOWED = set(P.released_items(mode="logits", weighting="uniform", dp=True))
@@ -106,12 +107,13 @@ def test_the_consensus_is_kept_only_once_the_global_student_has_learned_it(confi
 
 
 @pytest.mark.parametrize("mode", ["weights", "logits"])
-def test_every_round_request_announces_the_teacher_and_the_public_set(config, mode):
+def test_every_round_request_announces_the_run_request_the_teacher_and_the_public_set(config, mode):
     config = load_config(config.overrides + [f"exchange={mode}"])
     task = build_task(config)
     student = task.student(config.student)
     assets = P.asset_manifest(task)
-    out = round_request(build_exchange(config, task, student), student, 3, assets)
+    out = round_request(build_exchange(config, task, student), student, 3, assets, encode(request_of(config)))
+    assert decode(out[P.CONFIG][P.REQUEST]) == request_of(config)
     assert out[P.CONFIG][P.PUBLIC_COUNT] == len(task.public_inputs())
     assert out[P.CONFIG][P.PUBLIC_SHA256] == P.public_manifest(task.public_inputs())[P.PUBLIC_SHA256]
     assert out[P.CONFIG][P.TEACHER_SHA256] == task.teacher_digest() and len(task.teacher_digest()) == 64
