@@ -37,8 +37,8 @@ USER 10001:10001
 # key (/etc/fedistill/certs) are mounted read-only too.
 VOLUME ["/var/lib/fedistill/ledger", "/var/cache/fedistill", "/data"]
 
-# The site's Prometheus metrics (the site file's metrics_port). The SuperNode only dials out.
-EXPOSE 9401
+# Nothing is exposed: the SuperNode only dials out, and the site's metrics listen on the
+# container's loopback (the site file's metrics_host) for a Prometheus of the site's own.
 
 ENTRYPOINT ["fedistill", "site"]
 CMD ["--config", "/etc/fedistill/site.yaml"]
