@@ -24,8 +24,10 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/fedistill simulate
 
+# Four workers: the real Flower runs mostly wait on their processes. loadscope keeps a module's
+# tests (and its module-scoped federation) on one worker.
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 4 --dist loadscope
 
 bench: install
 	$(BIN)/python -m bench.run_bench

@@ -77,19 +77,23 @@ def read_records(task: Task, policy: SitePolicy) -> TensorDataset:
 
 def check_records(policy: SitePolicy) -> list[str]:
     """Load the site's records for every built-in task it lists, as `fedistill site` does before it
-    starts; a line per task, or ConfigError naming the task and the fix."""
+    starts, and compute the teacher's outputs on them for the task's default objective (cached
+    where that is costly, so that a round does not); a line per task, or ConfigError naming the
+    task and the fix."""
     lines = []
     for source in policy.task_sources:
         if source not in available_tasks():
             lines.append(f"task source {source}: loaded when a run asks for it (not a task of conf/task/)")
             continue
-        task = build_task(site_task_config(policy, source, source))
+        config = site_task_config(policy, source, source)
+        task = build_task(config)
         try:
             records = read_records(task, policy)
         except ConfigError as err:
             raise ConfigError(f"the site's records do not load for task {source} (task_sources): {err}. Fix the "
                               f"records or the site file's task settings, or take {source} out of task_sources") from None
-        lines.append(f"task {source}: {len(records)} records from {policy.data_path}")
+        task.teacher_targets(records.tensors[0], task.objective(config.distill).target_kinds)
+        lines.append(f"task {source}: {len(records)} records from {policy.data_path}, the teacher's outputs on them ready")
     return lines
 
 
