@@ -1,127 +1,24 @@
-"""In-process federations and baselines for the benchmarks, built from the project's own parts.
-
-`federate` runs the same site round (`client.round.train_round`: ledger, calibration, Opacus
-DP-SGD), the same reply checks and the same exchange (`server.exchange`) as the Flower
-apps, without Flower's processes,
-so that many settings and seeds fit in one benchmark run. The Flower path itself is timed
-separately by `bench/run_bench.py`.
-"""
+"""Baselines for the benchmarks beside the in-process federations of `fedistill.inprocess`: the
+non-private students (centralized on all private data). The Flower path itself is timed
+separately by `bench/run_bench.py`."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
-import shlex
 import tempfile
 
 import torch
-from flwr.app import RecordDict
-from torch import nn
 from torch.utils.data import TensorDataset
 
-from client.dp_train import distill_locally, plan_round
-from client.round import train_round
-from client.site import Site, load_site
-from common import payload as P
+from client.dp_train import distill_locally
 from common.config import Config, load_config
-from common.evaluation import Evaluator, Scores
-from common.request import encode, request_of
-from common.site_config import simulated_site_policy, site_config
-from common.public_distill import DistillReport, initial_student
-from common.tasks import Task, build_task
+from common.evaluation import Scores
+from common.step_plan import NON_DP_BATCH, plan_round
 from common.losses import LOGITS
-from server.exchange import build_exchange
-from server.report import released_items
-from server.strategy import TRAINED, content_bytes, for_site, read_content, round_request
-
-# The distillation settings the warm start depends on (it uses the local objective, not the DP step).
-OBJECTIVE_SETTINGS = ("temperature", "alpha", "feature_weight", "attention_weight", "attention_layers")
-
+from fedistill.inprocess import evaluator, task_of
 
 def compose(overrides: list[str], cache_dir: str) -> Config:
     return load_config(overrides + [f"cache_dir={cache_dir}", f"run_dir={tempfile.mkdtemp(prefix='fedistill-bench-')}"])
-
-
-def sites_of(config: Config) -> list[Site]:
-    """The virtual sites of one benchmark federation, as `fedistill simulate` makes them: the run's
-    request admitted under the policy it writes for them (a fresh ledger in the run directory)."""
-    policy = simulated_site_policy(config, [] if config.privacy.enabled else ["require_dp=false"])
-    site_run = site_config(policy, request_of(config))
-    return [load_site(site_run, policy, i, config.sites) for i in range(config.sites)]
-
-
-def federate(config: Config, *, weight_by_count: bool = False) -> tuple[Scores, dict]:
-    """Run `config.rounds` rounds in-process; returns the final evaluation and what crossed the wire.
-
-    `weight_by_count` combines sites in proportion to their record counts, which no site
-    sends under DP: a non-private reference for the cost of counting sites equally.
-    """
-    sites = sites_of(config)
-    states = [RecordDict() for _ in sites]  # each site's context.state
-    task = task_of(config)
-    student = copy.deepcopy(start_of(config)[0])
-    exchange = build_exchange(config, task, student)
-    allowed = set(released_items(config))
-    assets = P.asset_manifest(task)
-    request = encode(request_of(config))
-    bytes_up = bytes_down = replies = 0
-    epsilons: list[float] = []
-    for server_round in range(1, config.rounds + 1):
-        content = round_request(exchange, student, server_round, assets, request)
-        outcomes, accepted, counts = [], [], []
-        rounds_left = config.rounds - server_round + 1  # every site joins every round
-        for site, state in zip(sites, states):
-            reply = train_round(site, for_site(content, rounds_left), state, server_round=server_round, run="bench")
-            outcome = read_content(reply, site.index, exchange, allowed)
-            outcomes.append(outcome)
-            if outcome.status == TRAINED:
-                accepted.append(reply)
-                counts.append(len(site.data))
-                bytes_up += exchange.reply_bytes(reply)
-                replies += 1
-        bytes_down += len(sites) * content_bytes(content)
-        if accepted:
-            exchange.combine(accepted, student, server_round, weights=counts if weight_by_count else None)
-        epsilons = [o.epsilon_spent for o in outcomes]
-    wire = {"bytes_up_per_site_round": bytes_up / max(replies, 1),
-            "bytes_down_per_site_round": bytes_down / (len(sites) * config.rounds)}
-    return evaluator(task)(student), {"epsilon": epsilons, **wire}
-
-
-@functools.lru_cache(maxsize=8)
-def evaluator(task: Task) -> Evaluator:
-    return task.evaluator()
-
-
-@functools.lru_cache(maxsize=8)
-def _task(task_config: str, seed: int, cache_dir: str) -> Task:
-    return build_task(load_config([f"seed={seed}", f"cache_dir={cache_dir}", *shlex.split(task_config)]))
-
-
-def task_overrides(config: Config) -> str:
-    """The overrides a task object depends on: task, distillation and student settings (the
-    student's decide which distillation terms are valid)."""
-    return shlex.join(o for o in config.overrides if o.startswith(("task", "distill", "student")))
-
-
-def task_of(config: Config) -> Task:
-    """One task object per (task, student and distillation settings, seed), so data and teacher load once per benchmark."""
-    return _task(task_overrides(config), config.seed, str(config.cache_path))
-
-
-def start_of(config: Config) -> tuple[nn.Module, DistillReport | None]:
-    """The global student before round 1 (warm-started where the config says), once per task,
-    student, objective (not the DP step's settings), server-distillation settings and seed."""
-    objective = tuple(f"distill.{key}" for key in OBJECTIVE_SETTINGS)
-    warm_start = shlex.join(o for o in config.overrides if o.startswith(("task", "student", "exchange.server", *objective)))
-    return _start(warm_start, config.seed, str(config.cache_path))
-
-
-@functools.lru_cache(maxsize=4)
-def _start(overrides: str, seed: int, cache_dir: str) -> tuple[nn.Module, DistillReport | None]:
-    config = load_config([f"seed={seed}", f"cache_dir={cache_dir}", *shlex.split(overrides)])
-    return initial_student(task_of(config), config)
 
 
 def distill_non_private(config: Config, inputs: torch.Tensor, labels: torch.Tensor | None, epochs: int) -> Scores:
@@ -135,19 +32,16 @@ def distill_non_private(config: Config, inputs: torch.Tensor, labels: torch.Tens
     if labels is None:
         labels = targets[LOGITS].argmax(-1)
     # Non-private and centralised: the record count is no secret here, so batches of batch_size.
-    distill = dataclasses.replace(distill, local_epochs=epochs, sample_rate=min(1.0, distill.batch_size / len(inputs)))
+    batch = distill.batch_size or NON_DP_BATCH
+    distill = dataclasses.replace(distill, local_epochs=epochs, sample_rate=min(1.0, batch / len(inputs)),
+                                  batch_size=batch)
     no_dp = dataclasses.replace(config.privacy, enabled=False)
     data = TensorDataset(inputs, labels, *(targets[kind] for kind in objective.target_kinds))
     torch.manual_seed(config.seed)
     student = task.student(config.student)
     distill_locally(student, data, objective=objective, distill=distill, privacy=no_dp, noise_multiplier=None,
-                    plan=plan_round(distill), seed=config.seed)
+                    plan=plan_round(distill, no_dp, len(inputs)), seed=config.seed)
     return evaluator(task)(student)
-
-
-def public_only(config: Config, epochs: int) -> Scores:
-    """What the coordinator gets without the sites: distill on the public inputs alone."""
-    return distill_non_private(config, task_of(config).public_inputs(), None, epochs)
 
 
 def centralized(config: Config, epochs: int) -> Scores:

@@ -22,7 +22,8 @@ import sys
 import time
 import warnings
 
-from bench.baselines import compose, evaluator, federate, start_of, task_of
+from bench.baselines import compose
+from fedistill.inprocess import evaluator, federate, start_of, task_of
 from bench.run_bench import ResultsFile, print_targets
 from common.config import ConfigError, load_config
 from common.models.inference import describe, quantize_int8

@@ -27,8 +27,10 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from bench.baselines import centralized, compose, evaluator, federate, public_only, sites_of, task_of
-from client.dp_train import distill_locally, plan_round
+from bench.baselines import centralized, compose
+from fedistill.inprocess import evaluator, federate, public_only, sites_of, task_of
+from client.dp_train import distill_locally
+from common.step_plan import plan_round
 from common.config import load_config
 
 RESULTS = Path(__file__).parent / "results"
@@ -89,7 +91,7 @@ def rows_for(settings: list[tuple[str, str, list[str]]], overrides: list[str], c
             if name == "teacher":
                 scores.append(evaluator(task_of(config)).teacher)
             elif name.startswith("public"):
-                scores.append(public_only(config, args.public_epochs))
+                scores.append(public_only(config))
             elif name.startswith("centralized"):
                 scores.append(centralized(config, args.baseline_epochs))
             else:
@@ -120,7 +122,7 @@ def step_time_ratio(overrides: list[str], cache: str, repeats: int = 5) -> dict:
     """Seconds per local DP step over seconds per non-DP step, same site, data and plan."""
     config = compose([*overrides, "seed=0"], cache)
     site = sites_of(config)[0]
-    plan = plan_round(config.distill)
+    plan = plan_round(config.distill, config.privacy, site.plan_size)
     no_dp = dataclasses.replace(config.privacy, enabled=False)
     timings = {}
     for label, privacy, noise in (("dp", config.privacy, 1.0), ("non_dp", no_dp, None)):
@@ -132,7 +134,7 @@ def step_time_ratio(overrides: list[str], cache: str, repeats: int = 5) -> dict:
             best.append(result.seconds / result.steps)
         timings[label] = statistics.median(best)
     return {"dp_ms_per_step": 1000 * timings["dp"], "non_dp_ms_per_step": 1000 * timings["non_dp"],
-            "ratio": timings["dp"] / timings["non_dp"], "batch_size": config.distill.batch_size}
+            "ratio": timings["dp"] / timings["non_dp"], "batch_size": plan.expected_batch_size}
 
 
 def simulation_wall_time(overrides: list[str]) -> dict:
@@ -169,7 +171,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--baseline-epochs", type=int, default=30, help="epochs for the centralized student")
-    parser.add_argument("--public-epochs", type=int, default=30, help="epochs for the public-only student")
     parser.add_argument("--skip-simulation", action="store_true", help="do not time a real Flower simulation")
     parser.add_argument("--weights-only", action="store_true", help="leave out the logits-exchange rows")
     parser.add_argument("--only", action="append", default=[], metavar="PREFIX",

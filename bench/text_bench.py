@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from bench.baselines import compose, task_of
+from bench.baselines import compose
+from fedistill.inprocess import task_of
 from bench.run_bench import ResultsFile, print_table, print_targets, rows_for
 from common.config import load_config
 from common.models.inference import describe
@@ -105,10 +106,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--baseline-epochs", type=int, default=30, help="epochs for the centralized student")
-    # 100 public texts are less than two batches, so an epoch is one step: 300 epochs give the
-    # public-only student as many steps as each site takes in the federation (10 x 30), near
-    # its best (30 epochs: 0.61, 100: 0.79, 300: 0.80, 1000: 0.77 on seed 0)
-    parser.add_argument("--public-epochs", type=int, default=300, help="epochs for the public-only student")
     parser.add_argument("--only", action="append", default=[], metavar="PREFIX",
                         help="run only the rows whose setting starts with PREFIX (repeatable)")
     parser.add_argument("--epsilons", nargs="*", default=EPSILONS,

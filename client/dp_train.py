@@ -24,15 +24,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from common.config import DistillConfig, PrivacyConfig
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """The DP-SGD steps of one round: what the ledger reserves before training. Public."""
-
-    sample_rate: float        # each record joins a step's batch with this probability (Poisson)
-    steps: int
-    expected_batch_size: int  # divides each step's summed clipped gradients plus noise
+from common.step_plan import StepPlan
 
 
 @dataclass(frozen=True)
@@ -40,18 +32,6 @@ class TrainResult:
     loss: float
     steps: int
     seconds: float
-
-
-def plan_round(config: DistillConfig) -> StepPlan:
-    """The round's steps from the configuration alone, never from the record count.
-
-    An epoch is int(1 / sample_rate) steps, Opacus's own definition for Poisson sampling.
-    """
-    return StepPlan(
-        sample_rate=config.sample_rate,
-        steps=config.local_epochs * int(1 / config.sample_rate),
-        expected_batch_size=config.batch_size,
-    )
 
 
 def noise_generator(privacy: PrivacyConfig, seed: int) -> torch.Generator:
@@ -115,7 +95,7 @@ def distill_locally(
     if generator is None:
         generator = noise_generator(privacy, seed)
     loader = DPDataLoader(data, sample_rate=plan.sample_rate, generator=generator)  # int(1/q) steps per pass
-    optimizer = torch.optim.SGD(student.parameters(), lr=distill.lr, momentum=distill.momentum)
+    optimizer = torch.optim.SGD(student.parameters(), lr=plan.lr, momentum=distill.momentum)
     hooks = accountant = None
     student.train()
     if privacy.enabled:

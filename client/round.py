@@ -12,11 +12,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from client.admission import Refusal, check_assets, check_round, site_settings_error, starting_student
-from client.dp_train import distill_locally, plan_round
+from client.dp_train import distill_locally
 from client.site import Site
 from common import payload as P
 from common.config import ConfigError
-from common.privacy import (Budget, BudgetExhausted, LedgerError, PrivacyLedger, RoundAlreadyTrained, RoundLimit)
+from common.privacy import Budget, BudgetExhausted, LedgerError, PrivacyLedger, RoundAlreadyTrained, RoundLimit
+from common.step_plan import plan_round
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def train_round(site: Site, content: RecordDict, state: RecordDict, *, server_ro
             data = site.data
         except ConfigError as err:
             raise site_settings_error(err) from None
-        plan = plan_round(config.distill)
+        plan = plan_round(config.distill, config.privacy, site.plan_size)
         try:
             ledger = site.ledger()
             count = release_count(site, ledger, server_round=server_round, run=run)
@@ -77,7 +78,8 @@ def train_round(site: Site, content: RecordDict, state: RecordDict, *, server_ro
         generator=generator,
     )
     log.info("%s trained round %d: %d steps", site.name, server_round, result.steps)
-    metrics = MetricRecord({P.DP_STEPS: result.steps, **privacy_metrics(site, ledger, noise_multiplier, run)})
+    metrics = MetricRecord({P.DP_STEPS: result.steps, P.SAMPLE_RATE: plan.sample_rate,
+                            **privacy_metrics(site, ledger, noise_multiplier, run)})
     if count is not None:
         metrics[P.NOISY_COUNT] = count
     if not config.privacy.enabled:

@@ -23,6 +23,7 @@ from common.policy import SitePolicy
 from common.privacy import Budget, DataFingerprint, PrivacyLedger, file_records, records_digest
 from common.public_outputs import PublicOutputs
 from common.site_config import read_records
+from common.step_plan import size_class
 from common.tasks import Task, build_task
 
 
@@ -68,6 +69,15 @@ class Site:
         if self.policy.data_path is not None:
             return read_records(self.task, self.policy)
         return self.task.private_data(self.index, self.num_partitions)
+
+    @property
+    def plan_size(self) -> int:
+        """The size class the step plan is chosen for (common/step_plan.py): the one the site's file
+        declares; else, on the built-in partition (public, bundled data), its own share's; else the
+        default. Never a count of records of the site's own."""
+        if self.policy.size_class is not None or self.policy.data_path is not None:
+            return size_class(self.policy.size_class)
+        return size_class(len(self.records))
 
     @cached_property
     def fingerprint(self) -> DataFingerprint:

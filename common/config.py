@@ -193,10 +193,10 @@ class StudentConfig:
 class DistillConfig:
     temperature: float
     alpha: float
-    local_epochs: int
-    sample_rate: float
-    batch_size: int
-    lr: float
+    local_epochs: int | None  # None: chosen by the DP-aware rule (common/step_plan.py)
+    sample_rate: float | None
+    batch_size: int | None
+    lr: float | None
     momentum: float
     feature_weight: float = 0.0    # student's projected pooled state toward the teacher's sentence embedding
     attention_weight: float = 0.0  # student's attention maps toward the teacher's (averaged over heads)
@@ -211,10 +211,13 @@ class DistillConfig:
                  f"got {self.attention_layers}")
         _require(self.temperature > 0, f"distill.temperature must be > 0, got {self.temperature}")
         _require(0 <= self.alpha <= 1, f"distill.alpha must be in [0, 1], got {self.alpha}")
-        _require(self.local_epochs >= 1, f"distill.local_epochs must be >= 1, got {self.local_epochs}")
-        _fraction("distill.sample_rate", self.sample_rate)
-        _require(self.batch_size >= 1, f"distill.batch_size must be >= 1, got {self.batch_size}")
-        _require(self.lr > 0, f"distill.lr must be > 0, got {self.lr}")
+        _require(self.local_epochs is None or self.local_epochs >= 1,
+                 f"distill.local_epochs must be >= 1 or null (the DP-aware rule), got {self.local_epochs}")
+        if self.sample_rate is not None:
+            _fraction("distill.sample_rate", self.sample_rate)
+        _require(self.batch_size is None or self.batch_size >= 1,
+                 f"distill.batch_size must be >= 1 or null (the DP-aware rule), got {self.batch_size}")
+        _require(self.lr is None or self.lr > 0, f"distill.lr must be > 0 or null (the DP-aware rule), got {self.lr}")
         _require(0 <= self.momentum < 1, f"distill.momentum must be in [0, 1), got {self.momentum}")
         _require(self.max_physical_batch >= 0,
                  f"distill.max_physical_batch must be >= 0 (0: the whole batch at once), got {self.max_physical_batch}")
@@ -263,6 +266,8 @@ class ServerDistillConfig:
     patience: int
     holdout: float
     warm_start: bool = False  # distill the global student on the public inputs before round 1
+    distill_teacher: bool = False  # weights exchange: distill it toward the teacher again after each round
+    transfer: int = 0  # free inputs made from the public ones (common/transfer.py) for both
 
     def validate(self) -> None:
         _require(self.epochs >= 1, f"exchange.server.epochs must be >= 1, got {self.epochs}")
@@ -271,6 +276,8 @@ class ServerDistillConfig:
         _require(self.batch_size >= 1, f"exchange.server.batch_size must be >= 1, got {self.batch_size}")
         _require(self.patience >= 1, f"exchange.server.patience must be >= 1, got {self.patience}")
         _require(0 < self.holdout < 1, f"exchange.server.holdout must be in (0, 1), got {self.holdout}")
+        _require(0 <= self.transfer <= 1_000_000, f"exchange.server.transfer must be in [0, 1000000] inputs, "
+                                                  f"got {self.transfer}")
 
 
 EXCHANGE_MODES = ("weights", "logits")

@@ -56,6 +56,7 @@ EPSILON_SPENT = "epsilon-spent"
 EPSILON_BUDGET = "epsilon-budget"
 NOISE_MULTIPLIER = "noise-multiplier"
 DP_STEPS = "dp-steps"
+SAMPLE_RATE = "sample-rate"
 NOISY_COUNT = "noisy-count"  # exchange.weighting=noisy_count: the record count plus Gaussian noise
 
 _FROM_LEDGER = ("computed from the site's policy and its ledger, whose entries are public step plans (sample "
@@ -79,6 +80,8 @@ RELEASED_UNDER_DP: dict[str, str] = {
     f"{METRICS}/{EPSILON_BUDGET}": "the run's epsilon limit, which the site's policy allowed",
     f"{METRICS}/{NOISE_MULTIPLIER}": "the round's noise multiplier: " + _FROM_LEDGER,
     f"{METRICS}/{DP_STEPS}": "the round's DP-SGD steps: the public step plan",
+    f"{METRICS}/{SAMPLE_RATE}": "the round's sample rate: the public step plan, from the run's settings and the size "
+                                "class the site declares in its file (common/step_plan.py), never its record count",
     f"{METRICS}/{NOISY_COUNT}": "the site's record count plus Gaussian noise (exchange.weighting=noisy_count), "
                                 "to weight the site: a Gaussian mechanism of sensitivity 1 under add/remove-one, "
                                 "charged in the site's ledger before it is sent, released once per set of "

@@ -69,6 +69,7 @@ class SitePolicy:
     metrics_port: int | None
     metrics_host: str
     reply_after_s: float
+    size_class: int | None  # the record count the site declares publicly; the step plan is chosen for its class
     task: dict[str, Any] = field(default_factory=dict)  # the site's own task settings (TaskConfig keys)
     supernode: SuperNodeSettings = field(default_factory=SuperNodeSettings)
 
@@ -86,6 +87,8 @@ class SitePolicy:
              "(as `fedistill assets` and `fedistill app-hash` print them)"),
             (self.metrics_port is None or 0 <= self.metrics_port < 65536,
              f"site.metrics_port must be a TCP port (0-65535) or null, got {self.metrics_port}"),
+            (self.size_class is None or self.size_class >= 1,
+             f"site.size_class must be a number of records >= 1 or null, got {self.size_class}"),
             (0 <= self.reply_after_s <= 86400,
              f"site.reply_after_s must be in [0, 86400] seconds, got {self.reply_after_s}"),
             (not {"name", "source"} & set(self.task),

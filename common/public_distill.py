@@ -41,16 +41,18 @@ def distill_on_public(
 
 
 def fit_on_public(student: nn.Module, data: TensorDataset, loss: Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor],
-                  config: ServerDistillConfig, *, seed: int) -> DistillReport:
+                  config: ServerDistillConfig, *, seed: int, held_out_from: int | None = None) -> DistillReport:
     """Minimise `loss(student, batch)` over `data` in place, with Adam and early stopping.
 
-    A seeded slice of `config.holdout` of the records is held out; the student with the
+    A seeded slice of `config.holdout` of the first `held_out_from` records (all by default:
+    the real public inputs, not the ones made from them) is held out; the student with the
     lowest held-out loss is kept.
     """
     generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(data), generator=generator)
-    n_hold = max(1, int(round(config.holdout * len(data))))
-    hold, train = order[:n_hold], order[n_hold:]
+    candidates = held_out_from or len(data)
+    order = torch.randperm(candidates, generator=generator)
+    n_hold = max(1, int(round(config.holdout * candidates)))
+    hold, train = order[:n_hold], torch.cat([order[n_hold:], torch.arange(candidates, len(data))])
     optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=config.lr)
     best_loss, best_state = _holdout_loss(student, data[hold], loss), copy.deepcopy(student.state_dict())
     stale, epochs = 0, 0
@@ -78,28 +80,45 @@ def _holdout_loss(student: nn.Module, batch: tuple[torch.Tensor, ...], loss) -> 
     return loss(student, batch).item()
 
 
-def warm_start(student: nn.Module, task, distill: DistillConfig, config: ServerDistillConfig, *, seed: int) -> DistillReport:
-    """Distill `student` from the teacher on the public inputs, with the local objective. Public
-    labels are used where the task has them (a causal LM's next tokens); otherwise the
-    teacher's soft labels alone."""
-    inputs, labels = task.public_inputs(), task.public_labels()
-    if labels is None:
-        distill = dataclasses.replace(distill, alpha=1.0)
-    objective = task.objective(distill)
-    targets = task.teacher_targets(inputs, objective.target_kinds)
-    if labels is None:
-        labels = targets[LOGITS].argmax(-1)  # unused at alpha 1; the objective's signature wants labels
-    kinds = objective.target_kinds
-    data = TensorDataset(inputs, labels, *(targets[kind] for kind in kinds))
-    return fit_on_public(student, data, lambda model, batch: objective(model, batch[0], batch[1], dict(zip(kinds, batch[2:]))),
-                         config, seed=seed)
+class TeacherTransfer:
+    """What the teacher says about the public inputs and the free transfer inputs made from them
+    (`exchange.server.transfer` of them, common/transfer.py), computed once: the server distills
+    the global student toward it with the local objective, at no privacy cost, before round 1
+    (`warm_start`) and, in the weights exchange, after each round (`distill_teacher`).
+
+    Public labels are used where the task has them (a causal LM's next tokens); otherwise the
+    teacher's soft labels alone. Early stopping holds out a slice of the real public inputs.
+    """
+
+    def __init__(self, task, distill: DistillConfig, config: ServerDistillConfig, *, seed: int):
+        self.config = config
+        inputs, labels = task.public_inputs(), task.public_labels()
+        if labels is None:
+            distill = dataclasses.replace(distill, alpha=1.0)
+        self.objective = task.objective(distill)
+        kinds = self.objective.target_kinds
+        self.public = len(inputs)
+        if config.transfer:
+            inputs = torch.cat([inputs, task.transfer_inputs(config.transfer, seed)])
+        targets = task.teacher_targets(inputs, kinds)
+        if labels is None:
+            labels = targets[LOGITS].argmax(-1)  # unused at alpha 1; the objective's signature wants labels
+        self.data = TensorDataset(inputs, labels, *(targets[kind] for kind in kinds))
+
+    def fit(self, student: nn.Module, *, seed: int) -> DistillReport:
+        kinds = self.objective.target_kinds
+        return fit_on_public(
+            student, self.data,
+            lambda model, batch: self.objective(model, batch[0], batch[1], dict(zip(kinds, batch[2:]))),
+            self.config, seed=seed, held_out_from=self.public)
 
 
 def initial_student(task, config: Config) -> tuple[nn.Module, DistillReport | None]:
     """The global student before round 1: initialised from `config.seed`, then warm-started on
-    the public inputs where exchange.server.warm_start says so (with that report)."""
+    the public (and transfer) inputs where exchange.server.warm_start says so (with that report)."""
     torch.manual_seed(config.seed)
     student = task.student(config.student)
     if not config.exchange.server.warm_start:
         return student, None
-    return student, warm_start(student, task, config.distill, config.exchange.server, seed=config.seed)
+    transfer = TeacherTransfer(task, config.distill, config.exchange.server, seed=config.seed)
+    return student, transfer.fit(student, seed=config.seed)

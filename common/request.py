@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import re
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +51,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "exchange.public_fit_epochs": (0, 10_000),
     "exchange.server.epochs": (1, 100_000), "exchange.server.lr": (0, 1e6), "exchange.server.temperature": (0, 1000),
     "exchange.server.batch_size": (1, BIG), "exchange.server.patience": (1, 100_000),
-    "exchange.server.holdout": (0, 1),
+    "exchange.server.holdout": (0, 1), "exchange.server.transfer": (0, 1_000_000),
 }
 
 
@@ -129,6 +130,8 @@ def _convert(value: Any, kind: Any, key: str) -> Any:
     if dataclasses.is_dataclass(kind):
         return _dataclass(value, kind, key)
     origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is types.UnionType and type(None) in args:  # X | None: null, or an X
+        return None if value is None else _convert(value, next(a for a in args if a is not type(None)), key)
     if origin is list:
         if not isinstance(value, list) or len(value) > MAX_ITEMS:
             raise RequestError(f"{key} must be a list of at most {MAX_ITEMS} items")
@@ -184,6 +187,8 @@ def schema_keys() -> dict[str, Any]:
         keys = {}
         for name, hint in typing.get_type_hints(kind).items():
             key = f"{prefix}{name}"
+            if typing.get_origin(hint) is types.UnionType:  # X | None: an X
+                hint = next(a for a in typing.get_args(hint) if a is not type(None))
             keys |= walk(hint, f"{key}.") if dataclasses.is_dataclass(hint) else {key: hint}
         return keys
     return walk(RunRequest, "")

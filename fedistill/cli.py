@@ -23,7 +23,7 @@ from common.config import CONF_DIR, Config, ConfigError, load_config
 from common.policy import POLICY_ENV, load_policy
 from common.request import request_of
 from common.site_config import simulated_site_policy
-from fedistill import certs, deployment, sitecheck
+from fedistill import certs, deployment, frontier, sitecheck
 from fedistill.processes import console_script, run_streaming
 
 POLICY_FILE = "site-policy.yaml"  # the virtual sites' policy, written by this command into the run directory
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     simulate.add_argument("overrides", nargs="*", help="Hydra overrides (key=value)")
     simulate.add_argument("-v", "--verbose", action="store_true", help="show all of Flower's log, not only progress")
+    frontier.add_parser(commands)
     add_deployment_commands(commands)
     certs.add_parser(commands)
     sitecheck.add_parser(commands)

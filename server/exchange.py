@@ -15,6 +15,7 @@ from torch import nn
 
 from common import payload as P
 from common.config import Config
+from common.public_distill import TeacherTransfer
 from common.public_outputs import Targets
 from common.tasks import Task
 from server.aggregate import aggregate
@@ -54,12 +55,17 @@ def check_count(content: RecordDict, weighting: str) -> str:
 
 
 class WeightsExchange:
-    """Sites send DP-trained student weights; the server aggregates them coordinate-wise."""
+    """Sites send DP-trained student weights; the server aggregates them coordinate-wise and, with
+    exchange.server.distill_teacher, distills the result toward the teacher on the public and
+    transfer inputs (FedDF's server step with the teacher as the ensemble; no privacy cost)."""
 
-    def __init__(self, config: Config, global_student: nn.Module):
+    def __init__(self, config: Config, task: Task, global_student: nn.Module):
         self.config = config.exchange
+        self.seed = config.seed
         self.expected = _spec(global_student)
         self.max_bytes = int(self.config.max_reply_mb * 2**20)
+        self.teacher = (TeacherTransfer(task, config.distill, self.config.server, seed=config.seed)
+                        if self.config.server.distill_teacher else None)
 
     def outgoing(self, global_student: nn.Module) -> RecordDict:
         return RecordDict({P.ARRAYS: P.model_to_record(global_student)})
@@ -82,7 +88,10 @@ class WeightsExchange:
             merged[name] = Array(aggregate(stack, weights, method=self.config.aggregation,
                                            trim_fraction=self.config.trim_fraction).astype(dtype))
         P.load_record(global_student, ArrayRecord(merged))
-        return {}
+        if self.teacher is None:
+            return {}
+        report = self.teacher.fit(global_student, seed=self.seed * 1000 + server_round)
+        return {"server_distill_epochs": report.epochs, "server_holdout_loss": report.holdout_loss}
 
 
 class LogitsExchange:
@@ -134,6 +143,6 @@ class LogitsExchange:
 
 def build_exchange(config: Config, task: Task, global_student: nn.Module) -> Exchange:
     if config.exchange.mode == "weights":
-        return WeightsExchange(config, global_student)
+        return WeightsExchange(config, task, global_student)
     return LogitsExchange(config, task)
 

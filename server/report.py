@@ -41,6 +41,7 @@ class PrivacyView:
         self.epsilon: dict[str, float] = {}
         self.budgets: dict[str, float] = {}
         self.noise: dict[str, float] = {}
+        self.sample_rate: dict[str, float] = {}
         self.trained: dict[str, int] = {}
         self.refusals: dict[str, list[dict]] = {}
 
@@ -57,6 +58,7 @@ class PrivacyView:
             if site.status == TRAINED:
                 self.trained[site.site] += 1
                 self.noise[site.site] = site.noise_multiplier
+                self.sample_rate[site.site] = site.sample_rate
             elif site.status == REFUSED:
                 self.refusals[site.site].append({"round": server_round, "code": site.code, "reason": site.reason})
 
@@ -69,7 +71,7 @@ class PrivacyView:
             "neighbouring_relation": "add/remove one record",
             "mechanism": (
                 "DP-SGD (Opacus): Poisson sampling at sample rate "
-                f"{config.distill.sample_rate:g}, per-sample clipping to max_grad_norm {dp.max_grad_norm}, "
+                f"{_sample_rate(config)}, per-sample clipping to max_grad_norm {dp.max_grad_norm}, "
                 "Gaussian noise calibrated by each site; record-level (epsilon, delta) per site"
                 if dp.enabled else "none: privacy.enabled=false, sites trained WITHOUT differential privacy"
             ),
@@ -83,6 +85,7 @@ class PrivacyView:
                     "epsilon": self.epsilon.get(site),
                     "budget": self.budgets.get(site),
                     "noise_multiplier": self.noise.get(site),
+                    "sample_rate": self.sample_rate.get(site),
                     "rounds_trained": self.trained[site],
                     "refused_rounds": len(self.refusals[site]),
                     "refusals": self.refusals[site],
@@ -90,6 +93,13 @@ class PrivacyView:
                 for site in sorted(self.trained, key=_site_order)
             ],
         }
+
+
+def _sample_rate(config: Config) -> str:
+    if config.distill.sample_rate is not None:
+        return f"{config.distill.sample_rate:g}"
+    return ("each site's own, chosen with its local epochs and normaliser by the DP-aware rule "
+            "(common/step_plan.py) from the run's budget and the size class the site declares")
 
 
 def _site_order(name: str) -> tuple[int, str]:

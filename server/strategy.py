@@ -43,6 +43,7 @@ class SiteOutcome:
     epsilon_spent: float | None = None
     epsilon_budget: float | None = None
     noise_multiplier: float | None = None
+    sample_rate: float | None = None
 
 
 @dataclass
@@ -212,6 +213,7 @@ def _outcome(content: RecordDict, node_id: int) -> SiteOutcome:
         epsilon_spent=_float(metrics.get(P.EPSILON_SPENT)),
         epsilon_budget=_float(metrics.get(P.EPSILON_BUDGET)),
         noise_multiplier=_float(metrics.get(P.NOISE_MULTIPLIER)),
+        sample_rate=_float(metrics.get(P.SAMPLE_RATE)),
     )
 
 

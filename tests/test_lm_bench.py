@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from bench.baselines import task_overrides
+from fedistill.inprocess import task_overrides
 from bench.lm_bench import CROSS_ENTROPY, LOGITS, PUBLIC, TEACHER, costs, lm_settings, rows_for, targets
 from common.config import load_config
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shlex
 
-from bench.baselines import task_overrides
+from fedistill.inprocess import task_overrides
 from bench.text_bench import HARD, HARD_TRANSFORMER, PUBLIC, TEACHER, TECHNIQUES, targets, text_settings
 from common.config import load_config
 

@@ -44,6 +44,10 @@ class Task(Protocol):
     def public_labels(self) -> torch.Tensor | None:
         """Labels of the public inputs that are public themselves (a causal LM's next tokens), or None."""
 
+    def transfer_inputs(self, count: int, seed: int) -> torch.Tensor:
+        """`count` free inputs made from the public ones (common/transfer.py), for the server's
+        distillation toward the teacher: no site's record enters them."""
+
     def public_outputs(self, exchange: ExchangeConfig) -> "PublicOutputs":
         """What its students say about the public inputs in the logits exchange (common.public_outputs)."""
 

@@ -23,6 +23,7 @@ from common.models.image import StudentMLP, TeacherCNN
 from common.partition import partition_description, site_share, split_parts
 from common.public_outputs import ClassOutputs
 from common.storage import atomic_write, save_model, write_json
+from common.transfer import augmented_images
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,9 @@ class ImageTask:
 
     def public_labels(self) -> None:
         return None  # the public part is inputs only
+
+    def transfer_inputs(self, count: int, seed: int) -> torch.Tensor:
+        return augmented_images(self.public_inputs(), count, torch.Generator().manual_seed(seed))
 
     def public_outputs(self, exchange: ExchangeConfig) -> ClassOutputs:
         return ClassOutputs(self, exchange)

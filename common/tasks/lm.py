@@ -278,6 +278,12 @@ class LMTask:
     def public_labels(self) -> torch.Tensor:
         return self._dataset(self._public).tensors[1]  # next tokens: public like the records
 
+    def transfer_inputs(self, count: int, seed: int) -> torch.Tensor:
+        if count:
+            raise ConfigError("task=lm makes no transfer inputs (exchange.server.transfer=0): the teacher's pass over "
+                              "new records costs minutes on a CPU; enlarge task.corpus.max_records instead")
+        return self.public_inputs()[:0]
+
     def public_outputs(self, exchange: ExchangeConfig) -> TokenOutputs:
         inputs = self.public_inputs()
         return TokenOutputs(inputs, self.public_labels(), len(self.output_ids), exchange,

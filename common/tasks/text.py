@@ -34,6 +34,7 @@ from common.partition import partition_description, site_share, split_parts
 from common.public_outputs import ClassOutputs
 from common.storage import save_tensors
 from common.tasks.text_files import DataFileError, encode_labels, label_names, read_texts
+from common.transfer import spliced_tokens
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,9 @@ class TextTask:
 
     def public_labels(self) -> None:
         return None  # the public part is inputs only
+
+    def transfer_inputs(self, count: int, seed: int) -> torch.Tensor:
+        return spliced_tokens(self.public_inputs(), count, self.pad_id, torch.Generator().manual_seed(seed))
 
     def public_outputs(self, exchange: ExchangeConfig) -> ClassOutputs:
         return ClassOutputs(self, exchange)

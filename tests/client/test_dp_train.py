@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from client.dp_train import distill_locally, plan_round
+from client.dp_train import distill_locally
+from common.step_plan import plan_round
 from common.losses import DistillationObjective
 from common.models.image import StudentMLP
 
@@ -16,15 +17,21 @@ def _data(n=96):
     return TensorDataset(x, y, torch.randn(n, 10))
 
 
+def _explicit(small_config):
+    """The run's distillation settings with an explicit step plan (sample rate 0.1, 3 epochs, normaliser
+    64, lr 0.25), so that these tests do not depend on the DP-aware rule (tests/common/test_step_plan.py)."""
+    return dataclasses.replace(small_config.distill, sample_rate=0.1, local_epochs=3, batch_size=64, lr=0.25)
+
+
 def _train(small_config, *, privacy=None, noise=None, seed=0, data=None, distill=None, objective=None,
            generator="seeded"):
     """One round on `data`; the batches and noise come from a generator seeded here (so no test passes by
     luck), or with generator=None from the one the site uses."""
     data = data or _data()
-    distill = distill or small_config.distill
+    distill = distill or _explicit(small_config)
     torch.manual_seed(123)
     student = StudentMLP((1, 8, 8), 10, [16])
-    plan = plan_round(distill)
+    plan = plan_round(distill, small_config.privacy, 100)
     result = distill_locally(student, data, objective=objective or DistillationObjective(distill), distill=distill,
                              privacy=privacy or small_config.privacy, noise_multiplier=noise, plan=plan, seed=seed,
                              generator=torch.Generator().manual_seed(7) if generator == "seeded" else generator)
@@ -37,8 +44,8 @@ def _start():
 
 
 def test_the_plan_depends_on_the_configuration_only(small_config):
-    distill = dataclasses.replace(small_config.distill, sample_rate=0.25, local_epochs=2, batch_size=32)
-    plan = plan_round(distill)
+    distill = dataclasses.replace(_explicit(small_config), sample_rate=0.25, local_epochs=2, batch_size=32)
+    plan = plan_round(distill, small_config.privacy, 100)
     assert (plan.sample_rate, plan.steps, plan.expected_batch_size) == (0.25, 8, 32)
 
 
@@ -62,7 +69,7 @@ def test_dp_noise_is_not_reproducible_from_the_config_seed(small_config):
     # A known seed would let anyone regenerate the noise; non-DP runs stay reproducible.
     # Sample rate 1 makes Poisson sampling deterministic, so any difference between two
     # runs with one seed is the noise.
-    full = dataclasses.replace(small_config.distill, sample_rate=1.0)
+    full = dataclasses.replace(_explicit(small_config), sample_rate=1.0)
     a, _, _ = _train(small_config, noise=1.0, seed=5, distill=full, generator=None)
     b, _, _ = _train(small_config, noise=1.0, seed=5, distill=full, generator=None)
     assert not torch.allclose(a.net[1].weight, b.net[1].weight)
@@ -91,7 +98,7 @@ def test_batches_are_drawn_at_the_sample_rate_the_accountant_charges(small_confi
     is far outside (sample rate 0.1, 1,000 records, 30 steps: 3,000 expected, 55 standard deviation)."""
     records = 1000
     data = TensorDataset(torch.rand(records, 1, 8, 8), torch.randint(0, 10, (records,)), torch.randn(records, 10))
-    distill = dataclasses.replace(small_config.distill, sample_rate=0.1, local_epochs=3)
+    distill = dataclasses.replace(_explicit(small_config), sample_rate=0.1, local_epochs=3)
     counting = CountingObjective(distill)
     privacy = small_config.privacy if private else dataclasses.replace(small_config.privacy, enabled=False)
     _, result, plan = _train(small_config, privacy=privacy, noise=1.0 if private else None, data=data,
@@ -111,7 +118,7 @@ def test_per_sample_gradients_are_clipped(small_config):
     """With almost no noise and a tiny clipping norm C, each step moves the weights by at most
     lr * C * (batch size / expected batch size): unclipped, the first steps alone move them further."""
     tiny = dataclasses.replace(small_config.privacy, max_grad_norm=1e-4)
-    distill = dataclasses.replace(small_config.distill, sample_rate=1.0, local_epochs=5, momentum=0.0)
+    distill = dataclasses.replace(_explicit(small_config), sample_rate=1.0, local_epochs=5, momentum=0.0)
     records = len(_data())
     clipped, result, plan = _train(small_config, privacy=tiny, noise=1e-6, distill=distill)
     bound = result.steps * distill.lr * 1e-4 * records / plan.expected_batch_size
@@ -129,7 +136,7 @@ def test_dp_without_a_calibrated_noise_is_refused(small_config):
 def test_physical_chunks_give_the_whole_batch_step(small_config, private):
     """Chunks of 7 records (BatchMemoryManager's scheme): the same update as one pass over the
     batch, and with DP one accounted, noised step per logical batch (noise 0 here to compare)."""
-    full = dataclasses.replace(small_config.distill, sample_rate=1.0, local_epochs=2)
+    full = dataclasses.replace(_explicit(small_config), sample_rate=1.0, local_epochs=2)
     chunked = dataclasses.replace(full, max_physical_batch=7)
     privacy = small_config.privacy if private else dataclasses.replace(small_config.privacy, enabled=False)
     noise = 0.0 if private else None
@@ -142,8 +149,8 @@ def test_physical_chunks_give_the_whole_batch_step(small_config, private):
 
 def test_an_empty_poisson_batch_is_a_noised_step(small_config):
     """A sample rate so small that every batch is empty: each step still adds noise and is accounted."""
-    distill = small_config.distill
-    plan = dataclasses.replace(plan_round(distill), sample_rate=1e-9, steps=3)
+    distill = _explicit(small_config)
+    plan = dataclasses.replace(plan_round(distill, small_config.privacy, 100), sample_rate=1e-9, steps=3)
     torch.manual_seed(123)
     student = StudentMLP((1, 8, 8), 10, [16])
     result = distill_locally(student, _data(), objective=DistillationObjective(distill), distill=distill,

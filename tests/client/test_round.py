@@ -43,7 +43,8 @@ def test_a_dp_round_reserves_in_the_ledger_and_replies_only_what_may_leave_the_s
     assert 0 < reply[P.METRICS][P.EPSILON_SPENT] < site.config.privacy.epsilon
     # no record count, no loss, no timing: exactly the items the privacy report lists
     assert P.reply_items(reply) == {P.ARRAYS, "config/status", "config/site", "metrics/epsilon-spent",
-                                    "metrics/epsilon-budget", "metrics/noise-multiplier", "metrics/dp-steps"}
+                                    "metrics/epsilon-budget", "metrics/noise-multiplier", "metrics/dp-steps",
+                                    "metrics/sample-rate"}
     assert P.reply_items(reply) <= set(P.released_items(mode="weights", weighting="uniform", dp=True))
 
 

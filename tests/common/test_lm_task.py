@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from client.dp_train import distill_locally, plan_round
+from client.dp_train import distill_locally
+from common.step_plan import plan_round
 from common.config import load_config
 from common.losses import TOPK_IDS, TOPK_LOGPROBS
 from common.tasks import build_task
@@ -58,7 +59,7 @@ def _train(task, config, student, rounds=1):
     inputs, labels = task.private_data(0, 2).tensors
     targets = task.teacher_targets(inputs, objective.target_kinds)
     data = torch.utils.data.TensorDataset(inputs, labels, *(targets[k] for k in objective.target_kinds))
-    plan = dataclasses.replace(plan_round(config.distill), sample_rate=0.5, steps=10, expected_batch_size=6)
+    plan = dataclasses.replace(plan_round(config.distill, config.privacy, 100), sample_rate=0.5, steps=10, expected_batch_size=6)
     return [distill_locally(student, data, objective=objective, distill=config.distill, privacy=config.privacy,
                             noise_multiplier=0.5 if config.privacy.enabled else None, plan=plan, seed=r).loss
             for r in range(rounds)]

@@ -44,8 +44,10 @@ def test_every_string_of_the_schema_is_one_of_its_names(key):
 
 def test_infinity_is_the_only_non_finite_number_and_only_where_the_bounds_allow_it():
     assert math.isinf(decode(encode(request_of(load_config(["privacy=none"])))).privacy.epsilon)
-    for bad in ('"lr":NaN', '"lr":-Infinity', '"lr":Infinity'):
-        text = encode(request_of(load_config([]))).replace('"lr":0.25', bad, 1)
+    for bad in ('"max_grad_norm":NaN', '"max_grad_norm":-Infinity', '"max_grad_norm":Infinity'):
+        text = encode(request_of(load_config([])))
+        assert '"max_grad_norm":1.0' in text
+        text = text.replace('"max_grad_norm":1.0', bad, 1)
         with pytest.raises(RequestError):
             decode(text)
 

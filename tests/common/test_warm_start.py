@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from common.config import load_config
-from common.public_distill import warm_start
+from common.public_distill import TeacherTransfer
 from common.tasks import build_task
 
 
@@ -16,7 +16,7 @@ def test_warm_start_teaches_a_classifier_from_the_teachers_soft_labels(cache_dir
     torch.manual_seed(0)
     student = task.student(config.student)
     before = evaluator(student)["accuracy"]
-    warm_start(student, task, config.distill, config.exchange.server, seed=0)
+    TeacherTransfer(task, config.distill, config.exchange.server, seed=0).fit(student, seed=0)
     assert evaluator(student)["accuracy"] > before + 0.3
 
 
@@ -28,5 +28,5 @@ def test_warm_start_of_a_causal_lm_uses_the_public_next_tokens(lm_overrides):
     torch.manual_seed(0)
     student = task.student(config.student)
     before = evaluator(student)["perplexity"]
-    report = warm_start(student, task, config.distill, config.exchange.server, seed=0)
+    report = TeacherTransfer(task, config.distill, config.exchange.server, seed=0).fit(student, seed=0)
     assert report.epochs >= 1 and evaluator(student)["perplexity"] < before

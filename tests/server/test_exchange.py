@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -124,16 +126,18 @@ def test_every_round_request_announces_the_run_request_the_teacher_and_the_publi
 def test_weights_exchange_refuses_a_student_of_another_shape(config):
     task = build_task(config)
     student = task.student(config.student)
-    exchange = WeightsExchange(config, student)
+    exchange = WeightsExchange(config, task, student)
     other = torch.nn.Linear(3, 3)
     assert "expected arrays" in exchange.check(RecordDict({P.ARRAYS: P.model_to_record(other)}))
     assert exchange.check(RecordDict({P.ARRAYS: P.model_to_record(student)})) == ""
 
 
 def test_weights_exchange_counts_sites_equally(config):
+    config = dataclasses.replace(config, exchange=dataclasses.replace(
+        config.exchange, server=dataclasses.replace(config.exchange.server, distill_teacher=False)))
     task = build_task(config)
     student = task.student(config.student)
-    exchange = WeightsExchange(config, student)
+    exchange = WeightsExchange(config, task, student)
     replies = []
     for value in (0.0, 0.0, 3.0):
         model = task.student(config.student)
@@ -168,10 +172,10 @@ def test_inconsistent_topk_replies_are_invalid(tmp_path, cache_dir):
 
 def test_noisy_count_weighting_weights_sites_by_their_counts_and_drops_replies_without_one(tmp_path, cache_dir):
     config = load_config(["task=digits", "sites=3", "exchange.weighting=noisy_count",
-                          f"run_dir={tmp_path}", f"cache_dir={cache_dir}"])
+                          "exchange.server.distill_teacher=false", f"run_dir={tmp_path}", f"cache_dir={cache_dir}"])
     task = build_task(config)
     student = task.student(config.student)
-    exchange = WeightsExchange(config, student)
+    exchange = WeightsExchange(config, task, student)
 
     def reply(value, count):
         model = task.student(config.student)
@@ -184,3 +188,21 @@ def test_noisy_count_weighting_weights_sites_by_their_counts_and_drops_replies_w
     assert "noisy-count" in exchange.check(reply(0.0, float("nan")))
     exchange.combine([reply(0.0, 300.0), reply(4.0, 100.0)], student, server_round=1)
     assert all(torch.allclose(p, torch.ones_like(p)) for p in student.parameters())
+
+
+def test_the_weights_exchange_distills_the_combined_student_toward_the_teacher_at_no_privacy_cost(tmp_path, cache_dir):
+    """After averaging, the server fits the global student to the teacher on the public and transfer inputs:
+    the teacher's outputs only, so no site's ledger is touched (the federation tests check the ledgers)."""
+    overrides = ["task=digits", "exchange.server.epochs=20", f"run_dir={tmp_path}", f"cache_dir={cache_dir}"]
+    config = load_config(overrides)
+    task = build_task(config)
+    torch.manual_seed(0)
+    replies = [RecordDict({P.ARRAYS: P.model_to_record(task.student(config.student))}) for _ in range(2)]
+    agreement = {}
+    for distill_teacher in (False, True):
+        settings = load_config(overrides + [f"exchange.server.distill_teacher={distill_teacher}"])
+        student = task.student(settings.student)
+        report = WeightsExchange(settings, task, student).combine(replies, student, server_round=1)
+        agreement[distill_teacher] = task.evaluator()(student)["agreement"]
+        assert ("server_distill_epochs" in report) == distill_teacher
+    assert agreement[True] > agreement[False] + 0.3

@@ -1,0 +1,121 @@
+"""Federations in one process, without Flower's processes: the same site round
+(`client.round.train_round`: admission's config, ledger, calibration, Opacus DP-SGD), the same
+reply checks and the same exchange (`server.exchange`) as the apps, for `fedistill frontier`
+and the benchmarks, where many settings and seeds must fit in one run. The person running it
+is every virtual site's administrator, as in `fedistill simulate`.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import shlex
+
+from flwr.app import RecordDict
+from torch import nn
+
+from client.round import train_round
+from client.site import Site, load_site
+from common import payload as P
+from common.config import Config, load_config
+from common.evaluation import Evaluator, Scores
+from common.public_distill import DistillReport, initial_student
+from common.request import encode, request_of
+from common.site_config import simulated_site_policy, site_config
+from common.tasks import Task, build_task
+from server.exchange import build_exchange
+from server.report import released_items
+from server.strategy import TRAINED, content_bytes, for_site, read_content, round_request
+
+# The distillation settings the warm start depends on (it uses the local objective, not the DP step).
+OBJECTIVE_SETTINGS = ("temperature", "alpha", "feature_weight", "attention_weight", "attention_layers")
+
+
+def sites_of(config: Config) -> list[Site]:
+    """The virtual sites of one federation, as `fedistill simulate` makes them: the run's
+    request admitted under the policy it writes for them (a fresh ledger in the run directory)."""
+    policy = simulated_site_policy(config, [] if config.privacy.enabled else ["require_dp=false"])
+    site_run = site_config(policy, request_of(config))
+    return [load_site(site_run, policy, i, config.sites) for i in range(config.sites)]
+
+
+def federate(config: Config, *, weight_by_count: bool = False) -> tuple[Scores, dict]:
+    """Run `config.rounds` rounds in-process; returns the final evaluation and what crossed the wire.
+
+    `weight_by_count` combines sites in proportion to their record counts, which no site
+    sends under DP: a non-private reference for the cost of counting sites equally.
+    """
+    sites = sites_of(config)
+    states = [RecordDict() for _ in sites]  # each site's context.state
+    task = task_of(config)
+    student = copy.deepcopy(start_of(config)[0])
+    exchange = build_exchange(config, task, student)
+    allowed = set(released_items(config))
+    assets = P.asset_manifest(task)
+    request = encode(request_of(config))
+    bytes_up = bytes_down = replies = 0
+    epsilons: list[float] = []
+    for server_round in range(1, config.rounds + 1):
+        content = round_request(exchange, student, server_round, assets, request)
+        outcomes, accepted, counts = [], [], []
+        rounds_left = config.rounds - server_round + 1  # every site joins every round
+        for site, state in zip(sites, states):
+            reply = train_round(site, for_site(content, rounds_left), state, server_round=server_round, run="bench")
+            outcome = read_content(reply, site.index, exchange, allowed)
+            outcomes.append(outcome)
+            if outcome.status == TRAINED:
+                accepted.append(reply)
+                counts.append(len(site.data))
+                bytes_up += exchange.reply_bytes(reply)
+                replies += 1
+        bytes_down += len(sites) * content_bytes(content)
+        if accepted:
+            exchange.combine(accepted, student, server_round, weights=counts if weight_by_count else None)
+        epsilons = [o.epsilon_spent for o in outcomes]
+    wire = {"bytes_up_per_site_round": bytes_up / max(replies, 1),
+            "bytes_down_per_site_round": bytes_down / (len(sites) * config.rounds)}
+    return evaluator(task)(student), {"epsilon": epsilons, **wire}
+
+
+@functools.lru_cache(maxsize=8)
+def evaluator(task: Task) -> Evaluator:
+    return task.evaluator()
+
+
+@functools.lru_cache(maxsize=8)
+def _task(task_config: str, seed: int, cache_dir: str) -> Task:
+    return build_task(load_config([f"seed={seed}", f"cache_dir={cache_dir}", *shlex.split(task_config)]))
+
+
+def task_overrides(config: Config) -> str:
+    """The overrides a task object depends on: task, distillation and student settings (the
+    student's decide which distillation terms are valid)."""
+    return shlex.join(o for o in config.overrides if o.startswith(("task", "distill", "student")))
+
+
+def task_of(config: Config) -> Task:
+    """One task object per (task, student and distillation settings, seed), so data and teacher load once per benchmark."""
+    return _task(task_overrides(config), config.seed, str(config.cache_path))
+
+
+def start_of(config: Config) -> tuple[nn.Module, DistillReport | None]:
+    """The global student before round 1 (warm-started where the config says), once per task,
+    student, objective (not the DP step's settings), server-distillation settings and seed."""
+    objective = tuple(f"distill.{key}" for key in OBJECTIVE_SETTINGS)
+    warm_start = shlex.join(o for o in config.overrides if o.startswith(("task", "student", "exchange.server", *objective)))
+    return _start(warm_start, config.seed, str(config.cache_path))
+
+
+@functools.lru_cache(maxsize=4)
+def _start(overrides: str, seed: int, cache_dir: str) -> tuple[nn.Module, DistillReport | None]:
+    config = load_config([f"seed={seed}", f"cache_dir={cache_dir}", *shlex.split(overrides)])
+    return initial_student(task_of(config), config)
+
+
+def public_only(config: Config) -> Scores:
+    """What the coordinator gets without the sites: the student it distills alone from the teacher
+    on the public and transfer inputs, which is where the federation starts (its warm start)."""
+    if not config.exchange.server.warm_start:
+        kept = [o for o in config.overrides if not o.startswith("exchange.server.warm_start")]
+        config = load_config([*kept, "exchange.server.warm_start=true"])
+    return evaluator(task_of(config))(copy.deepcopy(start_of(config)[0]))
