@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # CPU build of torch; a GPU user installs their own torch into .venv first (see README).
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test bench bench-text bench-lm bench-deploy install clean
+.PHONY: demo test bench bench-text bench-lm bench-deploy bench-privacy install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ bench-text: install
 
 bench-lm: install
 	$(BIN)/python -m bench.lm_bench
+
+bench-privacy: install
+	$(BIN)/python -m bench.privacy_cost
 
 bench-deploy: install
 	$(BIN)/python -m bench.deploy_bench

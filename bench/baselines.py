@@ -13,7 +13,7 @@ from torch.utils.data import TensorDataset
 from client.dp_train import distill_locally
 from common.config import Config, load_config
 from common.evaluation import Scores
-from common.step_plan import NON_DP_BATCH, plan_round
+from common.step_plan import SMALL_BATCH, plan_round
 from common.losses import LOGITS
 from fedistill.inprocess import evaluator, task_of
 
@@ -32,7 +32,7 @@ def distill_non_private(config: Config, inputs: torch.Tensor, labels: torch.Tens
     if labels is None:
         labels = targets[LOGITS].argmax(-1)
     # Non-private and centralised: the record count is no secret here, so batches of batch_size.
-    batch = distill.batch_size or NON_DP_BATCH
+    batch = distill.batch_size or SMALL_BATCH
     distill = dataclasses.replace(distill, local_epochs=epochs, sample_rate=min(1.0, batch / len(inputs)),
                                   batch_size=batch)
     no_dp = dataclasses.replace(config.privacy, enabled=False)

@@ -80,7 +80,8 @@ def test_a_dp_reply_on_the_wire_holds_no_record_count_loss_or_timing(first_run):
     rounds = [json.loads(line) for line in (root / "run1" / "metrics.jsonl").read_text().splitlines()]
     for record in rounds:
         assert record["reply_items"] == ["arrays", "config/site", "config/status", "metrics/dp-steps",
-                                         "metrics/epsilon-budget", "metrics/epsilon-spent", "metrics/noise-multiplier"]
+                                         "metrics/epsilon-budget", "metrics/epsilon-spent", "metrics/noise-multiplier",
+                                         "metrics/sample-rate"]
 
 
 def test_second_run_on_the_same_ledger_refuses_once_the_budget_is_spent(first_run):

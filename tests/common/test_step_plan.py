@@ -22,13 +22,13 @@ def _plan(*overrides, size):
 
 @pytest.mark.parametrize("epsilon, size, expected", [
     (1, 500, (256 / 500, 1, 256, 0.25)),      # large batches, one epoch on a small budget
-    (3, 500, (256 / 500, 2, 256, 0.25)),
-    (8, 500, (256 / 500, 3, 256, 0.25)),
-    (3, 100, (1.0, 2, 100, 0.25)),            # a class smaller than the batch: every record, every step
-    (3, 5000, (256 / 5000, 2 * 19, 256, 0.25)),
-    (1, 50_000, (256 / 50_000, 195, 256, 0.25)),
+    (1.9, 5000, (256 / 5000, 19, 256, 0.25)),
+    (1, 100, (1.0, 1, 100, 0.25)),            # a class smaller than the batch: every record, every step
+    (2, 500, (64 / 500, 3 * 7, 64, 0.25)),    # small batches, three epochs from epsilon 2
+    (8, 500, (64 / 500, 3 * 7, 64, 0.25)),
+    (3, 40, (1.0, 3, 40, 0.25)),
 ])
-def test_under_dp_the_rule_takes_large_batches_and_more_epochs_the_larger_the_budget(epsilon, size, expected):
+def test_under_dp_the_rule_takes_large_batches_on_a_small_budget_and_small_ones_above(epsilon, size, expected):
     assert _plan(f"privacy.epsilon={epsilon}", size=size) == pytest.approx(expected)
 
 
@@ -41,7 +41,7 @@ def test_what_the_run_sets_wins_over_the_rule():
     assert _plan("distill.sample_rate=0.1", "distill.local_epochs=3", "distill.batch_size=64", "distill.lr=0.3",
                  size=500) == (0.1, 30, 64, 0.3)
     rate, steps, batch, lr = _plan("distill.local_epochs=5", size=500)
-    assert (rate, batch, lr) == (256 / 500, 256, 0.25) and steps == 5
+    assert (rate, batch, lr) == (64 / 500, 64, 0.25) and steps == 5 * 7
 
 
 def test_the_plan_reads_no_record_count():
