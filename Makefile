@@ -24,10 +24,10 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/fedistill simulate
 
-# Four workers: the real Flower runs mostly wait on their processes. loadscope keeps a module's
-# tests (and its module-scoped federation) on one worker.
+# Four workers: the real Flower runs mostly wait on their processes. loadgroup spreads tests
+# one by one, keeping those that share a module's federation together (tests/conftest.py).
 test: install
-	$(BIN)/python -m pytest -n 4 --dist loadscope
+	$(BIN)/python -m pytest -n 4 --dist loadgroup --durations=15
 
 bench: install
 	$(BIN)/python -m bench.run_bench
