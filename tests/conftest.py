@@ -13,19 +13,6 @@ from omegaconf import OmegaConf
 from common.config import Config, load_config
 
 
-def pytest_collection_modifyitems(items):
-    """`make test` spreads tests over workers one by one (pytest-xdist's loadgroup); the tests
-    that share a module-scoped fixture (one real federation or deployment, several checks of
-    it) are kept on one worker, so the fixture is built once."""
-    for item in items:
-        definitions = getattr(item, "_fixtureinfo", None)
-        for name in getattr(definitions, "names_closure", []):
-            fixture = definitions.name2fixturedefs.get(name, [None])[-1]
-            if fixture is not None and fixture.scope == "module":
-                item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}::{name}"))
-                break
-
-
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> str:
     """One cache for the session, so the digits teacher is fitted once."""
