@@ -18,10 +18,10 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from bench.run_bench import SHARED_DATA as DATA
 from bench.run_bench import ResultsFile, print_targets
 from fedistill.frontier import measure, table
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SETTINGS = {  # name -> (overrides, epsilons, data file the setting needs or None)
     "mnist": (["task=mnist"], [1.0, 3.0, 8.0], None),
     "mnist-10-sites": (["task=mnist", "sites=10"], [3.0], None),

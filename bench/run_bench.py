@@ -34,6 +34,7 @@ from common.step_plan import plan_round
 from common.config import load_config
 
 RESULTS = Path(__file__).parent / "results"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the checkout
 EPSILONS = ["1", "3", "8"]
 # Sites combined in proportion to their record counts, which no site sends under DP: what
 # counting sites equally costs, as a reference outside the guarantee.

@@ -22,11 +22,11 @@ import torch
 
 from bench.baselines import compose
 from fedistill.inprocess import task_of
-from bench.run_bench import ResultsFile, print_table, print_targets, rows_for
+from bench.run_bench import SHARED_DATA, ResultsFile, print_table, print_targets, rows_for
 from common.config import load_config
 from common.models.inference import describe
 
-AGNEWS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "agnews" / "train.tsv"
+AGNEWS = SHARED_DATA / "agnews" / "train.tsv"
 EPSILONS = ["1", "3", "8"]
 TEACHER = "DP federation, with teacher"
 HARD = "hard labels only (no teacher)"

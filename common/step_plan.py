@@ -8,7 +8,7 @@ to say publicly; the declared number is rounded down to the 1-2-5 series, so a s
 writes its exact count reveals no more than its class).
 
 The rule (measured on MNIST and AG News, checked on digits, MNIST with 10 sites and
-CLINC150; README, "Privacy costs less"):
+CLINC150; README, "What privacy costs"):
 - on a small budget (epsilon below 2), large batches and few steps: the expected batch is
   min(256, class) records, so the sample rate is that over the class, and 1 local epoch. A
   step's noise shrinks with its batch, and a warm-started student keeps more of what the
