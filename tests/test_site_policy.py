@@ -44,7 +44,8 @@ def submit(link: SimulationSuperLink, run_dir: Path, cache_dir: str, *overrides:
     run_dir.mkdir(parents=True)
     code = link.run(APP_DIR, write_run_config(run_dir, overrides), num_supernodes=sites, cpus_per_site=1,
                     echo=lambda line: None)
-    assert code == 0
+    log = link.workdir / "flower.log"
+    assert code == 0 and (run_dir / "summary.json").exists(), log.read_text()[-4000:]  # flwr exits 0 on a failed run
     return json.loads((run_dir / "summary.json").read_text())
 
 
