@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from common.config import CONF_DIR, ConfigError, TaskConfig, cache_path
+from common.config import CONF_DIR, ConfigError, cache_path, check_task_settings
 
 if TYPE_CHECKING:
     from common.request import RunRequest
@@ -91,18 +91,15 @@ class SitePolicy:
              f"site.size_class must be a number of records >= 1 or null, got {self.size_class}"),
             (0 <= self.reply_after_s <= 86400,
              f"site.reply_after_s must be in [0, 86400] seconds, got {self.reply_after_s}"),
-            (not {"name", "source"} & set(self.task),
-             "site.task holds the site's settings of a task (data, split, teacher, ...), not task.name or "
-             "task.source: the run's request names the task, and site.task_sources lists the sources allowed"),
+            (not {"name", "source", "kind"} & set(self.task),
+             "site.task holds the site's settings of a task (data, split, teacher, ...), not task.name, "
+             "task.source or task.kind: the run's request names the task, site.task_sources lists the sources "
+             "allowed, and the app's conf/task/ says which code runs it"),
         )
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        try:  # the task settings are a TaskConfig's keys (checked here, applied in common/site_config.py)
-            OmegaConf.merge(OmegaConf.structured(TaskConfig(name="site", source="site")), self.task)
-        except OmegaConfBaseException as err:
-            raise ConfigError(f"site.task: key {getattr(err, 'full_key', None)!r} is not a task setting "
-                              f"({str(err).splitlines()[0]}); see conf/task/*.yaml for the keys") from None
+        check_task_settings(self.task, where="site.task")  # applied in common/site_config.py
 
     @property
     def ledger_root(self) -> Path:

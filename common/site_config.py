@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,7 +23,6 @@ from common.config import CONF_DIR, Config, ConfigError, load_config
 from common.policy import SitePolicy, policy_from
 from common.request import RequestError, RunRequest
 from common.tasks import Task, build_task
-from common.tasks.lm_corpus import STDLIB
 
 
 @functools.cache
@@ -108,7 +106,7 @@ def simulated_site_policy(config: Config, site_overrides: Sequence[str] = ()) ->
     `site.KEY=VALUE` says otherwise.
     """
     values = {"ledger_dir": str(Path(config.run_dir) / "ledger"), "cache_dir": str(config.cache_path),
-              "task": site_task_settings(config), "reply_after_s": 0}
+              "task": config.task.site_settings(), "reply_after_s": 0}
     if config.task.source not in policy_from().task_sources:
         values["task_sources"] = [*policy_from().task_sources, config.task.source]
     if config.privacy.enabled:
@@ -123,22 +121,3 @@ def simulated_site_policy(config: Config, site_overrides: Sequence[str] = ()) ->
             setattr(policy, key, str(Path(getattr(policy, key)).expanduser().resolve()))
     return policy
 
-
-def site_task_settings(config: Config) -> dict:
-    """The task settings this command composed, as the virtual sites' own (every key but name and
-    source, which the run's request names), with relative paths made absolute."""
-    settings = {k: v for k, v in dataclasses.asdict(config.task).items() if k not in ("name", "source")}
-    settings["data"]["path"] = _absolute(settings["data"]["path"])
-    settings["teacher"]["path"] = _absolute(settings["teacher"]["path"])
-    corpus = settings["corpus"]
-    corpus["sites"] = [[_absolute(entry) for entry in site] for site in corpus["sites"]]
-    for key in ("public", "unseen"):
-        corpus[key] = [_absolute(entry) for entry in corpus[key]]
-    return settings
-
-
-def _absolute(path: str | None) -> str | None:
-    """`path` made absolute from this directory; None and stdlib:<package> entries stay as they are."""
-    if path is None or path.startswith(STDLIB):
-        return path
-    return str(Path(os.path.expanduser(path)).absolute())

@@ -1,6 +1,8 @@
-"""The built-in image models: a CNN teacher and a small MLP student."""
+"""The built-in small models: a CNN teacher for images and an MLP student over any flat input."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -21,16 +23,16 @@ class TeacherCNN(nn.Module):
             nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C, H, W] -> [B, classes]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, *in_shape] -> [B, classes]
         return self.head(self.features(x))
 
 
 class StudentMLP(nn.Module):
     """Flatten, then Linear + ReLU per hidden width, then the classifier. Opacus-compatible."""
 
-    def __init__(self, in_shape: tuple[int, int, int], num_classes: int, hidden: list[int]):
+    def __init__(self, in_shape: tuple[int, ...], num_classes: int, hidden: list[int]):
         super().__init__()
-        width = in_shape[0] * in_shape[1] * in_shape[2]
+        width = math.prod(in_shape)  # an image's [C, H, W], a table's encoded [features]
         layers: list[nn.Module] = [nn.Flatten()]
         for h in hidden:
             layers += [nn.Linear(width, h), nn.ReLU()]
@@ -38,5 +40,5 @@ class StudentMLP(nn.Module):
         layers.append(nn.Linear(width, num_classes))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C, H, W] -> [B, classes]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, *in_shape] -> [B, classes]
         return self.net(x)

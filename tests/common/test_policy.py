@@ -56,9 +56,11 @@ def test_a_site_name_is_letters_digits_underscores_and_dashes(name):
         policy_from({"name": name})
 
 
-@pytest.mark.parametrize("task, message", [({"name": "x"}, "not task.name or task.source"),
-                                           ({"data": {"colour": 1}}, "is not a task setting")])
-def test_a_site_files_task_settings_are_task_keys_other_than_name_and_source(task, message):
+@pytest.mark.parametrize("task, message", [({"name": "x"}, "not task.name, task.source or task.kind"),
+                                           ({"kind": "os"}, "not task.name, task.source or task.kind"),
+                                           ({"data": {"colour": 1}}, "'data.colour' is not a task setting"),
+                                           ({"teacher": {"top_k": 4, "channels": [8]}}, "fits no task of this app")])
+def test_a_site_files_task_settings_are_task_keys_other_than_name_source_and_kind(task, message):
     with pytest.raises(ConfigError, match=message):
         policy_from({"task": task})
 

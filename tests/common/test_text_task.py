@@ -167,7 +167,7 @@ def test_a_label_outside_the_configured_set_names_the_line(text_overrides, text_
 
 
 def test_image_tasks_refuse_text_only_distillation_terms():
-    with pytest.raises(ConfigError, match="need a text task"):
+    with pytest.raises(ConfigError, match="which task=digits.s students do not have"):
         load_config(["task=digits", "distill.feature_weight=1"])
     with pytest.raises(ConfigError, match="student=transformer or student=bag"):
         load_config(["task=text", "task.data.path=/x", "student=mlp"])
