@@ -21,6 +21,7 @@ from common.tasks import build_task
 SMALL = {  # kind -> the fixture giving small, offline settings of it
     "image": "digits_overrides",
     "lm": "lm_overrides",
+    "tabular": "tabular_overrides",
     "text": "text_overrides",
 }
 
@@ -28,6 +29,15 @@ SMALL = {  # kind -> the fixture giving small, offline settings of it
 @pytest.fixture
 def digits_overrides(tmp_path, cache_dir) -> list[str]:
     return ["task=digits", "sites=2", f"run_dir={tmp_path / 'run'}", f"cache_dir={cache_dir}"]
+
+
+@pytest.fixture
+def tabular_overrides(tmp_path, cache_dir) -> list[str]:
+    from tests.common.test_tabular_task import table
+
+    table().to_csv(tmp_path / "survey.csv", index=False)
+    return ["task=tabular", f"task.data.path={tmp_path / 'survey.csv'}", "task.data.label=outcome",
+            "task.teacher.max_iter=50", "sites=2", f"run_dir={tmp_path / 'run'}", f"cache_dir={cache_dir}"]
 
 
 def test_every_task_kind_of_the_app_is_checked_here():
