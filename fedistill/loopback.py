@@ -18,6 +18,9 @@ from fedistill.processes import Child, free_port, processes_using
 
 FEDISTILL = [sys.executable, "-m", "fedistill.cli"]
 APP_DIR = Path(__file__).resolve().parent.parent
+# A site loads its records and computes its teacher's outputs on them before it listens (and a
+# first start fits the teacher): on a busy 2-core machine that took more than 90 s.
+SITE_START_TIMEOUT_S = 600.0
 
 
 def command_env() -> dict[str, str]:
@@ -65,7 +68,7 @@ class LoopbackDeployment:
                 stack.enter_context(Child(
                     [*FEDISTILL, "site", "--config", str(self.site_files[name]), "--state", str(state)],
                     env=command_env(), log=self.root / name / "site.out", port=self.metrics_ports[name],
-                    flwr_home=state / "flwr"))
+                    flwr_home=state / "flwr", start_timeout=SITE_START_TIMEOUT_S))
             self._stack = stack.pop_all()
         return self
 
