@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_model
 
 from common.models.image import StudentMLP
-from common.tasks.tabular import Encoding
+from common.tasks.table_encoding import Encoding
 from tests.common.test_tabular_task import table
 from tests.test_simulate import finished_run, simulate
 

@@ -12,7 +12,7 @@ import torch
 
 from common.config import ConfigError, load_config
 from common.tasks import build_task
-from common.tasks.tabular import Encoding, TableConfig
+from common.tasks.table_encoding import Encoding, TableConfig
 
 
 def table(rows: int = 600, seed: int = 0) -> pd.DataFrame:
@@ -41,7 +41,7 @@ def overrides(path: str, tmp_path, cache_dir, *more: str) -> list[str]:
 
 def test_the_encoding_standardises_numbers_one_hots_categories_and_flags_missing_values():
     rows = pd.DataFrame({"x": [1.0, 2.0, None, 5.0], "kind": ["a", "b", "a", None], "y": ["u", "v", "u", "v"]})
-    encoding = Encoding.fit(rows, TableConfig(path="t.csv", label="y"), ["u", "v"])
+    encoding = Encoding.fit(rows, TableConfig(path="t.csv", label="y", numeric_bins=0), ["u", "v"])
     assert encoding.flagged == ["x"] and encoding.categorical == {"kind": ["a", "b"]}
     features = encoding.features(pd.DataFrame({"x": [None, 2.0], "kind": ["b", "zebra"]}), where="test")
     median, mean, std = encoding.numeric["x"]
@@ -49,6 +49,16 @@ def test_the_encoding_standardises_numbers_one_hots_categories_and_flags_missing
     assert features[0, 0].item() == pytest.approx((median - mean) / std) and features[0, 1] == 1  # imputed, flagged
     assert features[1, 1] == 0
     assert features[0, 2:].tolist() == [0, 1, 0] and features[1, 2:].tolist() == [0, 0, 1]  # "zebra": the other slot
+
+
+def test_a_number_gets_a_one_hot_of_its_quantile_bin_beside_it_in_its_columns_block():
+    rows = pd.DataFrame({"x": np.arange(100.0), "kind": ["a", "b"] * 50, "y": ["u"] * 100})
+    encoding = Encoding.fit(rows, TableConfig(path="t.csv", label="y", numeric_bins=4), ["u"])
+    assert encoding.bins == {"x": [24.75, 49.5, 74.25]}  # the teacher split's quartiles
+    features = encoding.features(pd.DataFrame({"x": [-5.0, 30.0, 49.5, 200.0, None], "kind": ["a"] * 5}), where="test")
+    assert features.shape == (5, encoding.width) == (5, 1 + 4 + 3)
+    assert features[:, 1:5].argmax(1).tolist() == [0, 1, 2, 3, 2] and features[:, 1:5].sum(1).tolist() == [1] * 5
+    assert encoding.blocks() == [slice(0, 5), slice(5, 8)]  # transfer rows keep a value with its bin
 
 
 def test_rare_categories_share_the_other_slot():
