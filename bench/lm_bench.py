@@ -27,7 +27,7 @@ from fedistill.inprocess import evaluator, federate, start_of, task_of
 from bench.run_bench import ResultsFile, print_targets
 from common.config import ConfigError, load_config
 from common.models.inference import describe, quantize_int8
-from common.tasks.lm import default_teacher_path
+from common.models.lm_teacher import default_teacher_path
 
 EPSILONS = ["3", "8"]
 TEACHER = "DP federation, with teacher"

@@ -16,24 +16,20 @@ another partition (the same record would otherwise be charged in two ledgers).
 from __future__ import annotations
 
 import fcntl
-import functools
 import hashlib
 import json
 import math
 import os
 import random
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
-from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
 from torch.utils.data import TensorDataset
 
+from common.accounting import epsilon_of
 from common.storage import atomic_write, private_folder
 
 LEDGER_FILE = "ledger.json"
@@ -110,32 +106,6 @@ class LedgerEntry:
         if not self.dp:
             return self.steps >= 0
         return self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier) and 0 < self.sample_rate <= 1 and self.steps > 0
-
-
-ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS)
-
-
-@functools.lru_cache(maxsize=4096)
-def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
-    return np.asarray(rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=ORDERS))
-
-
-def epsilon_of(blocks: list[tuple[float, float, int]], *, delta: float) -> float:
-    """Epsilon of composed (noise_multiplier, sample_rate, steps) blocks under Opacus's RDP accountant.
-
-    The same analysis as `RDPAccountant.get_epsilon` with its default orders; RDP is linear
-    in the number of steps, so the per-step RDP of each (noise, rate) pair is computed once
-    per process, which makes calibration and budget checks cheap.
-    """
-    if not blocks:
-        return 0.0
-    rdp = sum(steps * _rdp_per_step(sigma, q) for sigma, q, steps in blocks)
-    with warnings.catch_warnings():
-        # At very large noise the best RDP order is the largest one tried; the epsilon
-        # returned is still a valid (slightly loose) upper bound.
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        eps, _ = rdp_analysis.get_privacy_spent(orders=ORDERS, rdp=rdp, delta=delta)
-    return float(eps)
 
 
 class PrivacyLedger:

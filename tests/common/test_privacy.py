@@ -4,8 +4,9 @@ import math
 import pytest
 from opacus.accountants import RDPAccountant
 
+from common.accounting import epsilon_of
 from common.privacy import (LEDGER_FILE, Budget, BudgetExhausted, DataFingerprint, LedgerError, PrivacyLedger,
-                            RoundAlreadyTrained, RoundLimit, epsilon_of)
+                            RoundAlreadyTrained, RoundLimit)
 
 DELTA = 1e-5
 DATA = DataFingerprint(dataset="digits abc", partition="seed 0, 3 sites", records="r0")
