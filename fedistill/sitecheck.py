@@ -13,18 +13,9 @@ connects to is the coordinator named in the site file.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import socket
-import ssl
-import stat
-from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from torch.utils.data import TensorDataset
 
 from common import payload as P
@@ -33,28 +24,14 @@ from common.policy import SitePolicy, load_policy
 from common.privacy import LEDGER_FILE, Budget, LedgerError, PrivacyLedger, file_records
 from common.site_config import available_tasks, read_records, site_task_config
 from common.tasks import Task, build_task
-
-OK, WARN, FAIL = "ok", "warn", "FAIL"
+from fedistill.check_report import FAIL, OK, WARN, Check, format_report, message
+from fedistill.connection_check import check_certificates_and_coordinator
 
 DEFAULT_SITE_NAME = "site-0"  # the ledger folder of a site whose file names none
 CUSTOM_TASK = "custom"  # the task name a package.module:factory source is checked under (conf's defaults)
-CONNECT_TIMEOUT_S = 5.0
-NIST_CURVES = ("secp256r1", "secp384r1", "secp521r1")
-EXPIRY_WARNING = datetime.timedelta(days=30)
-CERTS_FIX = "copy ca.crt again from the coordinator's `fedistill certs` output (the whole file)"
 DATA_FIX = ("data_path must be the site's records in the task's format: image tasks an .npz with `images` "
             "[N, H, W] in [0, 1] and integer `labels` [N]; task=text a CSV, TSV or JSON-lines file or folder, read "
             "with the site file's task: data settings; site.delta must be below 1/N (see conf/site.yaml)")
-
-
-@dataclass(frozen=True)
-class Check:
-    """One line of the report: what was checked, ok / warn / FAIL, what was found, and how to fix it."""
-
-    name: str
-    status: str
-    detail: str
-    fix: str = ""
 
 
 # -- the whole check ------------------------------------------------------------------
@@ -78,17 +55,6 @@ def check_site(site_file: Path, task: str | None = None) -> list[Check]:
     checks += check_certificates_and_coordinator(policy)
     checks += [check_app_pins(policy), check_timing(policy), check_metrics(policy)]
     return checks
-
-
-def check_certificates_and_coordinator(policy: SitePolicy) -> list[Check]:
-    """The transport, the CA certificate and the site's key, then the coordinator: over TLS where the
-    CA certificate loaded, in plain text where the site file says insecure."""
-    transport = check_transport(policy)
-    if policy.supernode.insecure:
-        return [transport, Check("certificates", WARN, "not checked: supernode.insecure is true"),
-                check_coordinator(policy, tls=False)]
-    ca = check_ca_certificate(policy)
-    return [transport, ca, check_site_key(policy), check_coordinator(policy, tls=ca.status != FAIL)]
 
 
 def check_site_file(site_file: Path, policy: SitePolicy) -> Check:
@@ -117,7 +83,7 @@ def check_task(policy: SitePolicy, source: str) -> tuple[Check, Task | None]:
     try:
         task = build_task(site_task_config(policy, name, source))
     except Exception as err:  # any task's constructor, a listed `package.module:factory` included
-        return Check("task", FAIL, f"task {source!r} cannot be built from the site's settings: {_message(err)}",
+        return Check("task", FAIL, f"task {source!r} cannot be built from the site's settings: {message(err)}",
                      "correct the task settings in the site file (task:, teacher_path; conf/site.yaml says what "
                      "each key means)"), None
     return Check("task", OK, f"{name} (task source {source}, allowed by task_sources)"), task
@@ -141,7 +107,7 @@ def check_data(policy: SitePolicy, task: Task | None) -> tuple[Check, TensorData
     try:
         data = read_records(task, policy)
     except Exception as err:  # any task's loader: report what it says rather than a traceback
-        return Check("data", FAIL, f"data_path {path} cannot be loaded: {_message(err)}", DATA_FIX), None
+        return Check("data", FAIL, f"data_path {path} cannot be loaded: {message(err)}", DATA_FIX), None
     return Check("data", OK, f"{path}: {describe_records(data)}"), data
 
 
@@ -181,7 +147,7 @@ def check_teacher(policy: SitePolicy, task: Task) -> Check:
     try:
         digest = task.teacher_digest()
     except Exception as err:  # a missing or unreadable teacher, in any task
-        return Check("teacher", FAIL, f"the teacher cannot be read: {_message(err)}",
+        return Check("teacher", FAIL, f"the teacher cannot be read: {message(err)}",
                      f"get {where} from the coordinator; teacher_path names the site's copy")
     return _compare_pin("teacher", "teacher_sha256", digest, policy.teacher_sha256, where)
 
@@ -192,7 +158,7 @@ def check_public_set(policy: SitePolicy, task: Task) -> Check:
     try:
         digest = str(P.public_manifest(task.public_inputs())[P.PUBLIC_SHA256])
     except Exception as err:  # missing public files, in any task
-        return Check("public set", FAIL, f"the public set cannot be read: {_message(err)}",
+        return Check("public set", FAIL, f"the public set cannot be read: {message(err)}",
                      f"get {where} from the coordinator")
     return _compare_pin("public set", "public_sha256", digest, policy.public_sha256, where)
 
@@ -246,136 +212,6 @@ def check_ledger(policy: SitePolicy, data: TensorDataset | None) -> Check:
 # -- certificates and key -------------------------------------------------------------
 
 
-def check_transport(policy: SitePolicy) -> Check:
-    if policy.supernode.insecure:
-        return Check("supernode", WARN, "insecure: plain text, no node authentication",
-                     "for a real deployment set supernode.insecure: false with root_certificates and private_key "
-                     "from the coordinator's `fedistill certs`")
-    return Check("supernode", OK, "TLS, node authentication with the site's key")
-
-
-def check_ca_certificate(policy: SitePolicy) -> Check:
-    """root_certificates is a PEM X.509 CA certificate that is valid now."""
-    name, setting = "CA certificate", policy.supernode.root_certificates
-    if setting is None:
-        return Check(name, FAIL, "supernode.root_certificates is not set",
-                     "set supernode.root_certificates to ca.crt from the coordinator's `fedistill certs` output")
-    path = Path(setting).expanduser()
-    if not path.is_file():
-        return Check(name, FAIL, f"supernode.root_certificates {path} does not exist", f"{CERTS_FIX} to {path}")
-    try:
-        certificate = x509.load_pem_x509_certificate(path.read_bytes())
-    except (OSError, ValueError) as err:
-        return Check(name, FAIL, f"{path} is not a PEM X.509 certificate ({_message(err)})", f"{CERTS_FIX} to {path}")
-    subject = certificate.subject.rfc4514_string()
-    if not _is_ca(certificate):
-        return Check(name, FAIL, f"{path} ({subject}) is not a CA certificate (no BasicConstraints ca=True)",
-                     f"root_certificates must be the deployment's ca.crt, not a server certificate: {CERTS_FIX}")
-    now = datetime.datetime.now(datetime.timezone.utc)
-    if now < certificate.not_valid_before_utc:
-        return Check(name, FAIL, f"{path} is valid only from {certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC",
-                     "check this machine's clock")
-    if now > certificate.not_valid_after_utc:
-        return Check(name, FAIL, f"{path} expired on {certificate.not_valid_after_utc:%Y-%m-%d}",
-                     "ask the coordinator for the deployment's new ca.crt (`fedistill certs`)")
-    until = f"{path}: CA {subject}, valid until {certificate.not_valid_after_utc:%Y-%m-%d}"
-    if certificate.not_valid_after_utc - now < EXPIRY_WARNING:
-        return Check(name, WARN, f"{until}: expires within {EXPIRY_WARNING.days} days",
-                     "ask the coordinator for the deployment's new ca.crt before then")
-    return Check(name, OK, until)
-
-
-def _is_ca(certificate: x509.Certificate) -> bool:
-    try:
-        return certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        return False
-
-
-def check_site_key(policy: SitePolicy) -> Check:
-    """private_key is an unencrypted OpenSSH EC key on a NIST curve (what Flower's SuperNode loads),
-    readable by its owner only."""
-    name, setting = "site key", policy.supernode.private_key
-    fix = "copy sites/<name>.key from the coordinator's `fedistill certs` output (an unencrypted OpenSSH EC key)"
-    if setting is None:
-        return Check(name, FAIL, "supernode.private_key is not set", f"set supernode.private_key: {fix}")
-    path = Path(setting).expanduser()
-    if not path.is_file():
-        return Check(name, FAIL, f"supernode.private_key {path} does not exist", f"{fix} to {path}")
-    try:
-        key = load_ssh_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as err:
-        return Check(name, FAIL, f"{path} is not an unencrypted OpenSSH private key ({_message(err)})", f"{fix} to {path}")
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in NIST_CURVES:
-        kind = f"an EC key on {key.curve.name}" if isinstance(key, ec.EllipticCurvePrivateKey) else type(key).__name__
-        return Check(name, FAIL, f"{path} is {kind}; the SuperNode needs an EC key on {', '.join(NIST_CURVES)}",
-                     f"{fix} to {path}")
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o037:
-        return Check(name, FAIL, f"{path} has mode {mode:03o}: others may read or change the site's key",
-                     f"chmod 600 {path}")
-    if mode & 0o040:  # a Kubernetes Secret mounted with fsGroup is 0440: the group must be this site's alone
-        return Check(name, WARN, f"{path} has mode {mode:03o}: group {path.stat().st_gid} may read the site's key",
-                     f"chmod 600 {path}, or make sure that group holds only this site's service")
-    return Check(name, OK, f"{path}: EC key on {key.curve.name}, mode {mode:03o}")
-
-
-# -- the coordinator ------------------------------------------------------------------
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """('host', port) of 'host:port' or '[v6]:port'; ValueError names the value."""
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"supernode.superlink must be host:port, got {address!r}")
-    return host, int(port)
-
-
-def check_coordinator(policy: SitePolicy, *, tls: bool) -> Check:
-    """The coordinator's SuperLink accepts a TCP connection and, with `tls`, completes a TLS handshake
-    verified against root_certificates for the host name in supernode.superlink."""
-    address = policy.supernode.superlink
-    try:
-        host, port = split_address(address)
-    except ValueError as err:
-        return Check("coordinator", FAIL, str(err), "set supernode.superlink to the coordinator's host:port")
-    unreachable_fix = (f"check supernode.superlink ({address}) and the firewall: this machine needs outbound TCP to "
-                       f"{host} port {port}, and the coordinator must be running `fedistill coordinator`")
-    try:
-        connection = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
-    except OSError as err:
-        return Check("coordinator", FAIL, f"{address} does not answer ({_message(err)})", unreachable_fix)
-    with connection:
-        if policy.supernode.insecure:
-            return Check("coordinator", OK, f"{address} answers (plain text)")
-        if not tls:
-            return Check("coordinator", WARN, f"{address} answers; TLS not checked (the CA certificate above failed)",
-                         "fix the CA certificate, then run site-check again")
-        ca = Path(str(policy.supernode.root_certificates)).expanduser()
-        return check_tls(connection, host, address, ca, unreachable_fix)
-
-
-def check_tls(connection: socket.socket, host: str, address: str, ca: Path, unreachable_fix: str) -> Check:
-    context = ssl.create_default_context(cafile=str(ca))
-    context.set_alpn_protocols(["h2"])  # what gRPC offers
-    try:
-        with context.wrap_socket(connection, server_hostname=host) as tls:
-            version = tls.version()
-    except ssl.SSLCertVerificationError as err:
-        return Check("coordinator", FAIL, f"{address} answers, but its certificate does not verify against {ca}: "
-                                          f"{err.verify_message}",
-                     f"the coordinator's certificate must be signed by this CA and name {host}: {CERTS_FIX}, and use "
-                     "the host name or IP address the coordinator's certificate was made for in supernode.superlink")
-    except (ssl.SSLError, OSError) as err:
-        return Check("coordinator", FAIL, f"{address} answers, but the TLS handshake fails ({_message(err)})",
-                     f"{unreachable_fix}; the port must be the SuperLink's, served with TLS")
-    return Check("coordinator", OK, f"{address} answers, {version} verified against {ca}")
-
-
-# -- pins and metrics -----------------------------------------------------------------
-
-
 def check_app_pins(policy: SitePolicy) -> Check:
     fix = "add app_sha256: [<digest>] with the digest `fedistill app-hash` prints for the coordinator's app"
     if not policy.app_sha256 and not policy.allow_unpinned_apps:
@@ -406,26 +242,7 @@ def check_metrics(policy: SitePolicy) -> Check:
     return Check("metrics", OK, f"served on {where}")
 
 
-# -- report and command ---------------------------------------------------------------
-
-
-def _message(err: BaseException) -> str:
-    return str(err) or type(err).__name__
-
-
-def format_report(checks: list[Check]) -> str:
-    """One line per check (status, name, what was found), its fix below, and a verdict."""
-    width = max(len(c.name) for c in checks)
-    lines = []
-    for check in checks:
-        lines.append(f"{check.status:<4}  {check.name:<{width}}  {check.detail}")
-        if check.fix:
-            lines.append(f"{'':<4}  {'':<{width}}  fix: {check.fix}")
-    failed = sum(c.status == FAIL for c in checks)
-    warned = sum(c.status == WARN for c in checks)
-    verdict = "ready to join" if not failed else "not ready"
-    lines.append(f"\n{failed} failed, {warned} warning(s): {verdict}")
-    return "\n".join(lines)
+# -- the command ---------------------------------------------------------------------
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -1,0 +1,164 @@
+"""`fedistill site-check`'s checks of how the site connects: the transport, the CA certificate,
+the site's SuperNode key, and that the coordinator answers (over TLS with that CA)."""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import ssl
+import stat
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+from common.policy import SitePolicy
+from fedistill.check_report import FAIL, OK, WARN, Check, message
+
+CONNECT_TIMEOUT_S = 5.0
+NIST_CURVES = ("secp256r1", "secp384r1", "secp521r1")
+EXPIRY_WARNING = datetime.timedelta(days=30)
+CERTS_FIX = "copy ca.crt again from the coordinator's `fedistill certs` output (the whole file)"
+
+
+def check_certificates_and_coordinator(policy: SitePolicy) -> list[Check]:
+    """The transport, the CA certificate and the site's key, then the coordinator: over TLS where the
+    CA certificate loaded, in plain text where the site file says insecure."""
+    transport = check_transport(policy)
+    if policy.supernode.insecure:
+        return [transport, Check("certificates", WARN, "not checked: supernode.insecure is true"),
+                check_coordinator(policy, tls=False)]
+    ca = check_ca_certificate(policy)
+    return [transport, ca, check_site_key(policy), check_coordinator(policy, tls=ca.status != FAIL)]
+
+
+def check_transport(policy: SitePolicy) -> Check:
+    if policy.supernode.insecure:
+        return Check("supernode", WARN, "insecure: plain text, no node authentication",
+                     "for a real deployment set supernode.insecure: false with root_certificates and private_key "
+                     "from the coordinator's `fedistill certs`")
+    return Check("supernode", OK, "TLS, node authentication with the site's key")
+
+
+def check_ca_certificate(policy: SitePolicy) -> Check:
+    """root_certificates is a PEM X.509 CA certificate that is valid now."""
+    name, setting = "CA certificate", policy.supernode.root_certificates
+    if setting is None:
+        return Check(name, FAIL, "supernode.root_certificates is not set",
+                     "set supernode.root_certificates to ca.crt from the coordinator's `fedistill certs` output")
+    path = Path(setting).expanduser()
+    if not path.is_file():
+        return Check(name, FAIL, f"supernode.root_certificates {path} does not exist", f"{CERTS_FIX} to {path}")
+    try:
+        certificate = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as err:
+        return Check(name, FAIL, f"{path} is not a PEM X.509 certificate ({message(err)})", f"{CERTS_FIX} to {path}")
+    subject = certificate.subject.rfc4514_string()
+    if not _is_ca(certificate):
+        return Check(name, FAIL, f"{path} ({subject}) is not a CA certificate (no BasicConstraints ca=True)",
+                     f"root_certificates must be the deployment's ca.crt, not a server certificate: {CERTS_FIX}")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if now < certificate.not_valid_before_utc:
+        return Check(name, FAIL, f"{path} is valid only from {certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC",
+                     "check this machine's clock")
+    if now > certificate.not_valid_after_utc:
+        return Check(name, FAIL, f"{path} expired on {certificate.not_valid_after_utc:%Y-%m-%d}",
+                     "ask the coordinator for the deployment's new ca.crt (`fedistill certs`)")
+    until = f"{path}: CA {subject}, valid until {certificate.not_valid_after_utc:%Y-%m-%d}"
+    if certificate.not_valid_after_utc - now < EXPIRY_WARNING:
+        return Check(name, WARN, f"{until}: expires within {EXPIRY_WARNING.days} days",
+                     "ask the coordinator for the deployment's new ca.crt before then")
+    return Check(name, OK, until)
+
+
+def _is_ca(certificate: x509.Certificate) -> bool:
+    try:
+        return certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
+def check_site_key(policy: SitePolicy) -> Check:
+    """private_key is an unencrypted OpenSSH EC key on a NIST curve (what Flower's SuperNode loads),
+    readable by its owner only."""
+    name, setting = "site key", policy.supernode.private_key
+    fix = "copy sites/<name>.key from the coordinator's `fedistill certs` output (an unencrypted OpenSSH EC key)"
+    if setting is None:
+        return Check(name, FAIL, "supernode.private_key is not set", f"set supernode.private_key: {fix}")
+    path = Path(setting).expanduser()
+    if not path.is_file():
+        return Check(name, FAIL, f"supernode.private_key {path} does not exist", f"{fix} to {path}")
+    try:
+        key = load_ssh_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as err:
+        return Check(name, FAIL, f"{path} is not an unencrypted OpenSSH private key ({message(err)})", f"{fix} to {path}")
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in NIST_CURVES:
+        kind = f"an EC key on {key.curve.name}" if isinstance(key, ec.EllipticCurvePrivateKey) else type(key).__name__
+        return Check(name, FAIL, f"{path} is {kind}; the SuperNode needs an EC key on {', '.join(NIST_CURVES)}",
+                     f"{fix} to {path}")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o037:
+        return Check(name, FAIL, f"{path} has mode {mode:03o}: others may read or change the site's key",
+                     f"chmod 600 {path}")
+    if mode & 0o040:  # a Kubernetes Secret mounted with fsGroup is 0440: the group must be this site's alone
+        return Check(name, WARN, f"{path} has mode {mode:03o}: group {path.stat().st_gid} may read the site's key",
+                     f"chmod 600 {path}, or make sure that group holds only this site's service")
+    return Check(name, OK, f"{path}: EC key on {key.curve.name}, mode {mode:03o}")
+
+
+# -- the coordinator ------------------------------------------------------------------
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """('host', port) of 'host:port' or '[v6]:port'; ValueError names the value."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"supernode.superlink must be host:port, got {address!r}")
+    return host, int(port)
+
+
+def check_coordinator(policy: SitePolicy, *, tls: bool) -> Check:
+    """The coordinator's SuperLink accepts a TCP connection and, with `tls`, completes a TLS handshake
+    verified against root_certificates for the host name in supernode.superlink."""
+    address = policy.supernode.superlink
+    try:
+        host, port = split_address(address)
+    except ValueError as err:
+        return Check("coordinator", FAIL, str(err), "set supernode.superlink to the coordinator's host:port")
+    unreachable_fix = (f"check supernode.superlink ({address}) and the firewall: this machine needs outbound TCP to "
+                       f"{host} port {port}, and the coordinator must be running `fedistill coordinator`")
+    try:
+        connection = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+    except OSError as err:
+        return Check("coordinator", FAIL, f"{address} does not answer ({message(err)})", unreachable_fix)
+    with connection:
+        if policy.supernode.insecure:
+            return Check("coordinator", OK, f"{address} answers (plain text)")
+        if not tls:
+            return Check("coordinator", WARN, f"{address} answers; TLS not checked (the CA certificate above failed)",
+                         "fix the CA certificate, then run site-check again")
+        ca = Path(str(policy.supernode.root_certificates)).expanduser()
+        return check_tls(connection, host, address, ca, unreachable_fix)
+
+
+def check_tls(connection: socket.socket, host: str, address: str, ca: Path, unreachable_fix: str) -> Check:
+    context = ssl.create_default_context(cafile=str(ca))
+    context.set_alpn_protocols(["h2"])  # what gRPC offers
+    try:
+        with context.wrap_socket(connection, server_hostname=host) as tls:
+            version = tls.version()
+    except ssl.SSLCertVerificationError as err:
+        return Check("coordinator", FAIL, f"{address} answers, but its certificate does not verify against {ca}: "
+                                          f"{err.verify_message}",
+                     f"the coordinator's certificate must be signed by this CA and name {host}: {CERTS_FIX}, and use "
+                     "the host name or IP address the coordinator's certificate was made for in supernode.superlink")
+    except (ssl.SSLError, OSError) as err:
+        return Check("coordinator", FAIL, f"{address} answers, but the TLS handshake fails ({message(err)})",
+                     f"{unreachable_fix}; the port must be the SuperLink's, served with TLS")
+    return Check("coordinator", OK, f"{address} answers, {version} verified against {ca}")
+
+
+# -- pins and metrics -----------------------------------------------------------------
