@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 from bench.run_bench import SHARED_DATA, ResultsFile, print_targets
-from common.config import FrontierSetting, task_kinds
+from common.task_config import FrontierSetting, task_kinds
 from fedistill.frontier import measure, table
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from common.config import SplitConfig, TaskConfig
+from common.task_config import SplitConfig, TaskConfig
 
 PARTS = ("teacher", "public", "test", "private")
 

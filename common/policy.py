@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from common.config import CONF_DIR, ConfigError, cache_path, check_task_settings
+from common.config import CONF_DIR, ConfigError, cache_path
+from common.task_config import check_task_settings
 
 if TYPE_CHECKING:
     from common.request import RunRequest

@@ -23,8 +23,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from common.config import (TASK_NAME, Config, ConfigError, DistillConfig, ExchangeConfig, PrivacyConfig,
-                           StudentConfig)
+from common.config import Config, ConfigError, DistillConfig, ExchangeConfig, PrivacyConfig, StudentConfig
+from common.task_config import TASK_NAME
 
 VERSION = 1
 MAX_BYTES = 64 * 1024

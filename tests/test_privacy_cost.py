@@ -1,7 +1,7 @@
 """`make bench-privacy` measures the frontiers every task kind declares and checks their targets."""
 
 from bench.privacy_cost import settings, targets
-from common.config import task_kinds
+from common.task_config import task_kinds
 
 
 def frontier(points: dict[float, float], public: float, no_dp: float, teacher: float) -> dict:

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from torch.utils.data import TensorDataset
 
 from client.dp_train import distill_locally
-from common.config import load_config, task_kinds
+from common.config import load_config
+from common.task_config import task_kinds
 from common.policy import policy_from
 from common.site_config import site_task_config
 from common.step_plan import plan_round

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.config import (Config, ConfigError, DistillConfig, ExchangeConfig, FrontierSetting, FrontierTarget, StudentConfig,
-                           TaskConfig, require)
+from common.config import Config, ConfigError, DistillConfig, ExchangeConfig, StudentConfig, require
+from common.task_config import FrontierSetting, FrontierTarget, TaskConfig
 from common.evaluation import ClassifierEvaluator
 from common.losses import LOGITS, DistillationObjective
 from common.models.image import StudentMLP, TeacherCNN

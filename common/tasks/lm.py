@@ -29,8 +29,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from common.config import (Config, ConfigError, DistillConfig, ExchangeConfig, FrontierSetting, FrontierTarget, StudentConfig,
-                           TaskConfig, absolute_path, require)
+from common.config import Config, ConfigError, DistillConfig, ExchangeConfig, StudentConfig, require
+from common.task_config import FrontierSetting, FrontierTarget, TaskConfig, absolute_path
 from common.evaluation import Metric, Scores
 from common.losses import TOPK_IDS, TOPK_LOGPROBS, TokenDistillObjective, attention_mask
 from common.models.causal_lm import StudentLMConfig, build_student

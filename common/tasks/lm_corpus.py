@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from common.config import ConfigError, absolute_path, require, require_fraction
+from common.config import ConfigError, require, require_fraction
+from common.task_config import absolute_path
 
 STDLIB = "stdlib:"
 

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from common.config import (Config, ConfigError, DistillConfig, ExchangeConfig, FrontierSetting, FrontierTarget,
-                           StudentConfig, TaskConfig, absolute_path, require)
+from common.config import Config, ConfigError, DistillConfig, ExchangeConfig, StudentConfig, require
+from common.task_config import FrontierSetting, FrontierTarget, TaskConfig, absolute_path
 from common.evaluation import ClassifierEvaluator
 from common.losses import LOGITS, DistillationObjective
 from common.models.image import StudentMLP

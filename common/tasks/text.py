@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from common.config import (Config, DistillConfig, ExchangeConfig, FrontierSetting, FrontierTarget, StudentConfig,
-                           TaskConfig, absolute_path, require)
+from common.config import Config, DistillConfig, ExchangeConfig, StudentConfig, require
+from common.task_config import FrontierSetting, FrontierTarget, TaskConfig, absolute_path
 from common.evaluation import ClassifierEvaluator
 from common.losses import ATTENTION, FEATURES, LOGITS, DistillationObjective
 from common.models.encoder import EncoderConfig, StudentEncoder, project_embeddings

@@ -1,0 +1,22 @@
+"""What every config block uses: where conf/ is, the error a refused setting raises, and the
+checks that raise it with a message naming the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that fedistill refuses, with what is allowed."""
+
+
+def require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def require_fraction(name: str, value: float, *, low_open: bool = True) -> None:
+    low_ok = value > 0 if low_open else value >= 0
+    require(low_ok and value <= 1, f"{name} must be in (0, 1], got {value}")
