@@ -73,9 +73,9 @@ MUTATIONS = [
     Mutation("loss withheld under DP", ROUND, "if not config.privacy.enabled:", "if True:",
              (f"{T_ROUND}::test_a_dp_round_reserves_in_the_ledger_and_replies_only_what_may_leave_the_site",)),
     Mutation("count withheld", ROUND,
-             "metrics = MetricRecord({P.DP_STEPS: result.steps, **privacy_metrics(site, ledger, noise_multiplier, run)})",
+             "metrics = MetricRecord({P.DP_STEPS: result.steps, P.SAMPLE_RATE: plan.sample_rate,",
              'metrics = MetricRecord({"num-examples": len(site.data), P.DP_STEPS: result.steps, '
-             "**privacy_metrics(site, ledger, noise_multiplier, run)})",
+             "P.SAMPLE_RATE: plan.sample_rate,",
              (f"{T_ROUND}::test_a_dp_round_reserves_in_the_ledger_and_replies_only_what_may_leave_the_site",)),
     Mutation("this run's spend only", ROUND, "metrics[P.EPSILON_SPENT] = ledger.epsilon_of_run(run, privacy.delta)",
              "metrics[P.EPSILON_SPENT] = ledger.epsilon_spent(privacy.delta)",
@@ -130,8 +130,8 @@ MUTATIONS = [
 ]
 
 
-def apply(mutation: Mutation) -> str:
-    """Mutate the file; returns its original text."""
+def mutated_text(mutation: Mutation) -> tuple[str, str]:
+    """(the file's text, the text with the mutation applied); SystemExit unless the line is there once."""
     path = ROOT / mutation.path
     original = path.read_text()
     lines = original.splitlines(keepends=True)
@@ -143,7 +143,13 @@ def apply(mutation: Mutation) -> str:
     lines[i] = indent + mutation.replacement + "\n"
     mutated = "".join(lines)
     compile(mutated, str(path), "exec")  # a mutation must be killed by a test, not by a syntax error
-    path.write_text(mutated)
+    return original, mutated
+
+
+def apply(mutation: Mutation) -> str:
+    """Mutate the file; returns its original text."""
+    original, mutated = mutated_text(mutation)
+    (ROOT / mutation.path).write_text(mutated)
     return original
 
 
