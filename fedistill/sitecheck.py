@@ -31,7 +31,8 @@ DEFAULT_SITE_NAME = "site-0"  # the ledger folder of a site whose file names non
 CUSTOM_TASK = "custom"  # the task name a package.module:factory source is checked under (conf's defaults)
 DATA_FIX = ("data_path must be the site's records in the task's format: image tasks an .npz with `images` "
             "[N, H, W] in [0, 1] and integer `labels` [N]; task=text a CSV, TSV or JSON-lines file or folder, read "
-            "with the site file's task: data settings; site.delta must be below 1/N (see conf/site.yaml)")
+            "with the site file's task: data settings; task=lm a folder or glob of code files; task=tabular a CSV or "
+            "Parquet table with the shared table's columns; site.delta must be below 1/N (see conf/site.yaml)")
 
 
 # -- the whole check ------------------------------------------------------------------
