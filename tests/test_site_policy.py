@@ -21,6 +21,8 @@ from fedistill.cli import APP_DIR, resolve_paths, write_run_config
 from fedistill.processes import processes_using
 from fedistill.simulation import SimulationSuperLink
 
+pytestmark = pytest.mark.e2e  # real Flower simulations
+
 
 @contextmanager
 def sites_with_policy(root: Path, policy: Path):

@@ -29,6 +29,8 @@ from fedistill.certs import make_deployment
 from fedistill.loopback import APP_DIR, LoopbackDeployment, command_env
 from fedistill.processes import Child, free_port
 
+pytestmark = pytest.mark.e2e  # real SuperLink and SuperNode processes
+
 ROOT = APP_DIR
 SITES = ("site-a", "site-b")
 RUN = ["task=digits", "rounds=2", "federation.min_sites=2", "distill.local_epochs=1"]
