@@ -9,6 +9,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -186,11 +187,7 @@ class ImageTask:
         return StudentMLP(self.input_shape, self.num_classes, config.hidden)
 
     def teacher_targets(self, inputs: torch.Tensor, kinds: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        if set(kinds) - {LOGITS}:
-            raise ConfigError(f"the image teacher gives logits only, not {sorted(set(kinds) - {LOGITS})}")
-        teacher = self.teacher()  # fitted (once, then cached) outside inference mode
-        with torch.inference_mode():
-            return {LOGITS: teacher(inputs).clone()}  # cheap: recomputed rather than cached on disk
+        return logits_only_targets(self.teacher, inputs, kinds, kind="image")  # cheap: not cached on disk
 
     def objective(self, distill: DistillConfig) -> nn.Module:
         return DistillationObjective(distill)
@@ -249,6 +246,16 @@ class ImageTask:
                 nn.functional.cross_entropy(model(x), y).backward()
                 optimizer.step()
 
+
+
+def logits_only_targets(teacher_of: Callable[[], nn.Module], inputs: torch.Tensor, kinds: tuple[str, ...], *,
+                        kind: str) -> dict[str, torch.Tensor]:
+    """teacher_targets of a task whose teacher gives logits only, recomputed on each call."""
+    if set(kinds) - {LOGITS}:
+        raise ConfigError(f"the {kind} teacher gives logits only, not {sorted(set(kinds) - {LOGITS})}")
+    teacher = teacher_of()  # fitted (once, then cached) outside inference mode
+    with torch.inference_mode():
+        return {LOGITS: teacher(inputs).clone()}
 
 
 def student_hidden(student: nn.Module) -> list[int]:

@@ -27,12 +27,12 @@ from torch.utils.data import TensorDataset
 from common.config import Config, ConfigError, DistillConfig, ExchangeConfig, StudentConfig, require
 from common.task_config import FrontierSetting, FrontierTarget, TaskConfig, absolute_path
 from common.evaluation import ClassifierEvaluator
-from common.losses import LOGITS, DistillationObjective
+from common.losses import DistillationObjective
 from common.models.image import StudentMLP
 from common.partition import partition_description, site_share, split_parts
 from common.public_outputs import ClassOutputs
 from common.storage import atomic_write, save_model, write_json
-from common.tasks.image import student_hidden
+from common.tasks.image import logits_only_targets, student_hidden
 from common.tasks.table_encoding import Encoding, TableConfig, feature_columns, read_table
 
 log = logging.getLogger(__name__)
@@ -205,10 +205,7 @@ class TabularTask:
         return StudentMLP((self.encoding.width,), self.num_classes, config.hidden)
 
     def teacher_targets(self, inputs: torch.Tensor, kinds: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        if set(kinds) - {LOGITS}:
-            raise ConfigError(f"the tabular teacher gives logits only, not {sorted(set(kinds) - {LOGITS})}")
-        with torch.inference_mode():
-            return {LOGITS: self.teacher()(inputs)}
+        return logits_only_targets(self.teacher, inputs, kinds, kind="tabular")
 
     def objective(self, distill: DistillConfig) -> nn.Module:
         return DistillationObjective(distill)
