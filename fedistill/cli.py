@@ -24,6 +24,7 @@ from common.policy import POLICY_ENV, load_policy
 from common.request import request_of
 from common.site_config import simulated_site_policy
 from fedistill import certs, deployment, frontier, sitecheck
+from fedistill.app_bundle import staged_app
 from fedistill.processes import console_script, run_streaming
 
 POLICY_FILE = "site-policy.yaml"  # the virtual sites' policy, written by this command into the run directory
@@ -154,10 +155,11 @@ def run_submit(args) -> int:
         home = Path(home)
         _link(args).write_flwr_home(home / "flwr")
         run_config = write_run_config(home, overrides)
-        command = [console_script("flwr"), "run", str(args.app.resolve()), deployment.CONNECTION, "--stream",
-                   "--run-config", str(run_config)]
-        code = run_streaming(command, env=deployment.flwr_env(home / "flwr"), log=home / "flower.log",
-                             echo=ProgressOnly())
+        with staged_app(args.app) as app:
+            command = [console_script("flwr"), "run", str(app), deployment.CONNECTION, "--stream",
+                       "--run-config", str(run_config)]
+            code = run_streaming(command, env=deployment.flwr_env(home / "flwr"), log=home / "flower.log",
+                                 echo=ProgressOnly())
     return code
 
 

@@ -23,6 +23,7 @@ from common.monitoring import SiteCollector
 from common.policy import POLICY_NODE_KEY, SitePolicy
 from common.privacy import Budget
 from fedistill import app_gate
+from fedistill.app_bundle import staged_app
 from fedistill.processes import Child, console_script, free_port
 
 CONNECTION = "fedistill"
@@ -144,8 +145,8 @@ def register(public_key: Path, link: Link) -> subprocess.CompletedProcess:
 
 def app_hash(app_dir: Path) -> str:
     """The SHA-256 of the app `flwr run APP_DIR` would ship (Flower's FAB hash; builds are reproducible)."""
-    with tempfile.TemporaryDirectory(prefix="fedistill-fab-") as out:
-        done = subprocess.run([console_script("flwr"), "build", "--app", str(app_dir.resolve())], cwd=out,
+    with tempfile.TemporaryDirectory(prefix="fedistill-fab-") as out, staged_app(app_dir) as app:
+        done = subprocess.run([console_script("flwr"), "build", "--app", str(app)], cwd=out,
                               capture_output=True, text=True)
         fabs = list(Path(out).glob("*.fab"))
         if done.returncode != 0 or len(fabs) != 1:

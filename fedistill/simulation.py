@@ -16,6 +16,7 @@ from typing import Callable
 
 import tomli_w
 
+from fedistill.app_bundle import staged_app
 from fedistill.processes import Child, console_script, free_port, run_streaming
 
 CONNECTION = "fedistill-sim"
@@ -72,12 +73,13 @@ class SimulationSuperLink:
     def run(self, app_dir: Path, run_config: Path, *, num_supernodes: int, cpus_per_site: int,
             echo: Callable[[str], None]) -> int:
         """`flwr run` the app; every log line goes to flower.log and to `echo`. Returns flwr's exit code."""
-        command = [
-            console_script("flwr"), "run", str(app_dir), CONNECTION, "--stream",
-            "--run-config", str(run_config),
-            "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_site}",
-        ]
-        return run_streaming(command, env=self.env(), log=self.workdir / "flower.log", echo=echo)
+        with staged_app(app_dir) as app:
+            command = [
+                console_script("flwr"), "run", str(app), CONNECTION, "--stream",
+                "--run-config", str(run_config),
+                "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_site}",
+            ]
+            return run_streaming(command, env=self.env(), log=self.workdir / "flower.log", echo=echo)
 
     def stop(self) -> None:
         self.superlink.stop()
