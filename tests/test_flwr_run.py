@@ -11,8 +11,11 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
 
 from fedistill.processes import console_script, free_port, processes_using
+
+pytestmark = pytest.mark.e2e  # Flower's own local SuperLink and simulation
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,6 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.test_simulate import finished_run, simulate
 
+pytestmark = pytest.mark.e2e  # real Flower simulations
+
 RUN_FILES = ["config.yaml", "metrics.jsonl", "summary.json", "student/config.json", "student/model.safetensors",
              "student/tokenizer.json", "student-int8.pt", "privacy.json", "privacy.md", "progress.png"]
 

@@ -13,6 +13,8 @@ import pytest
 
 from fedistill.processes import processes_using
 
+pytestmark = pytest.mark.e2e  # real Flower simulations
+
 FEDISTILL = [sys.executable, "-m", "fedistill.cli", "simulate"]
 RUN_FILES = ["config.yaml", "metrics.jsonl", "summary.json", "student.safetensors", "student.json", "student-int8.pt",
              "privacy.json", "privacy.md", "progress.png"]

@@ -12,6 +12,8 @@ from common.models.encoder import StudentEncoder
 from common.models.inference import quantize_int8
 from tests.test_simulate import finished_run, simulate
 
+pytestmark = pytest.mark.e2e  # real Flower simulations
+
 RUN_FILES = ["config.yaml", "metrics.jsonl", "summary.json", "student/config.json", "student/model.safetensors",
              "student/tokenizer.json", "student-int8.pt", "privacy.json", "privacy.md", "progress.png"]
 
