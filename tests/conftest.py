@@ -5,12 +5,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-from omegaconf import OmegaConf
+# The suite runs several workers and the Flower processes they start on a few cores: one torch
+# (and BLAS) thread per process, inherited by those processes, or their thread pools spin
+# against each other. Set before numpy and torch are imported, which read it then.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from common.config import Config, load_config
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from common.config import Config, load_config  # noqa: E402
 
 
 @pytest.fixture(scope="session")
