@@ -83,7 +83,7 @@ MUTATIONS = [
     Mutation("records read after every check that needs none", ROUND,
              "check_assets(site.assets, site.policy, request)", "site.data; check_assets(site.assets, site.policy, request)",
              (f"{T_ROUND}::test_the_records_are_read_only_after_every_check_that_needs_none_of_them",)),
-    Mutation("server drops unlisted items", "server/strategy.py", "extra = sorted(P.reply_items(content) - allowed)",
+    Mutation("server drops unlisted items", "server/rounds.py", "extra = sorted(P.reply_items(content) - allowed)",
              "extra = []", (f"{T_EXCHANGE}::test_a_reply_holding_anything_a_site_may_not_release_is_dropped",)),
     Mutation("policy enforced", ADMISSION, "problems = policy.violations(request)", "problems = []",
              (f"{T_APP}::test_a_request_outside_the_sites_policy_is_refused_before_anything_is_loaded",)),

@@ -25,7 +25,7 @@ from common.site_config import simulated_site_policy, site_config
 from common.tasks import Task, build_task
 from server.exchange import build_exchange
 from server.report import released_items
-from server.strategy import TRAINED, content_bytes, for_site, read_content, round_request
+from server.rounds import TRAINED, ParticipationPlan, RoundEngine
 
 # The distillation settings the warm start depends on (it uses the local objective, not the DP step).
 OBJECTIVE_SETTINGS = ("temperature", "alpha", "feature_weight", "attention_weight", "attention_layers")
@@ -40,41 +40,37 @@ def sites_of(config: Config) -> list[Site]:
 
 
 def federate(config: Config, *, weight_by_count: bool = False) -> tuple[Scores, dict]:
-    """Run `config.rounds` rounds in-process; returns the final evaluation and what crossed the wire.
+    """Run `config.rounds` rounds in-process with the server's round engine; returns the final
+    evaluation and what crossed the wire.
 
     `weight_by_count` combines sites in proportion to their record counts, which no site
     sends under DP: a non-private reference for the cost of counting sites equally.
     """
-    sites = sites_of(config)
+    sites = sites_of(config)  # node id = site index
     states = [RecordDict() for _ in sites]  # each site's context.state
     task = task_of(config)
     student = copy.deepcopy(start_of(config)[0])
-    exchange = build_exchange(config, task, student)
-    allowed = set(released_items(config))
-    assets = P.asset_manifest(task)
-    request = encode(request_of(config))
-    bytes_up = bytes_down = replies = 0
-    epsilons: list[float] = []
+    engine = RoundEngine(
+        exchange=build_exchange(config, task, student),
+        global_student=student,
+        plan=ParticipationPlan(rounds=config.rounds, fraction=config.federation.fraction_train,
+                               min_sites=config.federation.min_sites, seed=config.seed),
+        allowed_items=set(released_items(config)),
+        assets=P.asset_manifest(task),
+        request=encode(request_of(config)),
+    )
+    counts = {node: float(len(site.data)) for node, site in enumerate(sites)}
     for server_round in range(1, config.rounds + 1):
-        content = round_request(exchange, student, server_round, assets, request)
-        outcomes, accepted, counts = [], [], []
-        rounds_left = config.rounds - server_round + 1  # every site joins every round
-        for site, state in zip(sites, states):
-            reply = train_round(site, for_site(content, rounds_left), state, server_round=server_round, run="bench")
-            outcome = read_content(reply, site.index, exchange, allowed)
-            outcomes.append(outcome)
-            if outcome.status == TRAINED:
-                accepted.append(reply)
-                counts.append(len(site.data))
-                bytes_up += exchange.reply_bytes(reply)
-                replies += 1
-        bytes_down += len(sites) * content_bytes(content)
-        if accepted:
-            exchange.combine(accepted, student, server_round, weights=counts if weight_by_count else None)
-        epsilons = [o.epsilon_spent for o in outcomes]
-    wire = {"bytes_up_per_site_round": bytes_up / max(replies, 1),
-            "bytes_down_per_site_round": bytes_down / (len(sites) * config.rounds)}
-    return evaluator(task)(student), {"epsilon": epsilons, **wire}
+        contents = engine.configure(server_round, list(counts))
+        replies = [(node, train_round(sites[node], content, states[node], server_round=server_round, run="bench"))
+                   for node, content in contents.items()]
+        engine.aggregate(server_round, replies, weights=counts if weight_by_count else None)
+    outcomes = engine.rounds.values()
+    trained = sum(o.count(TRAINED) for o in outcomes)
+    spent = {s.site: s.epsilon_spent for o in outcomes for s in o.sites}  # each site's last report
+    wire = {"bytes_up_per_site_round": sum(o.bytes_up for o in outcomes) / max(trained, 1),
+            "bytes_down_per_site_round": sum(o.bytes_down for o in outcomes) / max(sum(o.sampled for o in outcomes), 1)}
+    return evaluator(task)(student), {"epsilon": list(spent.values()), **wire}
 
 
 @functools.lru_cache(maxsize=8)

@@ -23,7 +23,8 @@ from server import rundir as R
 from server.exchange import build_exchange
 from server.metrics import ServerMetrics
 from server.report import PrivacyView, mean, privacy_report, progress_line, released_items, round_record
-from server.strategy import FAILED, INVALID, DistillStrategy, ParticipationPlan, RoundOutcome
+from server.rounds import FAILED, INVALID, ParticipationPlan, RoundEngine, RoundOutcome
+from server.strategy import DistillStrategy
 
 app = ServerApp()
 
@@ -61,15 +62,15 @@ def run(grid: Grid, config: Config) -> None:
         log(INFO, f"warm start on the public inputs: {report.epochs} epochs, held-out loss {report.holdout_loss:.3f}")
     plan = ParticipationPlan(rounds=config.rounds, fraction=config.federation.fraction_train,
                              min_sites=config.federation.min_sites, seed=config.seed)
-    strategy = DistillStrategy(
+    engine = RoundEngine(
         exchange=build_exchange(config, task, student),
         global_student=student,
         plan=plan,
-        min_sites=config.federation.min_sites,
         allowed_items=set(released_items(config)),
         assets=P.asset_manifest(task),
         request=encode(request_of(config)),
     )
+    strategy = DistillStrategy(engine=engine, min_sites=config.federation.min_sites)
     metrics = ServerMetrics(tuple(m.name for m in evaluator.metrics))
     metrics.serve(config.federation.metrics_port, config.federation.metrics_host)
     ledger = PrivacyView()
@@ -81,7 +82,7 @@ def run(grid: Grid, config: Config) -> None:
         P.load_record(student, arrays)
         scores = evaluator(student)
         if server_round > 0:
-            outcome = strategy.rounds.get(server_round, RoundOutcome())
+            outcome = engine.rounds.get(server_round, RoundOutcome())
             ledger.update(server_round, outcome)
             dropped.update(s.site for s in outcome.sites if s.status in (FAILED, INVALID))
             record = round_record(server_round, outcome, scores, ledger, start)

@@ -9,7 +9,7 @@ import time
 from common import payload as P
 from common.config import Config
 from common.evaluation import Metric, Scores
-from server.strategy import FAILED, INVALID, REFUSED, TRAINED, RoundOutcome
+from server.rounds import FAILED, INVALID, REFUSED, TRAINED, RoundOutcome
 
 GUARANTEE = (
     "Each site's records are protected by record-level (epsilon, delta) differential privacy under the "

@@ -13,7 +13,7 @@ from common.config import load_config
 from common.policy import SitePolicy, policy_from
 from common.request import encode, request_of
 from common.site_config import site_config
-from server.strategy import for_site
+from server.rounds import for_site
 
 
 @pytest.fixture

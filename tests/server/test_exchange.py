@@ -12,7 +12,7 @@ from common.losses import LOGITS
 from common.payload import check_arrays
 from server.exchange import LogitsExchange, WeightsExchange, build_exchange
 from common.request import decode, encode, request_of
-from server.strategy import INVALID, TRAINED, read_content, round_request
+from server.rounds import INVALID, TRAINED, read_content, round_request
 
 ALLOWED = set(P.released_items(mode="logits", weighting="uniform", dp=True))
 

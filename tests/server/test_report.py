@@ -1,7 +1,7 @@
 from common import payload as P
 from common.config import load_config
 from server.report import PrivacyView, privacy_report
-from server.strategy import REFUSED, TRAINED, RoundOutcome, SiteOutcome
+from server.rounds import REFUSED, TRAINED, RoundOutcome, SiteOutcome
 
 
 def _view():

@@ -1,8 +1,16 @@
-"""The participation plan: sites are sampled as FedAvg does, and each is told its rounds left."""
+"""The round engine: sites are sampled as FedAvg does and each is told its rounds left; every
+reply is recorded by what it was, and only valid ones change the global student."""
 
+import numpy as np
 import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from server.strategy import ParticipationPlan
+from common import payload as P
+from common.config import load_config
+from common.tasks import build_task
+from server.exchange import WeightsExchange
+from server.rounds import FAILED, INVALID, REFUSED, TRAINED, ParticipationPlan, RoundEngine
 
 
 def _run(plan, nodes, rounds):
@@ -30,3 +38,84 @@ def test_the_plan_is_redrawn_for_the_remaining_rounds_when_sites_change():
     plan = ParticipationPlan(rounds=4, fraction=1.0, min_sites=1, seed=0)
     assert plan.sample(1, [1, 2]) == {1: 4, 2: 4}
     assert plan.sample(2, [1, 2, 3]) == {1: 3, 2: 3, 3: 3}
+
+
+@pytest.fixture
+def engine(tmp_path, cache_dir) -> RoundEngine:
+    # the plain mean, without the server's distillation toward the teacher after it
+    config = load_config(["task=digits", "sites=4", "rounds=2", "exchange.server.distill_teacher=false",
+                          f"run_dir={tmp_path}", f"cache_dir={cache_dir}"])
+    task = build_task(config)
+    torch.manual_seed(0)
+    student = task.student(config.student)
+    return RoundEngine(exchange=WeightsExchange(config, task, student), global_student=student,
+                       plan=ParticipationPlan(rounds=2, fraction=1.0, min_sites=1, seed=0),
+                       allowed_items=set(P.released_items(mode="weights", weighting="uniform", dp=True)),
+                       assets={P.TEACHER_SHA256: "t"}, request="{}")
+
+
+def trained(weights: dict[str, np.ndarray], site: str) -> RecordDict:
+    return RecordDict({
+        P.ARRAYS: ArrayRecord({name: Array(value) for name, value in weights.items()}),
+        P.METRICS: MetricRecord({P.EPSILON_SPENT: 1.0}),
+        P.CONFIG: ConfigRecord({P.STATUS: P.STATUS_OK, P.SITE: site}),
+    })
+
+
+def weights_of(engine: RoundEngine) -> dict[str, np.ndarray]:
+    return {name: array.numpy().copy() for name, array in P.model_to_record(engine.global_student).items()}
+
+
+def test_each_sampled_node_is_sent_the_round_and_its_rounds_left(engine):
+    contents = engine.configure(1, [7, 9])
+    assert sorted(contents) == [7, 9]
+    for content in contents.values():
+        assert content[P.CONFIG][P.SERVER_ROUND] == 1 and content[P.CONFIG][P.ROUNDS_LEFT] == 2
+        assert content[P.CONFIG][P.TEACHER_SHA256] == "t" and P.ARRAYS in content.array_records
+    assert engine.rounds[1].sampled == 2 and engine.rounds[1].bytes_down > 0
+
+
+def test_only_valid_replies_are_combined_and_every_reply_is_recorded_by_what_it_was(engine):
+    engine.configure(1, [1, 2, 3, 4])
+    start = weights_of(engine)
+    moved = {name: value + 1 for name, value in start.items()}
+    refused = RecordDict({P.CONFIG: ConfigRecord({P.STATUS: P.STATUS_REFUSED, P.SITE: "site-c", P.REASON: "budget"})})
+    broken = trained({name: np.full_like(value, np.nan) for name, value in start.items()}, "site-d")
+    combined = engine.aggregate(1, [(1, trained(moved, "site-a")), (2, "the node went away"), (3, refused), (4, broken)])
+    assert combined == 1
+    outcome = engine.rounds[1]
+    assert [(s.site, s.status) for s in outcome.sites] == [("site-a", TRAINED), ("node-2", FAILED),
+                                                           ("site-c", REFUSED), ("site-d", INVALID)]
+    assert outcome.sites[1].reason == "the node went away" and outcome.bytes_up > 0
+    assert all(np.allclose(weights_of(engine)[name], moved[name]) for name in start)
+
+
+def test_a_round_without_a_valid_reply_leaves_the_global_student_as_it_was(engine):
+    engine.configure(1, [1])
+    start = weights_of(engine)
+    assert engine.aggregate(1, [(1, "timed out")]) == 0
+    assert all(np.array_equal(weights_of(engine)[name], start[name]) for name in start)
+
+
+def test_a_combine_that_fails_part_way_restores_the_previous_global_student(engine, monkeypatch):
+    engine.configure(1, [1])
+    start = weights_of(engine)
+
+    def half_done(replies, student, server_round, weights=None):
+        with torch.no_grad():
+            next(student.parameters()).add_(5.0)
+        raise RuntimeError("the server's distillation ran out of memory")
+
+    monkeypatch.setattr(engine.exchange, "combine", half_done)
+    assert engine.aggregate(1, [(1, trained({n: v + 1 for n, v in start.items()}, "site-a"))]) == 0
+    assert "ran out of memory" in engine.rounds[1].server["error"]
+    assert all(np.array_equal(weights_of(engine)[name], start[name]) for name in start)
+
+
+def test_weights_given_by_node_override_the_exchanges_equal_weighting(engine):
+    engine.configure(1, [1, 2])
+    start = weights_of(engine)
+    zero = {name: np.zeros_like(value) for name, value in start.items()}
+    four = {name: np.full_like(value, 4.0) for name, value in start.items()}
+    engine.aggregate(1, [(1, trained(zero, "site-a")), (2, trained(four, "site-b"))], weights={1: 3.0, 2: 1.0})
+    assert all(np.allclose(value, 1.0) for value in weights_of(engine).values())  # (3*0 + 1*4) / 4

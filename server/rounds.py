@@ -1,0 +1,206 @@
+"""One federated round, whatever carries the messages: sample sites, send each what the exchange
+says, read the replies, combine the valid ones into the global student.
+
+`server.strategy` drives it with Flower's messages; `fedistill.inprocess` drives it with direct
+calls to the site round, so the benchmarks measure the server's own round. Sites are sampled
+from a participation plan drawn ahead, so that each sampled site is told how many rounds it has
+left and can calibrate its noise to spend its budget on those. Each sampled site's outcome
+(trained, refused, failed, invalid) is kept per round: a refusal or failure is data, and a reply
+that fails the exchange's checks or holds anything a site may not release is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from torch import nn
+
+from common import payload as P
+from server.exchange import Exchange
+
+log = logging.getLogger(__name__)
+
+TRAINED, REFUSED, FAILED, INVALID = "trained", "refused", "failed", "invalid"
+
+
+@dataclass
+class SiteOutcome:
+    """What one sampled site did in one round."""
+
+    site: str
+    node_id: int
+    status: str  # TRAINED, REFUSED, FAILED or INVALID
+    reason: str = ""
+    code: str = ""
+    train_loss: float | None = None
+    epsilon_spent: float | None = None
+    epsilon_budget: float | None = None
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+
+
+@dataclass
+class RoundOutcome:
+    sampled: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    seconds: float = 0.0  # from sending the round's messages to the new global student
+    aggregation_seconds: float = 0.0  # combining the accepted replies into it
+    sites: list[SiteOutcome] = field(default_factory=list)
+    server: dict = field(default_factory=dict)  # what the exchange reports of its combine step
+    reply_items: set[str] = field(default_factory=set)  # what the trained replies held, for the record
+
+    def count(self, status: str) -> int:
+        return sum(s.status == status for s in self.sites)
+
+
+class ParticipationPlan:
+    """Which rounds each site trains in, drawn ahead: each round samples `fraction` of the sites
+    (at least `min_sites`), as FedAvg does, but the whole run's draw is known in advance.
+
+    It is redrawn for the remaining rounds whenever the connected sites change.
+    """
+
+    def __init__(self, *, rounds: int, fraction: float, min_sites: int, seed: int):
+        self.rounds, self.fraction, self.min_sites, self.seed = rounds, fraction, min_sites, seed
+        self.nodes: list[int] = []
+        self.sampled: dict[int, list[int]] = {}  # round -> node ids
+
+    def sample(self, server_round: int, connected: list[int]) -> dict[int, int]:
+        """This round's sampled nodes -> the rounds each has left in the run, this one included."""
+        if sorted(connected) != self.nodes:
+            self.nodes = sorted(connected)
+            rng = random.Random(f"{self.seed}-{server_round}-{len(self.nodes)}")
+            size = min(len(self.nodes), max(int(len(self.nodes) * self.fraction), self.min_sites))
+            for r in range(server_round, self.rounds + 1):
+                self.sampled[r] = rng.sample(self.nodes, size)
+        later = [self.sampled[r] for r in range(server_round, self.rounds + 1)]
+        return {node: sum(node in nodes for nodes in later) for node in self.sampled[server_round]}
+
+
+class RoundEngine:
+    """`configure(round, connected)` says what each sampled node gets; `aggregate(round, replies)`
+    reads what came back and updates `global_student`. `rounds[r]` holds round r's outcome.
+
+    `allowed_items` is everything a site's reply may hold (common.payload's release lists).
+    """
+
+    def __init__(self, *, exchange: Exchange, global_student: nn.Module, plan: ParticipationPlan,
+                 allowed_items: set[str], assets: dict[str, int | str], request: str):
+        self.exchange = exchange
+        self.global_student = global_student
+        self.plan = plan
+        self.allowed_items = allowed_items
+        self.assets = assets  # the teacher and public set every site must hold (common.payload.asset_manifest)
+        self.request = request  # the run request every site gets (common.request.encode)
+        self.rounds: dict[int, RoundOutcome] = {}
+
+    def configure(self, server_round: int, connected: list[int]) -> dict[int, RecordDict]:
+        """Each node sampled this round -> the content it is sent."""
+        sampled = self.plan.sample(server_round, connected)
+        content = round_request(self.exchange, self.global_student, server_round, self.assets, self.request)
+        self.rounds[server_round] = RoundOutcome(sampled=len(sampled), bytes_down=len(sampled) * content_bytes(content))
+        return {node: for_site(content, rounds_left) for node, rounds_left in sampled.items()}
+
+    def aggregate(self, server_round: int, replies: list[tuple[int, RecordDict | str]],
+                  weights: dict[int, float] | None = None) -> int:
+        """Read each node's reply (its content, or the error that came instead) and combine the
+        valid ones; returns how many were combined (0: the global student is unchanged).
+
+        `weights` (node -> weight) overrides the exchange's weighting: only an in-process
+        reference that knows the record counts no DP site sends may give it.
+        """
+        outcome = self.rounds.setdefault(server_round, RoundOutcome())
+        accepted, nodes = [], []
+        for node_id, reply in replies:
+            site = (SiteOutcome(f"node-{node_id}", node_id, FAILED, reason=reply) if isinstance(reply, str)
+                    else read_content(reply, node_id, self.exchange, self.allowed_items))
+            outcome.sites.append(site)
+            if site.status == TRAINED:
+                outcome.bytes_up += self.exchange.reply_bytes(reply)
+                outcome.reply_items |= P.reply_items(reply)
+                accepted.append(reply)
+                nodes.append(node_id)
+            else:
+                log.warning("Round %d: %s (node %d) %s: %s", server_round, site.site, site.node_id, site.status, site.reason)
+        if accepted:
+            combine_start = time.perf_counter()
+            previous = P.model_to_record(self.global_student)
+            given = None if weights is None else np.array([weights[node] for node in nodes], dtype=np.float64)
+            try:
+                outcome.server = self.exchange.combine(accepted, self.global_student, server_round, weights=given)
+            except Exception as err:  # keep the previous global student and the run going
+                log.error("Round %d: combining %d replies failed: %r", server_round, len(accepted), err)
+                P.load_record(self.global_student, previous)  # a combine may fail after changing it
+                outcome.server = {"error": repr(err)}
+                accepted = []
+            outcome.aggregation_seconds = time.perf_counter() - combine_start
+        outcome.seconds = time.perf_counter() - outcome.started
+        return len(accepted)
+
+
+def round_request(exchange: Exchange, global_student: nn.Module, server_round: int,
+                  assets: dict[str, int | str], request: str) -> RecordDict:
+    """What every sampled site receives this round: the exchange's content, the run request, the
+    round number and the assets."""
+    content = exchange.outgoing(global_student)
+    content[P.CONFIG] = ConfigRecord({**assets, P.SERVER_ROUND: server_round, P.REQUEST: request})
+    return content
+
+
+def for_site(content: RecordDict, rounds_left: int) -> RecordDict:
+    """`content` for one site, told how many rounds it has left (the arrays are shared, not copied)."""
+    site_content = RecordDict(dict(content.array_records))
+    site_content[P.CONFIG] = ConfigRecord({**content[P.CONFIG], P.ROUNDS_LEFT: rounds_left})
+    return site_content
+
+
+def content_bytes(content: RecordDict) -> int:
+    return sum(P.record_bytes(r) for r in content.array_records.values())
+
+
+def read_content(content: RecordDict, node_id: int, exchange: Exchange, allowed: set[str]) -> SiteOutcome:
+    """A site's reply as an outcome; a trained reply that fails the exchange's checks, or holds an
+    item a site may not release, is INVALID."""
+    try:
+        site = _outcome(content, node_id)
+    except (TypeError, ValueError, OverflowError) as err:
+        return SiteOutcome(f"node-{node_id}", node_id, INVALID, reason=f"reply metadata is unreadable: {err}")
+    extra = sorted(P.reply_items(content) - allowed)
+    if extra:
+        site.status, site.reason = INVALID, f"reply holds items a site may not release: {extra}"
+    elif site.status == TRAINED:
+        try:
+            problem = exchange.check(content)
+        except Exception as err:  # a malformed reply must not stop the round
+            problem = f"reply could not be checked: {err!r}"
+        if problem:
+            site.status, site.reason = INVALID, problem
+    return site
+
+
+def _outcome(content: RecordDict, node_id: int) -> SiteOutcome:
+    status = content.config_records.get(P.CONFIG, ConfigRecord())
+    metrics = content.metric_records.get(P.METRICS, MetricRecord())
+    return SiteOutcome(
+        site=str(status.get(P.SITE, f"node-{node_id}")),
+        node_id=node_id,
+        status=REFUSED if status.get(P.STATUS) == P.STATUS_REFUSED else TRAINED,
+        reason=str(status.get(P.REASON, "")),
+        code=str(status.get(P.CODE, "")),
+        train_loss=_float(metrics.get(P.TRAIN_LOSS)),
+        epsilon_spent=_float(metrics.get(P.EPSILON_SPENT)),
+        epsilon_budget=_float(metrics.get(P.EPSILON_BUDGET)),
+        noise_multiplier=_float(metrics.get(P.NOISE_MULTIPLIER)),
+        sample_rate=_float(metrics.get(P.SAMPLE_RATE)),
+    )
+
+
+def _float(value) -> float | None:
+    return None if value is None else float(value)
