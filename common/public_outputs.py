@@ -37,12 +37,15 @@ class PublicOutputs:
 
     Subclasses say what a row is: `_student_rows` (a student's logits for some records),
     `_teacher_log_probs` (the teacher's), `_targets` (a slice of the consensus as training
-    targets), `target_spec` and `fit`.
+    targets), `target_spec` and `fit`. Both are handed values, and `teacher`, which computes the
+    teacher's targets on the public inputs only when they are first mixed in.
     """
 
-    def __init__(self, inputs: torch.Tensor, classes: int, rows: int, exchange: ExchangeConfig):
+    def __init__(self, inputs: torch.Tensor, classes: int, rows: int, exchange: ExchangeConfig,
+                 teacher: Callable[[], Targets]):
         self.inputs, self.classes, self.rows = inputs, classes, rows
         self.method, self.k, self.teacher_weight = exchange.compression, exchange.topk, exchange.teacher_weight
+        self._teacher = teacher
 
     # --- at a site ---
 
@@ -118,17 +121,15 @@ class PublicOutputs:
 class ClassOutputs(PublicOutputs):
     """One distribution over `classes` per public record; the consensus is dense soft labels."""
 
-    def __init__(self, task, exchange: ExchangeConfig):
-        inputs = task.public_inputs()
-        super().__init__(inputs, task.num_classes, len(inputs), exchange)
-        self.task = task  # its teacher's logits are read only when mixed in
+    def __init__(self, inputs: torch.Tensor, classes: int, exchange: ExchangeConfig, teacher: Callable[[], Targets]):
+        super().__init__(inputs, classes, len(inputs), exchange, teacher)  # teacher() -> {LOGITS: [P, C]}
 
     def _student_rows(self, student: nn.Module, records: torch.Tensor) -> torch.Tensor:
         return student(self.inputs[records])
 
     @cached_property
     def _teacher_rows(self) -> torch.Tensor:
-        return torch.log_softmax(self.task.teacher_targets(self.inputs, (LOGITS,))[LOGITS].float(), dim=1)
+        return torch.log_softmax(self._teacher()[LOGITS].float(), dim=1)
 
     def _teacher_log_probs(self, rows: slice) -> torch.Tensor:
         return self._teacher_rows[rows]
@@ -157,9 +158,9 @@ class TokenOutputs(PublicOutputs):
             raise ConfigError(f"the student's output vocabulary of {vocabulary} tokens does not fit the uint16 "
                               "top-k indices of the logits exchange: use exchange=weights")
         self.positions = labels != -100  # [P, T]
-        super().__init__(inputs, vocabulary, int(self.positions.sum()), exchange)
+        # teacher() -> the teacher's top-k {TOPK_LOGPROBS, TOPK_IDS} [P, T, k], ids as output ids
+        super().__init__(inputs, vocabulary, int(self.positions.sum()), exchange, teacher)
         self.labels = labels
-        self._teacher = teacher  # -> the teacher's top-k {TOPK_LOGPROBS, TOPK_IDS} [P, T, k], ids as output ids
         self.teacher_vocabulary = teacher_vocabulary
         self.unknown = unknown  # the output id every token outside the output vocabulary maps to
 

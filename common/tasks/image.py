@@ -178,7 +178,8 @@ class ImageTask:
         return augmented_images(self.public_inputs(), count, torch.Generator().manual_seed(seed))
 
     def public_outputs(self, exchange: ExchangeConfig) -> ClassOutputs:
-        return ClassOutputs(self, exchange)
+        inputs = self.public_inputs()
+        return ClassOutputs(inputs, self.num_classes, exchange, lambda: self.teacher_targets(inputs, (LOGITS,)))
 
     def test_data(self) -> TensorDataset:
         return self._parts["test"]

@@ -27,7 +27,7 @@ from torch.utils.data import TensorDataset
 from common.config import Config, ConfigError, DistillConfig, ExchangeConfig, StudentConfig, require
 from common.task_config import FrontierSetting, FrontierTarget, TaskConfig, absolute_path
 from common.evaluation import ClassifierEvaluator
-from common.losses import DistillationObjective
+from common.losses import LOGITS, DistillationObjective
 from common.models.image import StudentMLP
 from common.partition import partition_description, site_share, split_parts
 from common.public_outputs import ClassOutputs
@@ -196,7 +196,8 @@ class TabularTask:
         return rows
 
     def public_outputs(self, exchange: ExchangeConfig) -> ClassOutputs:
-        return ClassOutputs(self, exchange)
+        inputs = self.public_inputs()
+        return ClassOutputs(inputs, self.num_classes, exchange, lambda: self.teacher_targets(inputs, (LOGITS,)))
 
     def test_data(self) -> TensorDataset:
         return self._parts["test"]

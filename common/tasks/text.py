@@ -214,7 +214,8 @@ class TextTask:
         return spliced_tokens(self.public_inputs(), count, self.pad_id, torch.Generator().manual_seed(seed))
 
     def public_outputs(self, exchange: ExchangeConfig) -> ClassOutputs:
-        return ClassOutputs(self, exchange)
+        inputs = self.public_inputs()
+        return ClassOutputs(inputs, self.num_classes, exchange, lambda: self.teacher_targets(inputs, (LOGITS,)))
 
     def test_data(self) -> TensorDataset:
         return self._parts["test"]
