@@ -8,8 +8,9 @@ is every virtual site's administrator, as in `fedistill simulate`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
-import shlex
+from typing import Any, Callable
 
 from flwr.app import RecordDict
 from torch import nn
@@ -17,7 +18,7 @@ from torch import nn
 from client.round import train_round
 from client.site import Site, load_site
 from common import payload as P
-from common.config import Config, load_config
+from common.config import Config
 from common.evaluation import Evaluator, Scores
 from common.public_distill import DistillReport, initial_student
 from common.request import encode, request_of
@@ -78,40 +79,47 @@ def evaluator(task: Task) -> Evaluator:
     return task.evaluator()
 
 
-@functools.lru_cache(maxsize=8)
-def _task(task_config: str, seed: int, cache_dir: str) -> Task:
-    return build_task(load_config([f"seed={seed}", f"cache_dir={cache_dir}", *shlex.split(task_config)]))
+class KeyedCache:
+    """The last `size` objects made, by a key of the typed settings they depend on."""
+
+    def __init__(self, size: int):
+        self.size, self.items = size, {}
+
+    def get(self, key: tuple, make: Callable[[], Any]) -> Any:
+        if key not in self.items:
+            if len(self.items) >= self.size:
+                self.items.pop(next(iter(self.items)))
+            self.items[key] = make()
+        return self.items[key]
 
 
-def task_overrides(config: Config) -> str:
-    """The overrides a task object depends on: task, distillation and student settings (the
-    student's decide which distillation terms are valid)."""
-    return shlex.join(o for o in config.overrides if o.startswith(("task", "distill", "student")))
+_tasks, _starts = KeyedCache(8), KeyedCache(4)
+
+
+def task_key(config: Config) -> tuple:
+    """What a task object depends on: task, distillation and student settings (the student's decide
+    which distillation terms are valid), seed and cache."""
+    return repr(config.task), repr(config.student), repr(config.distill), config.seed, str(config.cache_path)
 
 
 def task_of(config: Config) -> Task:
-    """One task object per (task, student and distillation settings, seed), so data and teacher load once per benchmark."""
-    return _task(task_overrides(config), config.seed, str(config.cache_path))
+    """One task object per `task_key`, so data and teacher load once per benchmark."""
+    return _tasks.get(task_key(config), lambda: build_task(config))
 
 
 def start_of(config: Config) -> tuple[nn.Module, DistillReport | None]:
     """The global student before round 1 (warm-started where the config says), once per task,
     student, objective (not the DP step's settings), server-distillation settings and seed."""
-    objective = tuple(f"distill.{key}" for key in OBJECTIVE_SETTINGS)
-    warm_start = shlex.join(o for o in config.overrides if o.startswith(("task", "student", "exchange.server", *objective)))
-    return _start(warm_start, config.seed, str(config.cache_path))
-
-
-@functools.lru_cache(maxsize=4)
-def _start(overrides: str, seed: int, cache_dir: str) -> tuple[nn.Module, DistillReport | None]:
-    config = load_config([f"seed={seed}", f"cache_dir={cache_dir}", *shlex.split(overrides)])
-    return initial_student(task_of(config), config)
+    objective = repr([getattr(config.distill, key) for key in OBJECTIVE_SETTINGS])
+    key = (repr(config.task), repr(config.student), repr(config.exchange.server), objective, config.seed,
+           str(config.cache_path))
+    return _starts.get(key, lambda: initial_student(task_of(config), config))
 
 
 def public_only(config: Config) -> Scores:
     """What the coordinator gets without the sites: the student it distills alone from the teacher
     on the public and transfer inputs, which is where the federation starts (its warm start)."""
     if not config.exchange.server.warm_start:
-        kept = [o for o in config.overrides if not o.startswith("exchange.server.warm_start")]
-        config = load_config([*kept, "exchange.server.warm_start=true"])
+        server = dataclasses.replace(config.exchange.server, warm_start=True)
+        config = dataclasses.replace(config, exchange=dataclasses.replace(config.exchange, server=server))
     return evaluator(task_of(config))(copy.deepcopy(start_of(config)[0]))

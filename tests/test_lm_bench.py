@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 
-from fedistill.inprocess import task_overrides
+from fedistill.inprocess import task_key
 from bench.lm_bench import CROSS_ENTROPY, LOGITS, PUBLIC, TEACHER, costs, lm_settings, rows_for, targets
 from common.config import load_config
 
@@ -20,7 +19,8 @@ def test_every_row_the_issue_asks_for():
     assert [eps for n, eps, _ in settings if n == LOGITS] == ["8"]
     for _, _, extra in settings:
         config = load_config(["task=lm", *extra, "seed=1"])
-        load_config(shlex.split(task_overrides(config)))  # what the benchmark builds the task from
+        other = [o.replace("privacy.epsilon=8", "privacy.epsilon=3") for o in extra]
+        assert task_key(config) == task_key(load_config(["task=lm", *other, "seed=1"]))  # one task per setting
 
 
 def _row(setting, eps, perplexity, std=0.5):

@@ -3,9 +3,8 @@ judged against hard labels on the same student at the same epsilon."""
 
 from __future__ import annotations
 
-import shlex
 
-from fedistill.inprocess import task_overrides
+from fedistill.inprocess import task_key
 from bench.text_bench import HARD, HARD_TRANSFORMER, PUBLIC, TEACHER, TECHNIQUES, targets, text_settings
 from common.config import load_config
 
@@ -20,10 +19,14 @@ def test_every_federation_row_runs_at_each_epsilon_and_without_dp():
     assert "student=transformer" in attention and "privacy.epsilon=3" in attention
 
 
-def test_every_setting_composes_and_so_does_the_task_it_shares():
-    for name, _, extra in text_settings(["3"]):
+def test_every_setting_composes_and_its_epsilons_share_one_task_object():
+    for name, _, extra in text_settings(["1", "3"]):
         config = load_config(["task=text", "task.data.path=/my data/agnews.tsv", *extra, "seed=1"])  # a space too
-        load_config(shlex.split(task_overrides(config)))  # what the benchmark builds the task from
+        other = [o.replace("privacy.epsilon=3", "privacy.epsilon=1") for o in extra]
+        assert task_key(config) == task_key(load_config(["task=text", "task.data.path=/my data/agnews.tsv", *other, "seed=1"]))
+    keys = {name: task_key(load_config(["task=text", "task.data.path=/a.tsv", *extra]))
+            for name, eps, extra in text_settings(["3"]) if eps == "3"}
+    assert keys[HARD] != keys[HARD_TRANSFORMER]  # another student: another task object
 
 
 def _row(setting, eps, accuracy, std=0.01):
