@@ -1,4 +1,5 @@
-"""The ServerApp: sample sites, average their DP-distilled students, evaluate, write the run directory."""
+"""The ServerApp: build the task and the warm-started global student, run the rounds (Flower drives
+`server.strategy`, which hands each round to `server.rounds`), evaluate each, write the run directory."""
 
 from __future__ import annotations
 
