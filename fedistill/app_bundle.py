@@ -21,6 +21,7 @@ from flwr.cli.utils import build_pathspec
 
 GLOB_CHARACTERS = set("*?[")
 ALWAYS_STAGED = ("pyproject.toml", ".gitignore")
+STAGED_NAME = "app"
 
 
 def include_patterns(app_dir: Path) -> list[str] | None:
@@ -69,7 +70,8 @@ def staged_app(app_dir: Path) -> Iterator[Path]:
         yield app_dir
         return
     with tempfile.TemporaryDirectory(prefix="fedistill-app-") as staging:
-        staged = Path(staging)
+        # A fixed name: Flower refuses an app folder whose name is not letters, digits and hyphens.
+        staged = Path(staging) / STAGED_NAME
         names = [name for name in ALWAYS_STAGED if (app_dir / name).is_file()]
         for relative in [*names, *included_files(app_dir, patterns)]:
             (staged / relative).parent.mkdir(parents=True, exist_ok=True)

@@ -6,9 +6,11 @@ import hashlib
 from pathlib import Path
 
 from flwr.cli.build import build_fab_from_disk
+from flwr.cli.utils import validate_project_name
 
 from fedistill.app_bundle import staged_app
 from fedistill.cli import APP_DIR
+from fedistill.deployment import app_hash
 
 
 def fab_sha256(folder: Path) -> str:
@@ -19,6 +21,14 @@ def test_the_staged_folder_builds_the_same_bundle_as_the_checkout():
     with staged_app(APP_DIR) as staged:
         assert staged != APP_DIR and not (staged / ".venv").exists() and not (staged / "tests").exists()
         assert fab_sha256(staged) == fab_sha256(APP_DIR)
+
+
+def test_flower_accepts_the_staged_folder_and_it_builds_the_checkouts_bundle():
+    """`flwr build` itself on the staged folder; Flower also checks the folder's name, which a
+    random temporary name would fail now and then."""
+    with staged_app(APP_DIR) as staged:
+        validate_project_name(staged.name, "the staged folder's name")
+    assert app_hash(APP_DIR) == fab_sha256(APP_DIR)
 
 
 def write_app(folder: Path, include: str | None) -> Path:
