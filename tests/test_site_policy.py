@@ -55,48 +55,6 @@ def refusals(summary: dict) -> list[dict]:
     return [r for s in summary["privacy"]["sites"] for r in s["refusals"]]
 
 
-@pytest.fixture(scope="module")
-def strict(tmp_path_factory, cache_dir):
-    """Sites that require DP at epsilon <= 3, delta <= 1e-5, load only digits, keep ledgers in their own folder."""
-    root = tmp_path_factory.mktemp("strict")
-    policy = root / "site.yaml"
-    policy.write_text(f"epsilon: 3.0\ndelta: 1.0e-5\ntask_sources: [digits]\nledger_dir: {root / 'ledgers'}\n"
-                      f"cache_dir: {cache_dir}\n")
-    with sites_with_policy(root, policy) as link:
-        yield root, link
-
-
-@pytest.mark.parametrize(
-    "request_overrides, named",
-    [
-        (["privacy=none"], "site.require_dp"),
-        (["privacy.epsilon=8"], "privacy.epsilon exceeds the site's budget 3"),
-        (["privacy.delta=1e-4"], "privacy.delta exceeds the site's delta 1e-05"),
-    ],
-    ids=["without-dp", "larger-epsilon", "larger-delta"],
-)
-def test_a_request_outside_the_policy_is_refused_by_every_site(strict, cache_dir, request_overrides, named):
-    root, link = strict
-    summary = submit(link, root / "-".join(request_overrides).replace("=", "_"), cache_dir, *request_overrides)
-    assert summary["rounds_completed"] == 0
-    assert len(summary["privacy"]["sites"]) == 2
-    assert all(r["code"] == "policy" and named in r["reason"] for r in refusals(summary))
-    assert len(refusals(summary)) == 2
-    assert not list((root / "ledgers").glob("*/ledger.json"))  # nothing recorded, nothing spent
-
-
-def test_a_new_run_directory_does_not_give_the_sites_a_fresh_budget(strict, cache_dir):
-    root, link = strict
-    first = submit(link, root / "spend", cache_dir)
-    assert first["rounds_completed"] == 1
-    assert all(s["epsilon"] == pytest.approx(3.0, rel=1e-3) for s in first["privacy"]["sites"])
-    again = submit(link, root / "fresh-run-dir", cache_dir)
-    assert again["rounds_completed"] == 0
-    assert {r["code"] for r in refusals(again)} == {"budget"}
-    assert sorted(p.parent.name for p in (root / "ledgers").glob("*/ledger.json")) == ["site-0", "site-1"]
-    assert not list((root / "fresh-run-dir").rglob("ledger.json"))
-
-
 def test_an_unlisted_task_source_is_refused_by_every_site(tmp_path, cache_dir):
     policy = tmp_path / "site.yaml"
     policy.write_text(f"task_sources: [mnist]\nledger_dir: {tmp_path / 'ledgers'}\ncache_dir: {cache_dir}\n")
