@@ -144,6 +144,12 @@ class ClassOutputs(PublicOutputs):
         return distill_on_public(student, self.inputs, targets[LOGITS], config, seed=seed)
 
 
+def class_outputs(task, exchange: ExchangeConfig) -> ClassOutputs:
+    """A classifier task's `ClassOutputs`: its public inputs, its classes, its teacher's logits on them."""
+    inputs = task.public_inputs()
+    return ClassOutputs(inputs, task.num_classes, exchange, lambda: task.teacher_targets(inputs, (LOGITS,)))
+
+
 class TokenOutputs(PublicOutputs):
     """One distribution over the output vocabulary per next-token position of the public records
     (where `labels` is not -100), sent and aggregated as top-k; the consensus is each

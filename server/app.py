@@ -71,7 +71,7 @@ def run(grid: Grid, config: Config) -> None:
         assets=P.asset_manifest(task),
         request=encode(request_of(config)),
     )
-    strategy = DistillStrategy(engine=engine, min_sites=config.federation.min_sites)
+    strategy = DistillStrategy(engine=engine)
     metrics = ServerMetrics(tuple(m.name for m in evaluator.metrics))
     metrics.serve(config.federation.metrics_port, config.federation.metrics_host)
     ledger = PrivacyView()

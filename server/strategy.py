@@ -19,15 +19,15 @@ from server.rounds import RoundEngine
 
 
 class DistillStrategy(FedAvg):
-    """Samples sites like FedAvg (at least `min_sites` connected); `engine` decides what is sent
-    and how replies are combined, and keeps each round's outcome."""
+    """Samples sites like FedAvg (at least the plan's `min_sites` connected); `engine` decides what
+    is sent and how replies are combined, and keeps each round's outcome."""
 
-    def __init__(self, *, engine: RoundEngine, min_sites: int):
+    def __init__(self, *, engine: RoundEngine):
         super().__init__(
             fraction_train=engine.plan.fraction,
             fraction_evaluate=0.0,  # the server evaluates the global student itself
-            min_train_nodes=min_sites,
-            min_available_nodes=min_sites,
+            min_train_nodes=engine.plan.min_sites,
+            min_available_nodes=engine.plan.min_sites,
             arrayrecord_key=P.ARRAYS,
             configrecord_key=P.CONFIG,
         )

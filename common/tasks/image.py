@@ -23,7 +23,7 @@ from common.evaluation import ClassifierEvaluator
 from common.losses import LOGITS, DistillationObjective
 from common.models.image import StudentMLP, TeacherCNN
 from common.partition import partition_description, site_share, split_parts
-from common.public_outputs import ClassOutputs
+from common.public_outputs import ClassOutputs, class_outputs
 from common.storage import atomic_write, save_model, write_json
 from common.transfer import augmented_images
 
@@ -178,8 +178,7 @@ class ImageTask:
         return augmented_images(self.public_inputs(), count, torch.Generator().manual_seed(seed))
 
     def public_outputs(self, exchange: ExchangeConfig) -> ClassOutputs:
-        inputs = self.public_inputs()
-        return ClassOutputs(inputs, self.num_classes, exchange, lambda: self.teacher_targets(inputs, (LOGITS,)))
+        return class_outputs(self, exchange)
 
     def test_data(self) -> TensorDataset:
         return self._parts["test"]

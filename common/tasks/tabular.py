@@ -27,10 +27,10 @@ from torch.utils.data import TensorDataset
 from common.config import Config, ConfigError, DistillConfig, ExchangeConfig, StudentConfig, require
 from common.task_config import FrontierSetting, FrontierTarget, TaskConfig, absolute_path
 from common.evaluation import ClassifierEvaluator
-from common.losses import LOGITS, DistillationObjective
+from common.losses import DistillationObjective
 from common.models.image import StudentMLP
 from common.partition import partition_description, site_share, split_parts
-from common.public_outputs import ClassOutputs
+from common.public_outputs import ClassOutputs, class_outputs
 from common.storage import atomic_write, save_model, write_json
 from common.tasks.image import logits_only_targets, student_hidden
 from common.tasks.table_encoding import Encoding, TableConfig, feature_columns, read_table
@@ -196,8 +196,7 @@ class TabularTask:
         return rows
 
     def public_outputs(self, exchange: ExchangeConfig) -> ClassOutputs:
-        inputs = self.public_inputs()
-        return ClassOutputs(inputs, self.num_classes, exchange, lambda: self.teacher_targets(inputs, (LOGITS,)))
+        return class_outputs(self, exchange)
 
     def test_data(self) -> TensorDataset:
         return self._parts["test"]

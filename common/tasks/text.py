@@ -32,7 +32,7 @@ from common.models.encoder import EncoderConfig, StudentEncoder, project_embeddi
 from common.models.text_teacher import (EncoderTeacher, TeacherEnsemble, TfidfTeacher, encoder_digest, encoder_folder,
                                         fit_linear, load_encoder, sentence_embeddings)
 from common.partition import partition_description, site_share, split_parts
-from common.public_outputs import ClassOutputs
+from common.public_outputs import ClassOutputs, class_outputs
 from common.storage import save_tensors
 from common.tasks.text_files import DataFileError, TextDataConfig, encode_labels, label_names, read_texts
 from common.transfer import spliced_tokens
@@ -214,8 +214,7 @@ class TextTask:
         return spliced_tokens(self.public_inputs(), count, self.pad_id, torch.Generator().manual_seed(seed))
 
     def public_outputs(self, exchange: ExchangeConfig) -> ClassOutputs:
-        inputs = self.public_inputs()
-        return ClassOutputs(inputs, self.num_classes, exchange, lambda: self.teacher_targets(inputs, (LOGITS,)))
+        return class_outputs(self, exchange)
 
     def test_data(self) -> TensorDataset:
         return self._parts["test"]
