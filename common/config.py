@@ -163,6 +163,7 @@ class ExchangeConfig:
     compression: str
     topk: int
     teacher_weight: float
+    choose_teacher_weight: bool
     site_students: list[dict[str, Any]]
     public_fit_epochs: int
     server: ServerDistillConfig

@@ -7,6 +7,11 @@ Both travel as rows of log-probabilities compressed by `common.compression` (a c
 only as top-k: its dense rows would be hundreds of megabytes). The server decodes the
 replies a slice of rows at a time, aggregates them coordinate-wise, mixes in the teacher,
 and fits the global student to the result on the public inputs (no privacy cost).
+
+The teacher's share of the mix is `exchange.teacher_weight`, or, with
+`exchange.choose_teacher_weight` and a task whose public records carry labels (a causal
+LM's next tokens), the share of `TEACHER_WEIGHTS` under which the mix gives a held-out slice
+of those labels the lowest cross-entropy, chosen again each round.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from common.public_distill import DistillReport, distill_on_public, fit_on_publi
 LOGPROB_TOLERANCE = 1e-2  # float16 rounding of log-probabilities near 0
 RECORDS_PER_FORWARD = 32
 ROWS_PER_SLICE = 128  # rows decoded densely at once on the server: sites x rows x classes float64
+TEACHER_WEIGHTS = tuple(i / 10 for i in range(11))  # the shares exchange.choose_teacher_weight tries
+HOLDOUT_SEED = 0  # which public rows judge the mix: public facts only, the same every round
 
 Aggregation = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (stack [S, ...], site weights [S]) -> [...]
 Targets = dict[str, torch.Tensor]
@@ -38,14 +45,17 @@ class PublicOutputs:
     Subclasses say what a row is: `_student_rows` (a student's logits for some records),
     `_teacher_log_probs` (the teacher's), `_targets` (a slice of the consensus as training
     targets), `target_spec` and `fit`. Both are handed values, and `teacher`, which computes the
-    teacher's targets on the public inputs only when they are first mixed in.
+    teacher's targets on the public inputs only when they are first mixed in; `row_labels`, the
+    public label of every row where the task has them, lets the server choose the teacher's share.
     """
 
     def __init__(self, inputs: torch.Tensor, classes: int, rows: int, exchange: ExchangeConfig,
-                 teacher: Callable[[], Targets]):
+                 teacher: Callable[[], Targets], row_labels: torch.Tensor | None = None):
         self.inputs, self.classes, self.rows = inputs, classes, rows
         self.method, self.k, self.teacher_weight = exchange.compression, exchange.topk, exchange.teacher_weight
+        self.choose_teacher_weight, self.holdout = exchange.choose_teacher_weight, exchange.server.holdout
         self._teacher = teacher
+        self.row_labels = row_labels
 
     # --- at a site ---
 
@@ -79,23 +89,41 @@ class PublicOutputs:
             return "the reply's values are not log-probabilities (a value above 0 or a row's mass above 1)"
         return ""
 
-    def combine(self, replies: list[dict[str, np.ndarray]], weights: np.ndarray, aggregation: Aggregation) -> Targets:
-        """The consensus of the sites' rows (with the teacher's mixed in by exchange.teacher_weight) as targets."""
-        slices = []
-        for first in range(0, self.rows, ROWS_PER_SLICE):
-            rows = slice(first, first + ROWS_PER_SLICE)
-            # Log-probabilities, renormalised after float16 rounding: raw logits of different
-            # students differ by per-row constants, which would dominate a median or mean.
-            stack = np.stack([self._decode(reply, rows).numpy() for reply in replies])  # [S, rows, C]
-            combined = torch.from_numpy(aggregation(stack, weights)).float()
-            if self.teacher_weight > 0:
-                combined = (1 - self.teacher_weight) * combined + self.teacher_weight * self._teacher_log_probs(rows)
-            slices.append(self._targets(combined))
-        return {name: torch.cat([part[name] for part in slices]) for name in slices[0]}
+    def combine(self, replies: list[dict[str, np.ndarray]], weights: np.ndarray,
+                aggregation: Aggregation) -> tuple[Targets, float]:
+        """The consensus of the sites' rows with the teacher's mixed in, as targets, and the teacher's share."""
+        share = self.chosen_teacher_weight(replies, weights, aggregation) if self.choose_teacher_weight else self.teacher_weight
+        slices = [self._targets(self._mix(self._consensus(replies, rows, weights, aggregation), rows, share))
+                  for rows in torch.arange(self.rows).split(ROWS_PER_SLICE)]
+        return {name: torch.cat([part[name] for part in slices]) for name in slices[0]}, share
 
-    def _decode(self, arrays: dict[str, np.ndarray], rows: slice) -> torch.Tensor:
+    def chosen_teacher_weight(self, replies: list[dict[str, np.ndarray]], weights: np.ndarray,
+                              aggregation: Aggregation) -> float:
+        """The share of TEACHER_WEIGHTS whose mix gives the public labels of a held-out slice of rows the
+        lowest cross-entropy (the first of equals). Needs `row_labels`."""
+        order = torch.randperm(self.rows, generator=torch.Generator().manual_seed(HOLDOUT_SEED))
+        held_out = order[:max(1, round(self.holdout * self.rows))]
+        losses = torch.zeros(len(TEACHER_WEIGHTS), dtype=torch.float64)
+        for rows in held_out.split(ROWS_PER_SLICE):
+            consensus, labels = self._consensus(replies, rows, weights, aggregation), self.row_labels[rows, None]
+            for i, share in enumerate(TEACHER_WEIGHTS):
+                losses[i] -= self._mix(consensus, rows, share).log_softmax(1).gather(1, labels).double().sum()
+        return TEACHER_WEIGHTS[int(losses.argmin())]
+
+    def _consensus(self, replies: list[dict[str, np.ndarray]], rows: torch.Tensor, weights: np.ndarray,
+                   aggregation: Aggregation) -> torch.Tensor:
+        """The sites' aggregated log-probabilities at `rows` [rows, C]."""
+        # Log-probabilities, renormalised after float16 rounding: raw logits of different
+        # students differ by per-row constants, which would dominate a median or mean.
+        stack = np.stack([self._decode(reply, rows).numpy() for reply in replies])  # [S, rows, C]
+        return torch.from_numpy(aggregation(stack, weights)).float()
+
+    def _mix(self, consensus: torch.Tensor, rows: torch.Tensor, share: float) -> torch.Tensor:
+        return consensus if share == 0 else (1 - share) * consensus + share * self._teacher_log_probs(rows)
+
+    def _decode(self, arrays: dict[str, np.ndarray], rows: torch.Tensor) -> torch.Tensor:
         """Rows of wire arrays -> log-probabilities [rows, C]."""
-        chosen = {name: array[rows] for name, array in arrays.items()}
+        chosen = {name: array[rows.numpy()] for name, array in arrays.items()}
         return torch.log_softmax(compression.decode(chosen, method=self.method, classes=self.classes), dim=1)
 
     # --- what a row is ---
@@ -103,7 +131,7 @@ class PublicOutputs:
     def _student_rows(self, student: nn.Module, records: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _teacher_log_probs(self, rows: slice) -> torch.Tensor:
+    def _teacher_log_probs(self, rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def _targets(self, combined: torch.Tensor) -> Targets:
@@ -131,7 +159,7 @@ class ClassOutputs(PublicOutputs):
     def _teacher_rows(self) -> torch.Tensor:
         return torch.log_softmax(self._teacher()[LOGITS].float(), dim=1)
 
-    def _teacher_log_probs(self, rows: slice) -> torch.Tensor:
+    def _teacher_log_probs(self, rows: torch.Tensor) -> torch.Tensor:
         return self._teacher_rows[rows]
 
     def _targets(self, combined: torch.Tensor) -> Targets:
@@ -165,7 +193,7 @@ class TokenOutputs(PublicOutputs):
                               "top-k indices of the logits exchange: use exchange=weights")
         self.positions = labels != -100  # [P, T]
         # teacher() -> the teacher's top-k {TOPK_LOGPROBS, TOPK_IDS} [P, T, k], ids as output ids
-        super().__init__(inputs, vocabulary, int(self.positions.sum()), exchange, teacher)
+        super().__init__(inputs, vocabulary, int(self.positions.sum()), exchange, teacher, labels[self.positions])
         self.labels = labels
         self.teacher_vocabulary = teacher_vocabulary
         self.unknown = unknown  # the output id every token outside the output vocabulary maps to
@@ -179,7 +207,7 @@ class TokenOutputs(PublicOutputs):
         top = self._teacher()
         return top[TOPK_LOGPROBS][self.positions].float(), top[TOPK_IDS][self.positions].long()  # [rows, k]
 
-    def _teacher_log_probs(self, rows: slice) -> torch.Tensor:
+    def _teacher_log_probs(self, rows: torch.Tensor) -> torch.Tensor:
         values, ids = (part[rows] for part in self._teacher_rows)
         # The teacher's mass outside its top-k is spread evenly over the rest of its vocabulary; the
         # unknown output token gets the share of every token outside the output vocabulary (and

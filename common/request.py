@@ -26,7 +26,7 @@ from typing import Any
 from common.config import Config, ConfigError, DistillConfig, ExchangeConfig, PrivacyConfig, StudentConfig
 from common.task_config import TASK_NAME
 
-VERSION = 1
+VERSION = 2  # 2: exchange.choose_teacher_weight
 MAX_BYTES = 64 * 1024
 MAX_ITEMS = 64  # the longest list any key may hold
 MAX_STRING = 64

@@ -14,7 +14,7 @@ from flwr.app import Array, ArrayRecord, RecordDict
 from torch import nn
 
 from common import payload as P
-from common.config import Config
+from common.config import Config, ConfigError
 from common.public_distill import TeacherTransfer
 from common.public_outputs import Targets
 from common.tasks import Task
@@ -108,6 +108,10 @@ class LogitsExchange:
         self.config = config.exchange
         self.seed = config.seed
         self.outputs = task.public_outputs(self.config)
+        if self.config.choose_teacher_weight and self.outputs.row_labels is None:
+            raise ConfigError(f"exchange.choose_teacher_weight judges the teacher's share on public labels, and "
+                              f"task={config.task.name}'s public inputs have none: set exchange.choose_teacher_weight=false "
+                              "and a fixed exchange.teacher_weight")
         self.max_bytes = int(self.config.max_reply_mb * 2**20)
         self.consensus: Targets | None = None  # last round's aggregate
 
@@ -132,13 +136,14 @@ class LogitsExchange:
 
     def combine(self, replies: list[RecordDict], global_student: nn.Module, server_round: int,
                 weights: np.ndarray | None = None) -> dict:
-        combined = self.outputs.combine(
+        combined, teacher_weight = self.outputs.combine(
             [{name: array.numpy() for name, array in r[P.LOGITS].items()} for r in replies],
             _weights(replies, self.config.weighting, weights),
             lambda stack, w: aggregate(stack, w, method=self.config.aggregation, trim_fraction=self.config.trim_fraction))
         report = self.outputs.fit(global_student, combined, self.config.server, seed=self.seed * 1000 + server_round)
         self.consensus = combined  # sent down only once the global student has learned it
-        return {"server_distill_epochs": report.epochs, "server_holdout_kl": report.holdout_loss}
+        return {"server_distill_epochs": report.epochs, "server_holdout_kl": report.holdout_loss,
+                "teacher_weight": teacher_weight}
 
 
 def build_exchange(config: Config, task: Task, global_student: nn.Module) -> Exchange:

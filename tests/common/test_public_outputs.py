@@ -1,5 +1,6 @@
 """A causal LM's public outputs in the logits exchange: top-k per next-token position, checked,
-aggregated over the union of the sites' tokens, mixed with the teacher, and learned."""
+aggregated over the union of the sites' tokens, mixed with the teacher (by a fixed share or one
+chosen on held-out public labels), and learned."""
 
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ def test_the_consensus_is_the_top_k_of_the_sites_mean_log_probabilities(lm_task)
         return {compression.VALUES: values, compression.INDICES: np.tile([9, second, 11, 12], (rows, 1)).astype(np.uint16)}
 
     replies = [site(5), site(7)]
-    consensus = outputs.combine(replies, np.ones(2), _mean)
+    consensus, share = outputs.combine(replies, np.ones(2), _mean)
+    assert share == 0
     assert consensus[TOPK_IDS].shape == (rows, 4) and consensus[TOPK_IDS].max() < vocabulary
     assert (consensus[TOPK_IDS][:, 0] == 9).all()
     assert torch.allclose(consensus[TOPK_LOGPROBS][:, 0].exp(), torch.tensor(0.6), atol=0.01)
@@ -71,7 +73,7 @@ def test_the_teacher_is_mixed_in_by_its_weight(lm_overrides):
     task = build_task(config)
     outputs = task.public_outputs(config.exchange)
     student_arrays = outputs.encode(task.student(config.student))
-    consensus = outputs.combine([student_arrays], np.ones(1), _mean)
+    consensus, _ = outputs.combine([student_arrays], np.ones(1), _mean)
     teacher = task.teacher_targets(task.public_inputs(), (TOPK_LOGPROBS, TOPK_IDS))
     positions = task.public_labels() != -100
     teacher_ids, teacher_values = teacher[TOPK_IDS][positions].long(), teacher[TOPK_LOGPROBS][positions].float()
@@ -93,6 +95,29 @@ def test_the_teacher_is_mixed_in_by_its_weight(lm_overrides):
     assert torch.allclose(dense[ranked, unknown].exp(), share[ranked], rtol=1e-2)
 
 
+def _sure_of(tokens: torch.Tensor, rows: int) -> dict[str, np.ndarray]:
+    """A reply that puts 0.97 on `tokens` [rows] at each row (and a little on three others)."""
+    others = (tokens[:, None] + torch.tensor([1, 2, 3])) % 7 + 1000
+    ids = torch.cat([tokens[:, None], others], 1).numpy().astype(np.uint16)
+    return {compression.VALUES: np.log(np.tile([0.97, 0.01, 0.01, 0.01], (rows, 1))).astype(np.float16),
+            compression.INDICES: ids}
+
+
+def test_the_teacher_weight_is_chosen_by_the_held_out_public_labels(lm_overrides):
+    config = load_config([*lm_overrides, "exchange=logits", "exchange.topk=4", "exchange.choose_teacher_weight=true"])
+    outputs = build_task(config).public_outputs(config.exchange)
+    labels = outputs.row_labels
+    assert labels is not None and len(labels) == outputs.rows
+    right = _sure_of(labels, outputs.rows)  # sites that know every next token: the teacher can only hurt
+    wrong = _sure_of((labels + 1) % 1000, outputs.rows)  # sites sure of the wrong token: the teacher is better
+    assert outputs.combine([right, right], np.ones(2), _mean)[1] == 0
+    consensus, share = outputs.combine([wrong, wrong], np.ones(2), _mean)
+    assert share >= 0.5
+    fixed = load_config([*lm_overrides, "exchange=logits", "exchange.topk=4", f"exchange.teacher_weight={share}"])
+    expected, _ = build_task(fixed).public_outputs(fixed.exchange).combine([wrong, wrong], np.ones(2), _mean)
+    assert all(torch.equal(consensus[name], expected[name]) for name in expected)  # mixed by the share it chose
+
+
 def test_fitting_the_consensus_moves_the_student_towards_it(lm_task):
     config, task = lm_task
     outputs = task.public_outputs(config.exchange)
@@ -101,7 +126,7 @@ def test_fitting_the_consensus_moves_the_student_towards_it(lm_task):
     for parameter in target.parameters():
         if parameter.requires_grad and parameter.dim() == 2:
             torch.nn.init.normal_(parameter, std=0.5)
-    consensus = outputs.combine([outputs.encode(target)], np.ones(1), _mean)
+    consensus, _ = outputs.combine([outputs.encode(target)], np.ones(1), _mean)
     torch.manual_seed(2)
     student = task.student(config.student)
     kl = TokenDistillLoss(temperature=1.0, alpha=1.0)

@@ -6,7 +6,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common import payload as P
-from common.config import load_config
+from common.config import ConfigError, load_config
 from common.tasks import build_task
 from common.losses import LOGITS
 from common.payload import check_arrays
@@ -76,7 +76,7 @@ def test_logits_exchange_drops_bad_replies_and_distills_on_good_ones(config):
     student = task.student(config.student)
     before = P.model_to_record(student)["net.1.weight"].numpy().copy()
     report = exchange.combine([_reply(good), _reply(good)], student, server_round=1)
-    assert report["server_distill_epochs"] >= 1
+    assert report["server_distill_epochs"] >= 1 and report["teacher_weight"] == 0
     assert not np.allclose(before, P.model_to_record(student)["net.1.weight"].numpy())
     assert exchange.consensus[LOGITS].shape == (rows, 10)
 
@@ -92,6 +92,13 @@ def test_a_reply_holding_anything_a_site_may_not_release_is_dropped(config):
     assert read_content(_reply(good), 1, exchange, weights_mode).status == INVALID  # logits not in this run
     # without DP there is no guarantee to break, and the loss may travel
     assert read_content(_reply(good, **{P.TRAIN_LOSS: 0.3}), 1, exchange, set(P.released_items(mode="logits", weighting="uniform", dp=False))).status == TRAINED
+
+
+def test_a_teacher_weight_chosen_on_public_labels_needs_a_task_whose_public_records_have_them(tmp_path, cache_dir):
+    config = load_config(["task=digits", "exchange=logits", "exchange.choose_teacher_weight=true",
+                          f"run_dir={tmp_path}", f"cache_dir={cache_dir}"])
+    with pytest.raises(ConfigError, match="task=digits's public inputs have none.*exchange.choose_teacher_weight=false"):
+        LogitsExchange(config, build_task(config))
 
 
 def test_the_consensus_is_kept_only_once_the_global_student_has_learned_it(config, monkeypatch):
