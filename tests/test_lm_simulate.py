@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from common.public_outputs import TEACHER_WEIGHTS
 from tests.test_simulate import finished_run, simulate
 
 pytestmark = pytest.mark.e2e  # real Flower simulations
@@ -18,7 +19,8 @@ RUN_FILES = ["config.yaml", "metrics.jsonl", "summary.json", "student/config.jso
              "student/tokenizer.json", "student-int8.pt", "privacy.json", "privacy.md", "progress.png"]
 
 
-@pytest.mark.parametrize("exchange", [["exchange=weights"], ["exchange=logits"]], ids=["weights", "logits"])
+@pytest.mark.parametrize("exchange", [["exchange=weights"], ["exchange=logits", "exchange.choose_teacher_weight=true"]],
+                         ids=["weights", "logits"])
 def test_lm_federation_runs_two_rounds_and_exports_a_student_that_generates(lm_overrides, tmp_path, exchange):
     run_dir = tmp_path / "lm-run"
     overrides = [o for o in lm_overrides if not o.startswith("run_dir=")] + exchange
@@ -32,6 +34,8 @@ def test_lm_federation_runs_two_rounds_and_exports_a_student_that_generates(lm_o
     assert summary["communication"]["bytes_up_per_site_round"] > 0
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {"perplexity_site-0", "perplexity_site-1", "perplexity_unseen-wsgiref"} <= set(rounds[-1])
+    if "exchange=logits" in exchange:  # the teacher's share, chosen each round on the public next tokens
+        assert [r["server"]["teacher_weight"] in TEACHER_WEIGHTS for r in rounds] == [True, True], rounds
     assert "tokens/s" in result.stdout and "held-out perplexity" in result.stdout
 
     student = AutoModelForCausalLM.from_pretrained(run_dir / "student")
