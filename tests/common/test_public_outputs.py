@@ -21,7 +21,8 @@ def _mean(stack, weights):
 
 @pytest.fixture
 def lm_task(lm_overrides):
-    config = load_config([*lm_overrides, "exchange=logits", "exchange.topk=4", "exchange.teacher_weight=0"])
+    config = load_config([*lm_overrides, "exchange=logits", "exchange.topk=4", "exchange.teacher_weight=0",
+                          "exchange.choose_teacher_weight=false"])
     return config, build_task(config)
 
 
@@ -69,7 +70,8 @@ def test_the_consensus_is_the_top_k_of_the_sites_mean_log_probabilities(lm_task)
 
 
 def test_the_teacher_is_mixed_in_by_its_weight(lm_overrides):
-    config = load_config([*lm_overrides, "exchange=logits", "exchange.topk=4", "exchange.teacher_weight=1"])
+    config = load_config([*lm_overrides, "exchange=logits", "exchange.topk=4", "exchange.teacher_weight=1",
+                          "exchange.choose_teacher_weight=false"])
     task = build_task(config)
     outputs = task.public_outputs(config.exchange)
     student_arrays = outputs.encode(task.student(config.student))
@@ -113,7 +115,8 @@ def test_the_teacher_weight_is_chosen_by_the_held_out_public_labels(lm_overrides
     assert outputs.combine([right, right], np.ones(2), _mean)[1] == 0
     consensus, share = outputs.combine([wrong, wrong], np.ones(2), _mean)
     assert share >= 0.5
-    fixed = load_config([*lm_overrides, "exchange=logits", "exchange.topk=4", f"exchange.teacher_weight={share}"])
+    fixed = load_config([*lm_overrides, "exchange=logits", "exchange.topk=4", f"exchange.teacher_weight={share}",
+                         "exchange.choose_teacher_weight=false"])
     expected, _ = build_task(fixed).public_outputs(fixed.exchange).combine([wrong, wrong], np.ones(2), _mean)
     assert all(torch.equal(consensus[name], expected[name]) for name in expected)  # mixed by the share it chose
 
