@@ -206,6 +206,8 @@ class ExchangeConfig:
 class FederationConfig:
     fraction_train: float
     min_sites: int
+    min_replies: int
+    max_failed_rounds: int
     round_timeout: float
     cpus_per_site: int
     metrics_port: int | None  # the ServerApp serves Prometheus metrics here during the run
@@ -216,6 +218,9 @@ class FederationConfig:
         require(self.metrics_port is None or 0 < self.metrics_port < 65536,
                  f"federation.metrics_port must be a TCP port (1-65535) or null, got {self.metrics_port}")
         require(self.min_sites >= 1, f"federation.min_sites must be >= 1, got {self.min_sites}")
+        require(self.min_replies >= 1, f"federation.min_replies must be >= 1, got {self.min_replies}")
+        require(self.max_failed_rounds >= 0, f"federation.max_failed_rounds must be >= 0 (0: never stop), "
+                                             f"got {self.max_failed_rounds}")
         require(self.round_timeout > 0, f"federation.round_timeout must be > 0, got {self.round_timeout}")
         require(self.cpus_per_site >= 1, f"federation.cpus_per_site must be >= 1, got {self.cpus_per_site}")
 
@@ -241,6 +246,12 @@ class Config:
         require(
             self.federation.min_sites <= self.sites,
             f"federation.min_sites ({self.federation.min_sites}) must be <= sites ({self.sites})",
+        )
+        sampled = min(self.sites, max(int(self.sites * self.federation.fraction_train), self.federation.min_sites))
+        require(
+            self.federation.min_replies <= sampled,
+            f"federation.min_replies ({self.federation.min_replies}) must be <= the {sampled} sites sampled each round "
+            f"(sites={self.sites}, federation.fraction_train={self.federation.fraction_train:g}): every round would fail",
         )
         for part in (self.task, self.student, self.distill, self.privacy, self.exchange, self.federation):
             part.validate()

@@ -261,8 +261,13 @@ def run_simulation(overrides: list[str], echo: Callable[[str], None] = print) ->
     if code != 0 or not summary_path.exists():
         print(f"fedistill: the run failed (flwr exit code {code}); logs: {run_dir / 'flower.log'}", file=sys.stderr)
         return 1
-    print(final_table(json.loads(summary_path.read_text())))
+    summary = json.loads(summary_path.read_text())
+    print(final_table(summary))
     print(f"fedistill: results in {run_dir}")
+    if not summary["rounds_completed"]:
+        print("fedistill: no round completed, so the global student is the one the server started from (the reasons "
+              "are above)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -293,8 +298,11 @@ def final_table(summary: dict) -> str:
     lines += _table(rows)
     comm = summary["communication"]
     lines.append(f"communication: {_kib(comm['bytes_up'])} up, {_kib(comm['bytes_down'])} down in all")
-    if summary.get("dropped_replies"):
-        lines.append(f"dropped replies (failed or invalid): {summary['dropped_replies']}")
+    for title, counts in (("replies dropped (failed or invalid)", summary.get("dropped_replies")),
+                          ("rounds that left the global student as it was", summary.get("failed_rounds"))):
+        if counts:
+            lines.append(f"{title}, by reason:")
+            lines += [f"  {count} x {reason}" for reason, count in counts.items()]
     privacy = summary["privacy"]
     lines.append(f"\nprivacy ({privacy['accountant']} accountant, delta {privacy['delta']:g})"
                  + ("" if privacy["enabled"] else ": DISABLED, sites trained without DP"))

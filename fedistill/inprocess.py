@@ -17,16 +17,13 @@ from torch import nn
 
 from client.round import train_round
 from client.site import Site, load_site
-from common import payload as P
 from common.config import Config
 from common.evaluation import Evaluator, Scores
 from common.public_distill import DistillReport, initial_student
-from common.request import encode, request_of
+from common.request import request_of
 from common.site_config import simulated_site_policy, site_config
 from common.tasks import Task, build_task
-from server.exchange import build_exchange
-from server.report import released_items
-from server.rounds import TRAINED, ParticipationPlan, RoundEngine
+from server.rounds import TRAINED, RoundEngine
 
 # The distillation settings the warm start depends on (it uses the local objective, not the DP step).
 OBJECTIVE_SETTINGS = ("temperature", "alpha", "feature_weight", "attention_weight", "attention_layers")
@@ -51,15 +48,7 @@ def federate(config: Config, *, weight_by_count: bool = False) -> tuple[Scores, 
     states = [RecordDict() for _ in sites]  # each site's context.state
     task = task_of(config)
     student = copy.deepcopy(start_of(config)[0])
-    engine = RoundEngine(
-        exchange=build_exchange(config, task, student),
-        global_student=student,
-        plan=ParticipationPlan(rounds=config.rounds, fraction=config.federation.fraction_train,
-                               min_sites=config.federation.min_sites, seed=config.seed),
-        allowed_items=set(released_items(config)),
-        assets=P.asset_manifest(task),
-        request=encode(request_of(config)),
-    )
+    engine = RoundEngine.for_run(config, task, student)
     counts = {node: float(len(site.data)) for node, site in enumerate(sites)}
     for server_round in range(1, config.rounds + 1):
         contents = engine.configure(server_round, list(counts))

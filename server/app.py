@@ -18,13 +18,11 @@ from common import payload as P
 from common.config import RUNS_ENV, Config, ConfigError, load_config
 from common.models.inference import describe, quantize_int8
 from common.public_distill import initial_student
-from common.request import encode, request_of
 from common.tasks import build_task
 from server import rundir as R
-from server.exchange import build_exchange
 from server.metrics import ServerMetrics
-from server.report import PrivacyView, mean, privacy_report, progress_line, released_items, round_record
-from server.rounds import FAILED, INVALID, ParticipationPlan, RoundEngine, RoundOutcome
+from server.report import PrivacyView, mean, privacy_report, progress_line, round_record
+from server.rounds import FAILED, INVALID, RoundEngine, RoundOutcome
 from server.strategy import DistillStrategy
 
 app = ServerApp()
@@ -61,31 +59,27 @@ def run(grid: Grid, config: Config) -> None:
     student, report = initial_student(task, config)
     if report is not None:
         log(INFO, f"warm start on the public inputs: {report.epochs} epochs, held-out loss {report.holdout_loss:.3f}")
-    plan = ParticipationPlan(rounds=config.rounds, fraction=config.federation.fraction_train,
-                             min_sites=config.federation.min_sites, seed=config.seed)
-    engine = RoundEngine(
-        exchange=build_exchange(config, task, student),
-        global_student=student,
-        plan=plan,
-        allowed_items=set(released_items(config)),
-        assets=P.asset_manifest(task),
-        request=encode(request_of(config)),
-    )
-    strategy = DistillStrategy(engine=engine)
+    engine = RoundEngine.for_run(config, task, student)
+    strategy = DistillStrategy(engine=engine, wait_s=config.federation.round_timeout)
     metrics = ServerMetrics(tuple(m.name for m in evaluator.metrics))
     metrics.serve(config.federation.metrics_port, config.federation.metrics_host)
     ledger = PrivacyView()
-    dropped: Counter[str] = Counter()
+    dropped: Counter[str] = Counter()  # "status: reason" of every failed or invalid reply
     rounds: list[dict] = []
+    last_scores: list[dict] = []
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         eval_start = time.perf_counter()
-        P.load_record(student, arrays)
-        scores = evaluator(student)
+        outcome = engine.rounds.get(server_round, RoundOutcome())
+        if server_round > 0 and outcome.failed and last_scores:
+            scores = last_scores[-1]  # a failed round left the global student as it was
+        else:
+            P.load_record(student, arrays)
+            scores = evaluator(student)
+        last_scores[:] = [scores]
         if server_round > 0:
-            outcome = engine.rounds.get(server_round, RoundOutcome())
             ledger.update(server_round, outcome)
-            dropped.update(s.site for s in outcome.sites if s.status in (FAILED, INVALID))
+            dropped.update(f"{s.status}: {s.reason}" for s in outcome.sites if s.status in (FAILED, INVALID))
             record = round_record(server_round, outcome, scores, ledger, start)
             record["eval_s"] = time.perf_counter() - eval_start
             rounds.append(record)
@@ -112,7 +106,8 @@ def run(grid: Grid, config: Config) -> None:
         "exchange": config.exchange.mode,
         "sites": config.sites,
         "rounds_planned": config.rounds,
-        "rounds_completed": sum(r["sites_trained"] > 0 for r in rounds),
+        "rounds_completed": sum(not r["round_failed"] for r in rounds),
+        "failed_rounds": dict(Counter(r["round_failed"] for r in rounds if r["round_failed"]).most_common()),
         "metrics": [dataclasses.asdict(m) for m in evaluator.metrics],
         "teacher": {**describe(teacher, example, task.tokens_per_example), **evaluator.teacher},
         "student": {**student_cost, **evaluator(student)},
@@ -123,7 +118,7 @@ def run(grid: Grid, config: Config) -> None:
             "bytes_down": sum(r["bytes_down"] for r in rounds),
             "bytes_up_per_site_round": mean([r["bytes_up"] / r["sites_trained"] for r in rounds if r["sites_trained"]]),
         },
-        "dropped_replies": dict(sorted(dropped.items())),
+        "dropped_replies": dict(dropped.most_common()),  # by reason, never site by site
         "seconds": time.perf_counter() - start,
     }
     run_dir.write_json(R.SUMMARY_FILE, summary)

@@ -116,6 +116,7 @@ def round_record(server_round: int, outcome: RoundOutcome, scores: Scores, ledge
         "sites_refused": outcome.count(REFUSED),
         "sites_failed": outcome.count(FAILED),
         "sites_invalid": outcome.count(INVALID),
+        "round_failed": outcome.failed or None,  # why the global student was left as it was
         "train_loss": mean([s.train_loss for s in outcome.sites if s.status == TRAINED]),
         "epsilon": dict(sorted(ledger.epsilon.items(), key=lambda kv: _site_order(kv[0]))),
         "bytes_up": outcome.bytes_up,
@@ -141,10 +142,11 @@ def progress_line(record: dict, config: Config, metrics: tuple[Metric, ...]) -> 
     refused = f", {record['sites_refused']} refused" if record["sites_refused"] else ""
     failed = record["sites_failed"] + record["sites_invalid"]
     failed = f", {failed} failed" if failed else ""
+    unchanged = f" | round failed, global student unchanged: {record['round_failed']}" if record["round_failed"] else ""
     return (
         f"{P.PROGRESS_TAG}round {record['round']}/{config.rounds}: {record['sites_trained']} trained{refused}{failed} | "
         f"{', '.join(f'{m.name} {record[m.name]:.3f}' for m in metrics[:2])} | {privacy} | "
-        f"{record['elapsed_s']:.0f}s"
+        f"{record['elapsed_s']:.0f}s{unchanged}"
     )
 
 

@@ -7,6 +7,10 @@ from a participation plan drawn ahead, so that each sampled site is told how man
 left and can calibrate its noise to spend its budget on those. Each sampled site's outcome
 (trained, refused, failed, invalid) is kept per round: a refusal or failure is data, and a reply
 that fails the exchange's checks or holds anything a site may not release is dropped and counted.
+A sampled site that sends nothing before the round's timeout has failed. A round with fewer valid
+replies than `min_replies`, or whose combine fails, leaves the global student as it was and is
+recorded as failed with its reason; after `max_failed_rounds` failed rounds in a row the run
+stops (the rounds left are recorded as not run).
 """
 
 from __future__ import annotations
@@ -21,11 +25,15 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from torch import nn
 
 from common import payload as P
-from server.exchange import Exchange
+from common.config import Config
+from common.request import encode, request_of
+from common.tasks import Task
+from server.exchange import Exchange, build_exchange
 
 log = logging.getLogger(__name__)
 
 TRAINED, REFUSED, FAILED, INVALID = "trained", "refused", "failed", "invalid"
+NO_REPLY = "no reply before the round's timeout (federation.round_timeout)"
 
 
 @dataclass
@@ -47,6 +55,8 @@ class SiteOutcome:
 @dataclass
 class RoundOutcome:
     sampled: int = 0
+    nodes: list[int] = field(default_factory=list)  # the sampled nodes
+    failed: str = ""  # why the round left the global student as it was ("": it was combined)
     bytes_down: int = 0
     bytes_up: int = 0
     started: float = field(default_factory=time.perf_counter)
@@ -88,11 +98,15 @@ class RoundEngine:
     """`configure(round, connected)` says what each sampled node gets; `aggregate(round, replies)`
     reads what came back and updates `global_student`. `rounds[r]` holds round r's outcome.
 
-    `allowed_items` is everything a site's reply may hold (common.payload's release lists).
+    `allowed_items` is everything a site's reply may hold (common.payload's release lists). A round
+    is combined only from at least `min_replies` valid replies; after `max_failed_rounds` failed
+    rounds in a row (0: never) no more rounds are run.
     """
 
     def __init__(self, *, exchange: Exchange, global_student: nn.Module, plan: ParticipationPlan,
-                 allowed_items: set[str], assets: dict[str, int | str], request: str):
+                 allowed_items: set[str], assets: dict[str, int | str], request: str,
+                 min_replies: int = 1, max_failed_rounds: int = 0):
+        self.min_replies, self.max_failed_rounds = min_replies, max_failed_rounds
         self.exchange = exchange
         self.global_student = global_student
         self.plan = plan
@@ -101,12 +115,40 @@ class RoundEngine:
         self.request = request  # the run request every site gets (common.request.encode)
         self.rounds: dict[int, RoundOutcome] = {}
 
+    @classmethod
+    def for_run(cls, config: Config, task: Task, global_student: nn.Module) -> RoundEngine:
+        """The engine of the run `config` describes: its exchange, participation plan, release list,
+        request and limits."""
+        return cls(
+            exchange=build_exchange(config, task, global_student),
+            global_student=global_student,
+            plan=ParticipationPlan(rounds=config.rounds, fraction=config.federation.fraction_train,
+                                   min_sites=config.federation.min_sites, seed=config.seed),
+            allowed_items=set(P.released_items(mode=config.exchange.mode, weighting=config.exchange.weighting,
+                                               dp=config.privacy.enabled)),
+            assets=P.asset_manifest(task),
+            request=encode(request_of(config)),
+            min_replies=config.federation.min_replies,
+            max_failed_rounds=config.federation.max_failed_rounds,
+        )
+
     def configure(self, server_round: int, connected: list[int]) -> dict[int, RecordDict]:
-        """Each node sampled this round -> the content it is sent."""
+        """Each node sampled this round -> the content it is sent (none once the run has stopped)."""
+        if self.stopped:
+            self.rounds[server_round] = RoundOutcome(failed=f"not run: the {self.max_failed_rounds} rounds before it "
+                                                            "failed (federation.max_failed_rounds)")
+            return {}
         sampled = self.plan.sample(server_round, connected)
         content = round_request(self.exchange, self.global_student, server_round, self.assets, self.request)
-        self.rounds[server_round] = RoundOutcome(sampled=len(sampled), bytes_down=len(sampled) * content_bytes(content))
+        self.rounds[server_round] = RoundOutcome(sampled=len(sampled), nodes=sorted(sampled),
+                                                 bytes_down=len(sampled) * content_bytes(content))
         return {node: for_site(content, rounds_left) for node, rounds_left in sampled.items()}
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the last `max_failed_rounds` rounds all failed, so that no more are run."""
+        last = [self.rounds[r] for r in sorted(self.rounds)[-self.max_failed_rounds:]] if self.max_failed_rounds else []
+        return len(last) == self.max_failed_rounds > 0 and all(o.failed for o in last)
 
     def aggregate(self, server_round: int, replies: list[tuple[int, RecordDict | str]],
                   weights: dict[int, float] | None = None) -> int:
@@ -117,6 +159,10 @@ class RoundEngine:
         reference that knows the record counts no DP site sends may give it.
         """
         outcome = self.rounds.setdefault(server_round, RoundOutcome())
+        if outcome.failed:  # not run
+            return 0
+        replied = {node_id for node_id, _ in replies}
+        replies = [*replies, *((node, NO_REPLY) for node in outcome.nodes if node not in replied)]
         accepted, nodes = [], []
         for node_id, reply in replies:
             site = (SiteOutcome(f"node-{node_id}", node_id, FAILED, reason=reply) if isinstance(reply, str)
@@ -129,6 +175,11 @@ class RoundEngine:
                 nodes.append(node_id)
             else:
                 log.warning("Round %d: %s (node %d) %s: %s", server_round, site.site, site.node_id, site.status, site.reason)
+        if len(accepted) < self.min_replies:
+            outcome.failed = (f"{len(accepted)} valid replies from {outcome.sampled} sampled sites, fewer than "
+                              f"federation.min_replies={self.min_replies}")
+            log.warning("Round %d failed: %s; the global student is unchanged", server_round, outcome.failed)
+            accepted = []
         if accepted:
             combine_start = time.perf_counter()
             previous = P.model_to_record(self.global_student)
@@ -139,6 +190,7 @@ class RoundEngine:
                 log.error("Round %d: combining %d replies failed: %r", server_round, len(accepted), err)
                 P.load_record(self.global_student, previous)  # a combine may fail after changing it
                 outcome.server = {"error": repr(err)}
+                outcome.failed = f"combining {len(accepted)} replies failed: {err!r}"
                 accepted = []
             outcome.aggregation_seconds = time.perf_counter() - combine_start
         outcome.seconds = time.perf_counter() - outcome.started

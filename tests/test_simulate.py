@@ -57,7 +57,7 @@ def test_simulation_writes_every_run_file_and_the_summary_keys(first_run):
         assert (run_dir / name).stat().st_size > 0, name
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["task"] == "digits" and summary["exchange"] == "weights"
-    assert summary["rounds_completed"] == 2
+    assert summary["rounds_completed"] == 2 and summary["failed_rounds"] == {} and summary["dropped_replies"] == {}
     for key in ("params", "accuracy"):
         assert summary["teacher"][key] > 0
     assert 0 < summary["student"]["params"] < summary["teacher"]["params"]
@@ -88,9 +88,10 @@ def test_a_dp_reply_on_the_wire_holds_no_record_count_loss_or_timing(first_run):
 def test_second_run_on_the_same_ledger_refuses_once_the_budget_is_spent(first_run):
     root, overrides, _ = first_run
     result = simulate(root / "run2", *overrides)
-    assert result.returncode == 0, result.stdout + result.stderr
-    summary = json.loads((root / "run2" / "summary.json").read_text())
-    assert summary["rounds_completed"] == 0
+    assert result.returncode == 1 and "no round completed" in result.stderr, result.stdout + result.stderr
+    summary = json.loads((root / "run2" / "summary.json").read_text())  # written all the same
+    assert summary["rounds_completed"] == 0 and summary["failed_rounds"] == {
+        "0 valid replies from 3 sampled sites, fewer than federation.min_replies=1": 2}
     for s in summary["privacy"]["sites"]:
         assert s["refused_rounds"] == 2 and s["epsilon"] <= s["budget"]
     assert [s["epsilon"] for s in summary["privacy"]["sites"]] == [0.0, 0.0, 0.0]  # this run spent nothing
@@ -104,7 +105,7 @@ def test_the_same_ledger_under_another_partition_is_refused(first_run):
     """sites=3 then sites=4 on one ledger folder: the records of every site would be charged again."""
     root, overrides, _ = first_run
     result = simulate(root / "run-4-sites", *[o.replace("sites=3", "sites=4") for o in overrides])
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == 1, result.stdout + result.stderr
     summary = json.loads((root / "run-4-sites" / "summary.json").read_text())
     assert summary["rounds_completed"] == 0
     sites = summary["privacy"]["sites"]

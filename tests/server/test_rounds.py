@@ -1,5 +1,7 @@
 """The round engine: sites are sampled as FedAvg does and each is told its rounds left; every
-reply is recorded by what it was, and only valid ones change the global student."""
+reply is recorded by what it was (a sampled site that sends nothing has failed), only valid ones
+change the global student, a round with too few of them fails, and failed rounds in a row stop
+the run."""
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from common import payload as P
 from common.config import load_config
 from common.tasks import build_task
 from server.exchange import WeightsExchange
-from server.rounds import FAILED, INVALID, REFUSED, TRAINED, ParticipationPlan, RoundEngine
+from server.rounds import FAILED, INVALID, NO_REPLY, REFUSED, TRAINED, ParticipationPlan, RoundEngine
 
 
 def _run(plan, nodes, rounds):
@@ -41,17 +43,25 @@ def test_the_plan_is_redrawn_for_the_remaining_rounds_when_sites_change():
 
 
 @pytest.fixture
-def engine(tmp_path, cache_dir) -> RoundEngine:
+def make_engine(tmp_path, cache_dir):
     # the plain mean, without the server's distillation toward the teacher after it
     config = load_config(["task=digits", "sites=4", "rounds=2", "exchange.server.distill_teacher=false",
                           f"run_dir={tmp_path}", f"cache_dir={cache_dir}"])
     task = build_task(config)
-    torch.manual_seed(0)
-    student = task.student(config.student)
-    return RoundEngine(exchange=WeightsExchange(config, task, student), global_student=student,
-                       plan=ParticipationPlan(rounds=2, fraction=1.0, min_sites=1, seed=0),
-                       allowed_items=set(P.released_items(mode="weights", weighting="uniform", dp=True)),
-                       assets={P.TEACHER_SHA256: "t"}, request="{}")
+
+    def make(rounds: int = 2, **limits) -> RoundEngine:
+        torch.manual_seed(0)
+        student = task.student(config.student)
+        return RoundEngine(exchange=WeightsExchange(config, task, student), global_student=student,
+                           plan=ParticipationPlan(rounds=rounds, fraction=1.0, min_sites=1, seed=0),
+                           allowed_items=set(P.released_items(mode="weights", weighting="uniform", dp=True)),
+                           assets={P.TEACHER_SHA256: "t"}, request="{}", **limits)
+    return make
+
+
+@pytest.fixture
+def engine(make_engine) -> RoundEngine:
+    return make_engine()
 
 
 def trained(weights: dict[str, np.ndarray], site: str) -> RecordDict:
@@ -95,6 +105,53 @@ def test_a_round_without_a_valid_reply_leaves_the_global_student_as_it_was(engin
     start = weights_of(engine)
     assert engine.aggregate(1, [(1, "timed out")]) == 0
     assert all(np.array_equal(weights_of(engine)[name], start[name]) for name in start)
+    assert engine.rounds[1].failed == "0 valid replies from 1 sampled sites, fewer than federation.min_replies=1"
+
+
+def test_a_sampled_site_that_sends_nothing_has_failed(engine):
+    engine.configure(1, [1, 2, 3])
+    start = weights_of(engine)
+    assert engine.aggregate(1, [(2, trained({n: v + 1 for n, v in start.items()}, "site-b"))]) == 1
+    assert [(s.site, s.status, s.reason) for s in engine.rounds[1].sites] == [
+        ("site-b", TRAINED, ""), ("node-1", FAILED, NO_REPLY), ("node-3", FAILED, NO_REPLY)]
+    assert not engine.rounds[1].failed
+
+
+def test_a_round_with_fewer_valid_replies_than_min_replies_fails_and_changes_nothing(make_engine):
+    engine = make_engine(min_replies=2)
+    engine.configure(1, [1, 2, 3])
+    start = weights_of(engine)
+    refused = RecordDict({P.CONFIG: ConfigRecord({P.STATUS: P.STATUS_REFUSED, P.SITE: "site-b", P.REASON: "budget"})})
+    assert engine.aggregate(1, [(1, trained({n: v + 1 for n, v in start.items()}, "site-a")), (2, refused)]) == 0
+    assert engine.rounds[1].failed == "1 valid replies from 3 sampled sites, fewer than federation.min_replies=2"
+    assert all(np.array_equal(weights_of(engine)[name], start[name]) for name in start)
+    engine.configure(2, [1, 2, 3])
+    assert engine.aggregate(2, [(n, trained({k: v + 1 for k, v in start.items()}, f"site-{n}")) for n in (1, 2)]) == 2
+    assert not engine.rounds[2].failed
+
+
+def test_after_max_failed_rounds_in_a_row_no_more_rounds_are_run(make_engine):
+    engine = make_engine(rounds=6, max_failed_rounds=2)
+    start = weights_of(engine)
+    engine.configure(1, [1])
+    engine.aggregate(1, [])  # failed
+    engine.configure(2, [1])
+    engine.aggregate(2, [(1, trained({n: v + 1 for n, v in start.items()}, "site-a"))])  # combined: the count restarts
+    for server_round in (3, 4):
+        assert engine.configure(server_round, [1])
+        engine.aggregate(server_round, [(1, "the node went away")])
+    assert engine.stopped
+    assert engine.configure(5, [1]) == {} and engine.aggregate(5, []) == 0
+    assert engine.rounds[5].failed.startswith("not run: the 2 rounds before it failed")
+    assert [bool(engine.rounds[r].failed) for r in range(1, 6)] == [True, False, True, True, True]
+
+
+def test_a_run_goes_on_after_failed_rounds_when_max_failed_rounds_is_0(make_engine):
+    engine = make_engine(rounds=5, max_failed_rounds=0)
+    for server_round in range(1, 6):
+        assert engine.configure(server_round, [1])
+        engine.aggregate(server_round, [])
+    assert not engine.stopped
 
 
 def test_a_combine_that_fails_part_way_restores_the_previous_global_student(engine, monkeypatch):
@@ -109,6 +166,7 @@ def test_a_combine_that_fails_part_way_restores_the_previous_global_student(engi
     monkeypatch.setattr(engine.exchange, "combine", half_done)
     assert engine.aggregate(1, [(1, trained({n: v + 1 for n, v in start.items()}, "site-a"))]) == 0
     assert "ran out of memory" in engine.rounds[1].server["error"]
+    assert engine.rounds[1].failed.startswith("combining 1 replies failed: RuntimeError")
     assert all(np.array_equal(weights_of(engine)[name], start[name]) for name in start)
 
 
