@@ -48,6 +48,7 @@ class LoopbackDeployment:
         self.policies = sites
         self.site_files: dict[str, Path] = {}
         self.metrics_ports: dict[str, int] = {}
+        self.sites: dict[str, Child] = {}  # each site's `fedistill site` process
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> "LoopbackDeployment":
@@ -65,7 +66,7 @@ class LoopbackDeployment:
                     raise RuntimeError(f"registering {name} failed: {done.stdout}{done.stderr}")
                 self.site_files[name] = self._write_site(name, policy)
                 state = self.root / name / "node"
-                stack.enter_context(Child(
+                self.sites[name] = stack.enter_context(Child(
                     [*FEDISTILL, "site", "--config", str(self.site_files[name]), "--state", str(state)],
                     env=command_env(), log=self.root / name / "site.out", port=self.metrics_ports[name],
                     flwr_home=state / "flwr", start_timeout=SITE_START_TIMEOUT_S))

@@ -152,5 +152,16 @@ class Child:
             stop(self.process, timeout=self.stop_timeout, flwr_home=self.flwr_home)
             self.process = None
 
+    def kill(self) -> None:
+        """SIGKILL the child and all it started, at once: a machine that dies, not a process that leaves."""
+        if self.process is not None:
+            family = _family(self.process, self.flwr_home)
+            for proc in family:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.kill()
+            psutil.wait_procs(list(family), timeout=10)
+            self.process.wait()
+            self.process = None
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
