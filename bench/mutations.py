@@ -60,6 +60,8 @@ MUTATIONS = [
              "if False:", (f"{T_LEDGER}::test_reserve_refuses_past_the_budget_and_records_nothing",)),
     Mutation("ledger refuses other records", LEDGER, "if recorded != self.data:", "if False:",
              (f"{T_LEDGER}::test_a_ledger_refuses_other_records",)),
+    Mutation("ledger entries read as exactly their types", LEDGER, "if type(item) not in ENTRY_TYPES[key]:",
+             "if False:", ("tests/test_bad_input.py::test_a_corrupt_ledger_is_refused_or_read_as_exactly_what_it_holds",)),
     Mutation("ledger refuses another partition", LEDGER,
              "self._refuse_overlapping_partition()  # early, before any calibration; _append checks again", "pass",
              (f"{T_LEDGER}::test_a_new_ledger_refuses_the_same_data_set_under_another_partition",)),

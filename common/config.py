@@ -278,14 +278,30 @@ def load_config(overrides: list[str] | str = (), *, values: Any = None) -> Confi
     config keys, e.g. a site file's own settings) is merged over the composed config.
     """
     if isinstance(overrides, str):
-        overrides = shlex.split(overrides)
+        try:
+            overrides = shlex.split(overrides)
+        except ValueError as err:
+            raise ConfigError(f"the overrides {overrides!r} do not split into key=value words ({err})") from None
     overrides = list(overrides)
+    _check_groups(overrides)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             raw = compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_explain(err, overrides)) from None
     return to_config(raw, overrides, values)
+
+
+def _check_groups(overrides: list[str]) -> None:
+    """A config group (task=, student=, ...) takes the name of one of its files in conf/: Hydra
+    answers anything else (a number, a list) with a traceback."""
+    for override in overrides:
+        key, equals, value = override.partition("=")
+        group = key.lstrip("+~").split("@")[0]
+        if equals and (CONF_DIR / group).is_dir():
+            names = sorted(f.stem for f in (CONF_DIR / group).glob("*.yaml"))
+            if value not in names:
+                raise ConfigError(f"{override}: {group} takes one of {', '.join(names)}")
 
 
 def _explain(err: Exception, overrides: list[str]) -> str:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -83,7 +84,8 @@ class SitePolicy:
              f"site.task_sources must be a list of task sources, got {self.task_sources}"),
             (self.name is None or bool(SITE_NAME.fullmatch(self.name)),
              f"site.name must be letters, digits, '_' or '-' (it names the ledger's folder), got {self.name!r}"),
-            (all(SHA256.fullmatch(h or "0" * 64) for h in (self.teacher_sha256, self.public_sha256, *self.app_sha256)),
+            (all(h is None or (isinstance(h, str) and SHA256.fullmatch(h))
+                 for h in (self.teacher_sha256, self.public_sha256, *self.app_sha256)),
              "site.teacher_sha256, site.public_sha256 and site.app_sha256 hold 64-character hex SHA-256 digests "
              "(as `fedistill assets` and `fedistill app-hash` print them)"),
             (self.metrics_port is None or 0 <= self.metrics_port < 65536,
@@ -166,7 +168,10 @@ def policy_from(values: Mapping | None = None, *, origin: str = "the site policy
         raise ConfigError(f"{origin}: key {key!r} is not accepted ({str(err).splitlines()[0]}); "
                           f"the keys of a site policy are: {known}") from None
     assert isinstance(policy, SitePolicy)
-    policy.validate()
+    try:
+        policy.validate()
+    except ConfigError as err:
+        raise ConfigError(f"{origin}: {err}") from None
     return policy
 
 
@@ -175,7 +180,7 @@ def load_policy(path: Path | str) -> SitePolicy:
     path = Path(path).expanduser()
     try:
         values = OmegaConf.load(path)
-    except (OSError, OmegaConfBaseException, ValueError) as err:
+    except (OSError, OmegaConfBaseException, ValueError, yaml.YAMLError) as err:
         raise ConfigError(f"site policy {path} cannot be read ({err}): give the path of a YAML file "
                           f"with keys of {POLICY_FILE.name}") from None
     if not isinstance(values, Mapping) and values is not None and not OmegaConf.is_dict(values):

@@ -23,7 +23,7 @@ import os
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator
 
@@ -98,6 +98,19 @@ class LedgerEntry:
     dp: bool = True
     released: float | None = None  # the value a one-off Gaussian release published (a noisy record count)
 
+    @classmethod
+    def from_json(cls, value: object) -> LedgerEntry:
+        """An entry as a ledger file holds it, every field of exactly its type; ValueError otherwise
+        (a string or a boolean where a count belongs would be counted wrongly, or not at all)."""
+        names = {f.name for f in fields(cls)}
+        if not isinstance(value, dict) or not set(value) <= names or not names - {"dp", "released"} <= set(value):
+            raise ValueError(f"an entry must be an object with the keys {sorted(names)}")
+        for key, item in value.items():
+            if type(item) not in ENTRY_TYPES[key]:
+                raise ValueError(f"an entry's {key} must be {' or '.join(t.__name__ for t in ENTRY_TYPES[key])}, "
+                                 f"got {type(item).__name__}")
+        return cls(**value)
+
     @property
     def accountant_step(self) -> tuple[float, float, int]:
         return (self.noise_multiplier, self.sample_rate, self.steps)
@@ -106,6 +119,12 @@ class LedgerEntry:
         if not self.dp:
             return self.steps >= 0
         return self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier) and 0 < self.sample_rate <= 1 and self.steps > 0
+
+
+ENTRY_TYPES: dict[str, tuple[type, ...]] = {
+    "noise_multiplier": (float, int), "sample_rate": (float, int), "steps": (int,), "run": (str,), "round": (int,),
+    "time": (float, int), "dp": (bool,), "released": (float, int, type(None)),
+}
 
 
 class PrivacyLedger:
@@ -333,7 +352,7 @@ class PrivacyLedger:
                     f"site.epsilon={doc.get('budget')}"
                 )
             recorded = DataFingerprint(**doc["data"])
-            entries = [LedgerEntry(**e) for e in doc["entries"]]
+            entries = [LedgerEntry.from_json(e) for e in doc["entries"]]
         except LedgerError:
             raise
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
