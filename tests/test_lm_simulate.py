@@ -25,6 +25,7 @@ def test_lm_federation_runs_two_rounds_and_exports_a_student_that_generates(lm_o
     run_dir = tmp_path / "lm-run"
     overrides = [o for o in lm_overrides if not o.startswith("run_dir=")] + exchange
     result = simulate(run_dir, *overrides)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = finished_run(run_dir, RUN_FILES, rounds=2)
     assert summary["task"] == "lm" and summary["exchange"] == exchange[0].split("=")[1]
     assert len(summary["privacy"]["sites"]) == 2

@@ -98,7 +98,9 @@ def test_bad_replies_are_dropped_and_counted_while_the_run_completes(tmp_path, c
     assert code == 0 and not leftovers
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds_completed"] == 1
-    assert summary["dropped_replies"] == {"site-1": 1, "site-2": 1, "site-3": 1, "site-4": 1}
+    dropped = summary["dropped_replies"]  # by reason, not site by site
+    assert sum(dropped.values()) == 4 and all(reason.startswith("invalid: ") for reason in dropped), dropped
+    assert not any(f"site-{n}" in reason for reason in dropped for n in range(5))
     [round_one] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert round_one["sites_trained"] == 1 and round_one["sites_invalid"] == 4
     reasons = {p["site"]: p["reason"] for p in round_one["problems"]}
