@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
@@ -31,9 +33,22 @@ def site_share(private: TensorDataset, site: int, num_sites: int, *, alpha: floa
     if not 0 <= site < num_sites:
         raise ValueError(f"site must be in [0, {num_sites}), got {site}")
     inputs, labels = private.tensors
-    shards = dirichlet_partition(labels.numpy(), num_sites=num_sites, alpha=alpha, seed=seed)
-    idx = torch.from_numpy(shards[site])
+    idx = torch.from_numpy(run_partition(labels.numpy(), num_sites=num_sites, alpha=alpha, seed=seed)[site])
     return TensorDataset(inputs[idx], labels[idx])
+
+
+_partitions: dict[tuple, list[np.ndarray]] = {}
+
+
+def run_partition(labels: np.ndarray, *, num_sites: int, alpha: float, seed: int) -> list[np.ndarray]:
+    """`dirichlet_partition`, computed once per process for a run's labels and settings: a
+    simulation worker plays many sites of one run, each of which needs only its own shard."""
+    key = (hashlib.sha256(labels.tobytes()).hexdigest(), str(labels.dtype), num_sites, alpha, seed)
+    if key not in _partitions:
+        if len(_partitions) >= 4:
+            _partitions.pop(next(iter(_partitions)))
+        _partitions[key] = dirichlet_partition(labels, num_sites=num_sites, alpha=alpha, seed=seed)
+    return _partitions[key]
 
 
 def dirichlet_partition(

@@ -42,3 +42,22 @@ def test_every_site_gets_a_minimum_and_impossible_requests_are_refused():
     assert min(len(p) for p in parts) >= 8
     with pytest.raises(ValueError, match="fewer sites"):
         dirichlet_partition(LABELS[:20], num_sites=5, alpha=1.0, seed=0, min_per_site=8)
+
+
+def test_a_runs_partition_is_computed_once_for_all_its_sites(monkeypatch):
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from common import partition
+
+    calls = []
+    real = partition.dirichlet_partition
+    monkeypatch.setattr(partition, "dirichlet_partition", lambda *a, **k: calls.append(k) or real(*a, **k))
+    monkeypatch.setattr(partition, "_partitions", {})
+    private = TensorDataset(torch.arange(len(LABELS)), torch.from_numpy(LABELS))
+    shares = [partition.site_share(private, site, 5, alpha=0.5, seed=3) for site in range(5)]
+    assert len(calls) == 1
+    expected = dirichlet_partition(LABELS, num_sites=5, alpha=0.5, seed=3)
+    assert all(torch.equal(share.tensors[0], torch.from_numpy(part)) for share, part in zip(shares, expected))
+    partition.site_share(private, 0, 5, alpha=0.5, seed=4)  # another seed is another partition
+    assert len(calls) == 2
