@@ -238,6 +238,7 @@ class Config:
     seed: int
     run_dir: str | None
     cache_dir: str | None
+    resume: str | None  # a run directory: continue that run from its last complete round (server.resume)
     overrides: list[str] = field(default_factory=list)
 
     def validate(self) -> None:

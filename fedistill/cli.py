@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import tomli_w
 from omegaconf import OmegaConf
@@ -26,6 +26,9 @@ from common.site_config import simulated_site_policy
 from fedistill import certs, deployment, frontier, sitecheck
 from fedistill.app_bundle import staged_app
 from fedistill.processes import console_script, run_streaming
+
+if TYPE_CHECKING:
+    from server.resume import SavedRun
 
 POLICY_FILE = "site-policy.yaml"  # the virtual sites' policy, written by this command into the run directory
 
@@ -234,17 +237,30 @@ def run_simulation(overrides: list[str], echo: Callable[[str], None] = print) ->
     from fedistill.simulation import SimulationSuperLink
 
     overrides, site_overrides = split_site_overrides(overrides)
+    saved = resumed_run(overrides)
+    if saved is not None:
+        overrides = saved.overrides_for(overrides)
+        if site_overrides:
+            raise ConfigError(f"resume= keeps the sites' policy of the run ({saved.run_dir / POLICY_FILE}); "
+                              f"{' '.join('site.' + o for o in site_overrides)} would change it midway")
     overrides, config = resolve_paths(overrides)
-    policy = simulated_site_policy(config, site_overrides)
+    run_dir = Path(config.run_dir)
+    if saved is not None:
+        policy = load_policy(run_dir / POLICY_FILE)
+    else:
+        policy = simulated_site_policy(config, site_overrides)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError(f"run_dir {run_dir} is not empty (an earlier run's files would mix with this one's): "
+                              f"choose another run_dir, or continue that run with resume={run_dir}")
     problems = policy.violations(request_of(config))
     if problems:
         raise ConfigError("every site would refuse this run: " + "; ".join(problems)
                           + ". In simulation you set the sites' policy too, with site.KEY=VALUE")
-    run_dir = Path(config.run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"run_dir {run_dir} is not empty (an earlier run's files would mix with this one's): "
-                          "choose another run_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
+    if saved is not None:
+        print(f"fedistill: resuming the run in {run_dir} after round {saved.round} of {config.rounds}")
+        for stale in ("summary.json", "superlink.db", "superlink.db-shm", "superlink.db-wal"):  # the dead run's
+            (run_dir / stale).unlink(missing_ok=True)
     print(f"fedistill: run directory {run_dir}")
     print(f"fedistill: preparing task {config.task.name} (the teacher is fitted and its outputs computed once, "
           "then cached)")
@@ -252,7 +268,8 @@ def run_simulation(overrides: list[str], echo: Callable[[str], None] = print) ->
     prepare(task, config)
     run_config = write_run_config(run_dir, overrides)
     policy_file = run_dir / POLICY_FILE
-    policy_file.write_text(OmegaConf.to_yaml(OmegaConf.structured(policy)))
+    if saved is None:
+        policy_file.write_text(OmegaConf.to_yaml(OmegaConf.structured(policy)))
     print(f"fedistill: {config.sites} sites, {config.rounds} rounds, site policy {policy_file}, starting Flower")
     with SimulationSuperLink(run_dir, env={POLICY_ENV: str(policy_file)}) as link:
         code = link.run(APP_DIR, run_config, num_supernodes=config.sites,
@@ -269,6 +286,16 @@ def run_simulation(overrides: list[str], echo: Callable[[str], None] = print) ->
               "are above)", file=sys.stderr)
         return 1
     return 0
+
+
+def resumed_run(overrides: list[str]) -> SavedRun | None:
+    """The saved run that `resume=<run_dir>` among the overrides names (server.resume), or None."""
+    from server.resume import SavedRun
+
+    given = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "resume"]
+    if not given or given[-1] in ("", "null"):
+        return None
+    return SavedRun.read(Path(given[-1]).expanduser().resolve())
 
 
 def prepare(task, config: Config) -> None:

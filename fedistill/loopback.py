@@ -49,16 +49,16 @@ class LoopbackDeployment:
         self.site_files: dict[str, Path] = {}
         self.metrics_ports: dict[str, int] = {}
         self.sites: dict[str, Child] = {}  # each site's `fedistill site` process
+        self.coordinator = Child(
+            [*FEDISTILL, "coordinator", "--certs", str(self.certs), "--host", "127.0.0.1",
+             "--port", str(self.port), "--state", str(root / "coordinator")],
+            env=command_env(), log=root / "coordinator.out", port=self.port, flwr_home=root / "coordinator" / "flwr")
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> "LoopbackDeployment":
         with self._stack as stack:
             make_deployment(self.certs, sites=list(self.policies), overwrite=True)
-            stack.enter_context(Child(
-                [*FEDISTILL, "coordinator", "--certs", str(self.certs), "--host", "127.0.0.1",
-                 "--port", str(self.port), "--state", str(self.root / "coordinator")],
-                env=command_env(), log=self.root / "coordinator.out", port=self.port,
-                flwr_home=self.root / "coordinator" / "flwr"))
+            stack.enter_context(self.coordinator)
             for name, policy in self.policies.items():
                 done = fedistill("register", str(self.certs / "sites" / f"{name}.pub"), "--coordinator", self.address,
                                  "--ca", str(self.ca))
@@ -78,6 +78,12 @@ class LoopbackDeployment:
         left = processes_using(self.root)
         if left:
             raise RuntimeError(f"processes of the deployment in {self.root} outlived it: {left}")
+
+    def restart_coordinator(self) -> None:
+        """Kill the coordinator and everything it started (its SuperLink, a running ServerApp) as a
+        machine that dies, and start it again on its state folder and port."""
+        self.coordinator.kill()
+        self.coordinator.__enter__()
 
     def _write_site(self, name: str, policy: dict) -> Path:
         self.metrics_ports[name] = free_port()

@@ -21,7 +21,9 @@ from common.public_distill import initial_student
 from common.tasks import build_task
 from server import rundir as R
 from server.metrics import ServerMetrics
-from server.report import PrivacyView, mean, privacy_report, progress_line, round_record
+from server.report import mean, privacy_report, progress_line, round_record
+from server import resume
+from server.resume import Progress, SavedRun
 from server.rounds import FAILED, INVALID, RoundEngine, RoundOutcome
 from server.strategy import DistillStrategy
 
@@ -31,7 +33,16 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = load_config(str(context.run_config["overrides"]))
-    run(grid, dataclasses.replace(config, run_dir=str(run_directory(config, context.run_id))))
+    overrides, saved = config.overrides, None
+    if config.resume is not None:
+        if not Path(config.resume).is_absolute():
+            raise ConfigError(f"resume must be an absolute path when the ServerApp is started by `flwr run`, got "
+                              f"{config.resume!r}: it is the run directory on the coordinator's machine")
+        saved = SavedRun.read(config.resume)
+        overrides = saved.overrides_for(overrides)
+        config = load_config(overrides)
+    run(grid, dataclasses.replace(config, run_dir=str(run_directory(config, context.run_id))),
+        overrides=overrides, run_id=context.run_id, saved=saved)
 
 
 def run_directory(config: Config, run_id: int) -> Path:
@@ -49,53 +60,64 @@ def run_directory(config: Config, run_id: int) -> Path:
     return Path(config.run_dir)
 
 
-def run(grid: Grid, config: Config) -> None:
+def run(grid: Grid, config: Config, *, overrides: list[str], run_id: int, saved: SavedRun | None = None) -> None:
+    """The run `config` describes, or, with `saved`, the rest of it from its last saved round."""
     start = time.perf_counter()
     run_dir = R.RunDirectory(config.run_dir, config)
     log(INFO, f"{P.PROGRESS_TAG}run directory {run_dir.path}")
     task = build_task(config)
     teacher = task.teacher()
     evaluator = task.evaluator()
-    student, report = initial_student(task, config)
-    if report is not None:
-        log(INFO, f"warm start on the public inputs: {report.epochs} epochs, held-out loss {report.holdout_loss:.3f}")
-    engine = RoundEngine.for_run(config, task, student)
-    strategy = DistillStrategy(engine=engine, wait_s=config.federation.round_timeout)
+    if saved is None:
+        student, report = initial_student(task, config)
+        if report is not None:
+            log(INFO, f"warm start on the public inputs: {report.epochs} epochs, held-out loss {report.holdout_loss:.3f}")
+        engine, progress, done = RoundEngine.for_run(config, task, student), Progress(), 0
+    else:
+        student = task.student(config.student)
+        engine, progress, done = RoundEngine.for_run(config, task, student), saved.progress(), saved.round
+        saved.restore(engine)
+        progress.privacy.begin_part()
+        run_dir.rewrite_rounds(progress.rounds)  # a round logged after the saved one is run again
+        log(INFO, f"{P.PROGRESS_TAG}resuming after round {done} of {config.rounds}")
+    progress.runs.append(run_id)
+    strategy = DistillStrategy(engine=engine, wait_s=config.federation.round_timeout, rounds_done=done)
     metrics = ServerMetrics(tuple(m.name for m in evaluator.metrics))
     metrics.serve(config.federation.metrics_port, config.federation.metrics_host)
-    ledger = PrivacyView()
-    dropped: Counter[str] = Counter()  # "status: reason" of every failed or invalid reply
-    rounds: list[dict] = []
-    last_scores: list[dict] = []
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate(flower_round: int, arrays: ArrayRecord) -> MetricRecord:
         eval_start = time.perf_counter()
+        server_round = flower_round + done
         outcome = engine.rounds.get(server_round, RoundOutcome())
-        if server_round > 0 and outcome.failed and last_scores:
-            scores = last_scores[-1]  # a failed round left the global student as it was
+        if flower_round > 0 and outcome.failed and progress.scores is not None:
+            scores = progress.scores  # a failed round left the global student as it was
         else:
             P.load_record(student, arrays)
             scores = evaluator(student)
-        last_scores[:] = [scores]
+        progress.scores = scores
+        if flower_round == 0 and done:
+            return MetricRecord(scores)  # the saved round's student, already recorded
         if server_round > 0:
-            ledger.update(server_round, outcome)
-            dropped.update(f"{s.status}: {s.reason}" for s in outcome.sites if s.status in (FAILED, INVALID))
-            record = round_record(server_round, outcome, scores, ledger, start)
+            progress.privacy.update(server_round, outcome)
+            progress.dropped.update(f"{s.status}: {s.reason}" for s in outcome.sites if s.status in (FAILED, INVALID))
+            record = round_record(server_round, outcome, scores, progress.privacy, start)
             record["eval_s"] = time.perf_counter() - eval_start
-            rounds.append(record)
+            progress.rounds.append(record)
             run_dir.log_round(record)
             metrics.observe_round(record)
-            run_dir.save_checkpoint(server_round, student)
             log(INFO, progress_line(record, config, evaluator.metrics))
+        run_dir.save_checkpoint(server_round, student)
+        resume.save(run_dir.path, server_round, overrides=overrides, engine=engine, progress=progress)
         return MetricRecord(scores)
 
     strategy.start(
         grid,
         initial_arrays=P.model_to_record(student),
-        num_rounds=config.rounds,
+        num_rounds=config.rounds - done,
         timeout=config.federation.round_timeout,
         evaluate_fn=evaluate,
     )
+    rounds, ledger, dropped = progress.rounds, progress.privacy, progress.dropped
     task.export(student, run_dir.path)
     int8 = quantize_int8(student)
     run_dir.save_int8(int8)
@@ -106,6 +128,7 @@ def run(grid: Grid, config: Config) -> None:
         "exchange": config.exchange.mode,
         "sites": config.sites,
         "rounds_planned": config.rounds,
+        "flower_runs": progress.runs,  # more than one: the run was resumed
         "rounds_completed": sum(not r["round_failed"] for r in rounds),
         "failed_rounds": dict(Counter(r["round_failed"] for r in rounds if r["round_failed"]).most_common()),
         "metrics": [dataclasses.asdict(m) for m in evaluator.metrics],

@@ -2,7 +2,8 @@
 
 An exchange says what the server sends (`outgoing`), checks every reply before it can
 touch the global student (`check`), and turns the accepted replies into the next global
-student (`combine`). The Flower strategy and the benchmarks drive the same objects.
+student (`combine`). The Flower strategy and the benchmarks drive the same objects. What it
+carries from round to round is its `state_dict()`, which a resumed run loads back.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 from torch import nn
 
@@ -28,6 +30,8 @@ class Exchange(Protocol):
     def reply_bytes(self, content: RecordDict) -> int: ...
     def combine(self, replies: list[RecordDict], global_student: nn.Module, server_round: int,
                 weights: np.ndarray | None = None) -> dict: ...
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
 
 
 def _spec(model: nn.Module) -> P.ArraySpec:
@@ -93,6 +97,13 @@ class WeightsExchange:
         report = self.teacher.fit(global_student, seed=self.seed * 1000 + server_round)
         return {"server_distill_epochs": report.epochs, "server_holdout_loss": report.holdout_loss}
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}  # everything it carries is the global student
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"the weights exchange keeps no state, got {sorted(state)}")
+
 
 class LogitsExchange:
     """Sites send their students' outputs on the public inputs; the server aggregates and distills.
@@ -144,6 +155,12 @@ class LogitsExchange:
         self.consensus = combined  # sent down only once the global student has learned it
         return {"server_distill_epochs": report.epochs, "server_holdout_kl": report.holdout_loss,
                 "teacher_weight": teacher_weight}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.consensus or {})
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.consensus = dict(state) or None
 
 
 def build_exchange(config: Config, task: Task, global_student: nn.Module) -> Exchange:

@@ -35,10 +35,15 @@ def released_items(config: Config) -> dict[str, str]:
 
 
 class PrivacyView:
-    """What the server learns of each site's privacy state from its replies (the site's ledger rules)."""
+    """What the server learns of each site's privacy state from its replies (the site's ledger rules).
+
+    A site reports the spend of the Flower run it answers; a resumed run is a new Flower run,
+    so the spend each site reported before a resume is kept as an earlier part.
+    """
 
     def __init__(self) -> None:
         self.epsilon: dict[str, float] = {}
+        self.earlier_parts: dict[str, list[float | None]] = {}
         self.budgets: dict[str, float] = {}
         self.noise: dict[str, float] = {}
         self.sample_rate: dict[str, float] = {}
@@ -62,6 +67,11 @@ class PrivacyView:
             elif site.status == REFUSED:
                 self.refusals[site.site].append({"round": server_round, "code": site.code, "reason": site.reason})
 
+    def begin_part(self) -> None:
+        """A resumed run's first round is next: what each site reported so far is an earlier part."""
+        for site in self.trained:
+            self.earlier_parts.setdefault(site, []).append(self.epsilon.pop(site, None))
+
     def summary(self, config: Config) -> dict:
         dp = config.privacy
         return {
@@ -83,6 +93,7 @@ class PrivacyView:
                 {
                     "site": site,
                     "epsilon": self.epsilon.get(site),
+                    "epsilon_earlier_parts": self.earlier_parts.get(site, []),
                     "budget": self.budgets.get(site),
                     "noise_multiplier": self.noise.get(site),
                     "sample_rate": self.sample_rate.get(site),
@@ -166,6 +177,9 @@ def privacy_report(privacy: dict) -> str:
             f"| {s['site']} | {_fmt(s['epsilon'])} | {_fmt(s['budget'])} | {_fmt(s['noise_multiplier'])} "
             f"| {s['rounds_trained']} | {s['refused_rounds']} |"
         )
+    if any(s["epsilon_earlier_parts"] for s in privacy["sites"]):
+        lines += ["", "This run was resumed: the table shows the spend of its last part, each site's spend in the",
+                  "parts before in `privacy.json` (`epsilon_earlier_parts`). A site's ledger composes all of them."]
     lines += ["", "Epsilon is read from each site's own ledger, which counts every release the site has made",
               "from its records across rounds, runs and restarts.", "", f"What a site must still trust: {privacy['trust']}."]
     refusals = [(s["site"], r) for s in privacy["sites"] for r in s["refusals"]]

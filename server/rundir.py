@@ -23,6 +23,17 @@ PRIVACY_FILE = "privacy.json"
 PRIVACY_REPORT = "privacy.md"
 STUDENT_INT8 = "student-int8.pt"  # beside the task's export (see Task.export)
 PLOT_FILE = "progress.png"
+STATE_FILE = "checkpoints/state.json"  # server.resume's, written after each round
+
+
+def student_checkpoint(run_dir: Path, server_round: int) -> Path:
+    """The global student after `server_round` (0: the one the run started from)."""
+    return run_dir / f"checkpoints/round-{server_round:03d}.safetensors"
+
+
+def server_checkpoint(run_dir: Path, server_round: int) -> Path:
+    """The server's own tensors after `server_round` (server.resume)."""
+    return run_dir / f"checkpoints/round-{server_round:03d}.server.safetensors"
 
 
 class RunDirectory:
@@ -42,6 +53,10 @@ class RunDirectory:
         with open(self.path / METRICS_FILE, "a") as f:
             f.write(json.dumps(jsonable(record)) + "\n")
 
+    def rewrite_rounds(self, records: list[dict[str, Any]]) -> None:
+        """metrics.jsonl holding exactly `records` (a resumed run drops what came after its saved round)."""
+        atomic_write(self.path / METRICS_FILE, "".join(json.dumps(jsonable(r)) + "\n" for r in records).encode())
+
     def save_model(self, name: str, model: nn.Module) -> Path:
         return save_model(self.path / name, model)
 
@@ -53,7 +68,7 @@ class RunDirectory:
         atomic_write(self.path / STUDENT_INT8, buffer.getvalue())
 
     def save_checkpoint(self, server_round: int, model: nn.Module) -> Path:
-        return self.save_model(f"checkpoints/round-{server_round:03d}.safetensors", model)
+        return save_model(student_checkpoint(self.path, server_round), model)
 
     def plot(self, rounds: list[dict[str, Any]], *, metrics: tuple[Metric, ...], teacher: Scores,
              budgets: dict[str, float]) -> None:

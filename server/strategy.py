@@ -24,9 +24,10 @@ log = logging.getLogger(__name__)
 class DistillStrategy(FedAvg):
     """Samples sites like FedAvg (waiting up to `wait_s` for the plan's `min_sites` to be connected,
     then going on with those that are); `engine` decides what is sent and how replies are combined,
-    and keeps each round's outcome."""
+    and keeps each round's outcome. A resumed run has `rounds_done` already: Flower counts its
+    rounds from 1, the engine from `rounds_done + 1`."""
 
-    def __init__(self, *, engine: RoundEngine, wait_s: float):
+    def __init__(self, *, engine: RoundEngine, wait_s: float, rounds_done: int = 0):
         super().__init__(
             fraction_train=engine.plan.fraction,
             fraction_evaluate=0.0,  # the server evaluates the global student itself
@@ -37,13 +38,14 @@ class DistillStrategy(FedAvg):
         )
         self.engine = engine
         self.wait_s = wait_s
+        self.rounds_done = rounds_done
         self._sent: list[Message] = []  # this round's messages: Flower gives them their ids as it pushes them
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         connected = [] if self.engine.stopped else connected_sites(grid, self.min_available_nodes, self.wait_s)
-        contents = self.engine.configure(server_round, connected)
+        contents = self.engine.configure(server_round + self.rounds_done, connected)
         self._sent = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
                       for node, content in contents.items()]
         return self._sent
@@ -54,7 +56,7 @@ class DistillStrategy(FedAvg):
         # By the message each replies to: an error the SuperLink sends for a node that stopped
         # answering comes from the SuperLink's own node id, not the site's.
         node_of = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in self._sent}
-        combined = self.engine.aggregate(server_round, [
+        combined = self.engine.aggregate(server_round + self.rounds_done, [
             (node_of.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id),
              msg.error.reason if msg.has_error() else msg.content) for msg in replies
         ])

@@ -1,0 +1,129 @@
+"""A run's state after each round, on the coordinator's disk, so that a run whose coordinator died
+goes on from its last complete round (`resume=<run_dir>`).
+
+After round r the run directory holds `checkpoints/round-r.safetensors` (the global student),
+`checkpoints/round-r.server.safetensors` (torch's global RNG and, in the logits exchange, the
+consensus) and, written last, `checkpoints/state.json`, which names r: a crash at any point
+leaves the previous round's state whole. Every other draw the server makes is seeded by the
+run's seed and the round (the participation plan, server-side distillation's batches), and
+the sites' by the seed, the round and the site, so a seeded run without DP resumed from round
+r ends where the uninterrupted run ends. The sites' privacy is not in this state: each site's
+ledger has recorded every release, including one the coordinator never received.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, load_model
+from common.config import ConfigError
+from common.storage import atomic_write, save_tensors
+from server.report import PrivacyView
+from server.rundir import STATE_FILE, server_checkpoint, student_checkpoint
+from server.rounds import RoundEngine, RoundOutcome
+
+VERSION = 1
+RNG = "torch_rng"
+CONSENSUS = "consensus."
+
+
+@dataclass
+class Progress:
+    """What the run has done and reports: its round records, what the server learnt of each
+    site's privacy, the dropped replies by reason, the global student's last scores and the
+    Flower runs it took (more than one once resumed)."""
+
+    rounds: list[dict] = field(default_factory=list)
+    privacy: PrivacyView = field(default_factory=PrivacyView)
+    dropped: Counter = field(default_factory=Counter)
+    scores: dict | None = None
+    runs: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"rounds": self.rounds, "privacy": vars(self.privacy), "dropped": dict(self.dropped),
+                "scores": self.scores, "runs": self.runs}
+
+    @classmethod
+    def from_json(cls, saved: dict) -> Progress:
+        privacy = PrivacyView()
+        vars(privacy).update(saved["privacy"])
+        return cls(rounds=saved["rounds"], privacy=privacy, dropped=Counter(saved["dropped"]),
+                   scores=saved["scores"], runs=saved["runs"])
+
+
+def save(run_dir: Path, server_round: int, *, overrides: list[str], engine: RoundEngine, progress: Progress) -> None:
+    """Everything a resumed run needs after `server_round`; state.json last, as the commit."""
+    tensors = {RNG: torch.get_rng_state()}
+    tensors |= {CONSENSUS + name: t for name, t in engine.exchange.state_dict().items()}
+    save_tensors(server_checkpoint(run_dir, server_round), tensors)
+    plan = engine.plan
+    state = {
+        "version": VERSION,
+        "round": server_round,
+        "overrides": overrides,
+        "plan": {"nodes": plan.nodes, "sampled": {str(r): nodes for r, nodes in plan.sampled.items()}},
+        "failed": {str(r): o.failed for r, o in engine.rounds.items()},
+        "progress": progress.to_json(),
+    }
+    atomic_write(run_dir / STATE_FILE, json.dumps(state, indent=1).encode())  # Infinity: a run without DP
+
+
+@dataclass
+class SavedRun:
+    """A run directory's state, read back."""
+
+    run_dir: Path
+    round: int
+    overrides: list[str]
+    state: dict
+
+    @classmethod
+    def read(cls, run_dir: Path | str) -> SavedRun:
+        run_dir = Path(run_dir)
+        path = run_dir / STATE_FILE
+        if not path.exists():
+            raise ConfigError(f"resume={run_dir}: {path} does not exist. resume takes the run directory of a run that "
+                              "completed at least its warm start (its checkpoints/ hold a state.json)")
+        try:
+            state = json.loads(path.read_text())
+            if state.get("version") != VERSION:
+                raise ValueError(f"version {state.get('version')!r}, this fedistill reads {VERSION}")
+            overrides = [str(o) for o in state["overrides"]]
+            server_round = int(state["round"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"resume={run_dir}: {path} cannot be read ({err}); it is written by the run itself, "
+                              "so restore it from a backup or start a new run") from None
+        return cls(run_dir, server_round, overrides, state)
+
+    def overrides_for(self, given: list[str]) -> list[str]:
+        """The run's own overrides with `resume` and `run_dir` pinned to this directory. An override
+        given with resume= that is not the run's own is refused: it would change the run midway."""
+        def pinned(override: str) -> bool:
+            return override.split("=", 1)[0].lstrip("+~") in ("resume", "run_dir")
+
+        kept = [o for o in self.overrides if not pinned(o)]
+        other = [o for o in given if not pinned(o) and o not in kept]
+        if other:
+            raise ConfigError(f"resume= continues the run as it was configured ({' '.join(kept) or 'defaults'}); "
+                              f"{' '.join(other)} would change it midway: give resume= alone")
+        return [*kept, f"run_dir={self.run_dir}", f"resume={self.run_dir}"]
+
+    def progress(self) -> Progress:
+        return Progress.from_json(self.state["progress"])
+
+    def restore(self, engine: RoundEngine) -> None:
+        """The global student, the plan, which rounds failed, the exchange's state and torch's RNG
+        as they were after the saved round."""
+        load_model(engine.global_student, str(student_checkpoint(self.run_dir, self.round)))
+        tensors = load_file(str(server_checkpoint(self.run_dir, self.round)))
+        torch.set_rng_state(tensors.pop(RNG))
+        engine.exchange.load_state_dict({name.removeprefix(CONSENSUS): t for name, t in tensors.items()})
+        plan = self.state["plan"]
+        engine.plan.nodes = [int(n) for n in plan["nodes"]]
+        engine.plan.sampled = {int(r): [int(n) for n in nodes] for r, nodes in plan["sampled"].items()}
+        engine.rounds = {int(r): RoundOutcome(failed=reason) for r, reason in self.state["failed"].items()}
+
