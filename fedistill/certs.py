@@ -259,7 +259,7 @@ def _kept_server_certificate(
 def _load_certificate(path: Path) -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(path.read_bytes())
-    except ValueError as err:
+    except (ValueError, x509.InvalidVersion) as err:
         raise ValueError(f"{path} is not a PEM certificate ({err}): pass --overwrite to re-issue it") from None
 
 

@@ -281,6 +281,10 @@ def run_simulation(overrides: list[str], echo: Callable[[str], None] = print) ->
     summary = json.loads(summary_path.read_text())
     print(final_table(summary))
     print(f"fedistill: results in {run_dir}")
+    if any(reason.startswith("not run") for reason in summary["failed_rounds"]):
+        print(f"fedistill: the run stopped after {config.federation.max_failed_rounds} failed rounds in a row (reasons "
+              f"above); once the cause is fixed, run the rounds left with `fedistill simulate resume={run_dir}`",
+              file=sys.stderr)
     if not summary["rounds_completed"]:
         print("fedistill: no round completed, so the global student is the one the server started from (the reasons "
               "are above)", file=sys.stderr)

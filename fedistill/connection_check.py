@@ -51,23 +51,24 @@ def check_ca_certificate(policy: SitePolicy) -> Check:
     path = Path(setting).expanduser()
     if not path.is_file():
         return Check(name, FAIL, f"supernode.root_certificates {path} does not exist", f"{CERTS_FIX} to {path}")
-    try:
+    try:  # cryptography parses the parts of a certificate when they are first read
         certificate = x509.load_pem_x509_certificate(path.read_bytes())
-    except (OSError, ValueError) as err:
+        subject, is_ca = certificate.subject.rfc4514_string(), _is_ca(certificate)
+        valid_from, valid_until = certificate.not_valid_before_utc, certificate.not_valid_after_utc
+    except (OSError, ValueError, x509.InvalidVersion) as err:
         return Check(name, FAIL, f"{path} is not a PEM X.509 certificate ({message(err)})", f"{CERTS_FIX} to {path}")
-    subject = certificate.subject.rfc4514_string()
-    if not _is_ca(certificate):
+    if not is_ca:
         return Check(name, FAIL, f"{path} ({subject}) is not a CA certificate (no BasicConstraints ca=True)",
                      f"root_certificates must be the deployment's ca.crt, not a server certificate: {CERTS_FIX}")
     now = datetime.datetime.now(datetime.timezone.utc)
-    if now < certificate.not_valid_before_utc:
-        return Check(name, FAIL, f"{path} is valid only from {certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC",
+    if now < valid_from:
+        return Check(name, FAIL, f"{path} is valid only from {valid_from:%Y-%m-%d %H:%M} UTC",
                      "check this machine's clock")
-    if now > certificate.not_valid_after_utc:
-        return Check(name, FAIL, f"{path} expired on {certificate.not_valid_after_utc:%Y-%m-%d}",
+    if now > valid_until:
+        return Check(name, FAIL, f"{path} expired on {valid_until:%Y-%m-%d}",
                      "ask the coordinator for the deployment's new ca.crt (`fedistill certs`)")
-    until = f"{path}: CA {subject}, valid until {certificate.not_valid_after_utc:%Y-%m-%d}"
-    if certificate.not_valid_after_utc - now < EXPIRY_WARNING:
+    until = f"{path}: CA {subject}, valid until {valid_until:%Y-%m-%d}"
+    if valid_until - now < EXPIRY_WARNING:
         return Check(name, WARN, f"{until}: expires within {EXPIRY_WARNING.days} days",
                      "ask the coordinator for the deployment's new ca.crt before then")
     return Check(name, OK, until)

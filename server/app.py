@@ -106,8 +106,9 @@ def run(grid: Grid, config: Config, *, overrides: list[str], run_id: int, saved:
             run_dir.log_round(record)
             metrics.observe_round(record)
             log(INFO, progress_line(record, config, evaluator.metrics))
-        run_dir.save_checkpoint(server_round, student)
-        resume.save(run_dir.path, server_round, overrides=overrides, engine=engine, progress=progress)
+        if outcome.ran:
+            run_dir.save_checkpoint(server_round, student)
+            resume.save(run_dir.path, server_round, overrides=overrides, engine=engine, progress=progress)
         return MetricRecord(scores)
 
     strategy.start(

@@ -4,7 +4,8 @@ goes on from its last complete round (`resume=<run_dir>`).
 After round r the run directory holds `checkpoints/round-r.safetensors` (the global student),
 `checkpoints/round-r.server.safetensors` (torch's global RNG and, in the logits exchange, the
 consensus) and, written last, `checkpoints/state.json`, which names r: a crash at any point
-leaves the previous round's state whole. Every other draw the server makes is seeded by the
+leaves the previous round's state whole. Rounds not run because the run had stopped
+(federation.max_failed_rounds) are not saved, so that a resumed run runs them. Every other draw the server makes is seeded by the
 run's seed and the round (the participation plan, server-side distillation's batches), and
 the sites' by the seed, the round and the site, so a seeded run without DP resumed from round
 r ends where the uninterrupted run ends. The sites' privacy is not in this state: each site's
@@ -24,7 +25,7 @@ from common.config import ConfigError
 from common.storage import atomic_write, save_tensors
 from server.report import PrivacyView
 from server.rundir import STATE_FILE, server_checkpoint, student_checkpoint
-from server.rounds import RoundEngine, RoundOutcome
+from server.rounds import RoundEngine
 
 VERSION = 1
 RNG = "torch_rng"
@@ -66,7 +67,6 @@ def save(run_dir: Path, server_round: int, *, overrides: list[str], engine: Roun
         "round": server_round,
         "overrides": overrides,
         "plan": {"nodes": plan.nodes, "sampled": {str(r): nodes for r, nodes in plan.sampled.items()}},
-        "failed": {str(r): o.failed for r, o in engine.rounds.items()},
         "progress": progress.to_json(),
     }
     atomic_write(run_dir / STATE_FILE, json.dumps(state, indent=1).encode())  # Infinity: a run without DP
@@ -116,8 +116,8 @@ class SavedRun:
         return Progress.from_json(self.state["progress"])
 
     def restore(self, engine: RoundEngine) -> None:
-        """The global student, the plan, which rounds failed, the exchange's state and torch's RNG
-        as they were after the saved round."""
+        """The global student, the plan, the exchange's state and torch's RNG as they were after the
+        saved round. The count of failed rounds in a row starts again: resuming is another try."""
         load_model(engine.global_student, str(student_checkpoint(self.run_dir, self.round)))
         tensors = load_file(str(server_checkpoint(self.run_dir, self.round)))
         torch.set_rng_state(tensors.pop(RNG))
@@ -125,5 +125,4 @@ class SavedRun:
         plan = self.state["plan"]
         engine.plan.nodes = [int(n) for n in plan["nodes"]]
         engine.plan.sampled = {int(r): [int(n) for n in nodes] for r, nodes in plan["sampled"].items()}
-        engine.rounds = {int(r): RoundOutcome(failed=reason) for r, reason in self.state["failed"].items()}
 

@@ -57,6 +57,7 @@ class RoundOutcome:
     sampled: int = 0
     nodes: list[int] = field(default_factory=list)  # the sampled nodes
     failed: str = ""  # why the round left the global student as it was ("": it was combined)
+    ran: bool = True  # False: not run, because the run had stopped
     bytes_down: int = 0
     bytes_up: int = 0
     started: float = field(default_factory=time.perf_counter)
@@ -135,8 +136,8 @@ class RoundEngine:
     def configure(self, server_round: int, connected: list[int]) -> dict[int, RecordDict]:
         """Each node sampled this round -> the content it is sent (none once the run has stopped)."""
         if self.stopped:
-            self.rounds[server_round] = RoundOutcome(failed=f"not run: the {self.max_failed_rounds} rounds before it "
-                                                            "failed (federation.max_failed_rounds)")
+            self.rounds[server_round] = RoundOutcome(ran=False, failed=f"not run: the {self.max_failed_rounds} rounds "
+                                                                            "before it failed (federation.max_failed_rounds)")
             return {}
         sampled = self.plan.sample(server_round, connected)
         content = round_request(self.exchange, self.global_student, server_round, self.assets, self.request)
@@ -165,7 +166,7 @@ class RoundEngine:
         replies = [*replies, *((node, NO_REPLY) for node in outcome.nodes if node not in replied)]
         accepted, nodes = [], []
         for node_id, reply in replies:
-            site = (SiteOutcome(f"node-{node_id}", node_id, FAILED, reason=reply) if isinstance(reply, str)
+            site = (SiteOutcome(f"node-{node_id}", node_id, FAILED, reason=first_line(reply)) if isinstance(reply, str)
                     else read_content(reply, node_id, self.exchange, self.allowed_items))
             outcome.sites.append(site)
             if site.status == TRAINED:
@@ -195,6 +196,13 @@ class RoundEngine:
             outcome.aggregation_seconds = time.perf_counter() - combine_start
         outcome.seconds = time.perf_counter() - outcome.started
         return len(accepted)
+
+
+def first_line(error: str, limit: int = 200) -> str:
+    """An error's first line, at most `limit` characters: what it was, not which process or node
+    (a Ray error goes on with the actor's id and PID), so that failures are counted by reason."""
+    line = error.strip().split("\n", 1)[0]
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def round_request(exchange: Exchange, global_student: nn.Module, server_round: int,

@@ -6,6 +6,8 @@ import hashlib
 import io
 import json
 import logging
+import zipfile
+import zlib
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -151,9 +153,12 @@ class ImageTask:
         fix = f"give a .npz file with `images` [N, {self.input_shape[1]}, {self.input_shape[2]}] in [0, 1] and integer `labels` [N] in [0, {self.num_classes})"
         try:
             with np.load(path) as saved:
-                images, labels = saved["images"].astype(np.float32), saved["labels"]
-        except (OSError, KeyError, ValueError) as err:
-            raise ConfigError(f"site data {path} cannot be read ({err}): {fix}") from None
+                images, labels = saved["images"], saved["labels"]
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+            raise ConfigError(f"site data {path} cannot be read ({type(err).__name__}: {err}): {fix}") from None
+        if images.dtype.kind not in "fiub" or images.ndim not in (3, 4):
+            raise ConfigError(f"site data {path}: images are {images.dtype} of shape {list(images.shape)}; {fix}")
+        images = images.astype(np.float32)
         images = images[:, None] if images.ndim == 3 else images  # [N, H, W] -> [N, 1, H, W]
         problems = [
             (images.shape[1:] != self.input_shape, f"images have shape {list(images.shape)}"),

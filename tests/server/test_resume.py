@@ -25,7 +25,7 @@ def logits_run(tmp_path, cache_dir):
     return config, engine
 
 
-def test_a_saved_round_restores_the_student_plan_failed_rounds_consensus_and_rng(tmp_path, logits_run):
+def test_a_saved_round_restores_the_student_plan_consensus_and_rng(tmp_path, logits_run):
     config, new_engine = logits_run
     engine = new_engine()
     engine.plan.sample(1, [5, 6, 7, 8])
@@ -47,7 +47,7 @@ def test_a_saved_round_restores_the_student_plan_failed_rounds_consensus_and_rng
     for name, value in engine.global_student.state_dict().items():
         assert torch.equal(restored.global_student.state_dict()[name], value)
     assert restored.plan.nodes == engine.plan.nodes and restored.plan.sampled == engine.plan.sampled
-    assert [restored.rounds[r].failed for r in (1, 2)] == ["", "0 valid replies"]
+    assert restored.rounds == {}  # the failed rounds in a row are counted again: resuming is another try
     assert torch.equal(restored.exchange.consensus["probs"], engine.exchange.consensus["probs"])
     assert torch.equal(torch.rand(4), expected_draw)  # torch's generator as it was when the round was saved
     back = saved.progress()
