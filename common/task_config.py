@@ -8,6 +8,7 @@ import dataclasses
 import importlib
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -142,12 +143,14 @@ def task_kinds() -> dict[str, type[TaskConfig]]:
 def check_task_settings(settings: Any, *, where: str) -> None:
     """ConfigError unless `settings` (a site file's `task:` block) are settings of one of the
     app's task kinds, naming the key that fits none."""
+    if not (isinstance(settings, Mapping) or OmegaConf.is_dict(settings)):
+        raise ConfigError(f"{where} must be a mapping of task settings (keys of conf/task/*.yaml), got {settings!r}")
     problems = []
     for kind, config_type in task_kinds().items():
         try:
             OmegaConf.merge(OmegaConf.structured(config_type), settings)
             return
-        except OmegaConfBaseException as err:
+        except (OmegaConfBaseException, ValueError) as err:
             problems.append(f"{kind}: key {getattr(err, 'full_key', None)!r} is not a task setting "
                             f"({str(err).splitlines()[0]})")
     raise ConfigError(f"{where} fits no task of this app ({'; '.join(problems)}); see conf/task/*.yaml for the keys")
