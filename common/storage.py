@@ -51,15 +51,15 @@ def private_folder(path: Path) -> Path:
     return path
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
-    """Named tensors as safetensors, written atomically."""
-    atomic_write(path, save({k: v.detach().contiguous() for k, v in tensors.items()}))
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], *, durable: bool = False) -> Path:
+    """Named tensors as safetensors, written atomically (and fsynced where `durable`)."""
+    atomic_write(path, save({k: v.detach().contiguous() for k, v in tensors.items()}), durable=durable)
     return path
 
 
-def save_model(path: Path, model: nn.Module) -> Path:
-    """The model's state_dict as safetensors, written atomically."""
-    return save_tensors(path, untied_state(model))
+def save_model(path: Path, model: nn.Module, *, durable: bool = False) -> Path:
+    """The model's state_dict as safetensors, written atomically (and fsynced where `durable`)."""
+    return save_tensors(path, untied_state(model), durable=durable)
 
 
 def untied_state(model: nn.Module) -> dict[str, torch.Tensor]:

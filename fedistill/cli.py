@@ -246,6 +246,7 @@ def run_simulation(overrides: list[str], echo: Callable[[str], None] = print) ->
     overrides, config = resolve_paths(overrides)
     run_dir = Path(config.run_dir)
     if saved is not None:
+        saved.check_rounds_left(config.rounds)
         policy = load_policy(run_dir / POLICY_FILE)
     else:
         policy = simulated_site_policy(config, site_overrides)
@@ -299,7 +300,10 @@ def resumed_run(overrides: list[str]) -> SavedRun | None:
     given = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "resume"]
     if not given or given[-1] in ("", "null"):
         return None
-    return SavedRun.read(Path(given[-1]).expanduser().resolve())
+    value = given[-1]
+    if len(value) > 1 and value[0] == value[-1] and value[0] in "\"'":
+        value = value[1:-1]
+    return SavedRun.read(Path(value).expanduser().resolve())
 
 
 def prepare(task, config: Config) -> None:

@@ -41,6 +41,7 @@ def main(grid: Grid, context: Context) -> None:
         saved = SavedRun.read(config.resume)
         overrides = saved.overrides_for(overrides)
         config = load_config(overrides)
+        saved.check_rounds_left(config.rounds)
     run(grid, dataclasses.replace(config, run_dir=str(run_directory(config, context.run_id))),
         overrides=overrides, run_id=context.run_id, saved=saved)
 
@@ -81,6 +82,8 @@ def run(grid: Grid, config: Config, *, overrides: list[str], run_id: int, saved:
         run_dir.rewrite_rounds(progress.rounds)  # a round logged after the saved one is run again
         log(INFO, f"{P.PROGRESS_TAG}resuming after round {done} of {config.rounds}")
     progress.runs.append(run_id)
+    if saved is not None:  # this part is on record even if it dies before its first round
+        resume.save(run_dir.path, done, overrides=overrides, engine=engine, progress=progress)
     strategy = DistillStrategy(engine=engine, wait_s=config.federation.round_timeout, rounds_done=done)
     metrics = ServerMetrics(tuple(m.name for m in evaluator.metrics))
     metrics.serve(config.federation.metrics_port, config.federation.metrics_host)

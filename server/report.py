@@ -179,7 +179,9 @@ def privacy_report(privacy: dict) -> str:
         )
     if any(s["epsilon_earlier_parts"] for s in privacy["sites"]):
         lines += ["", "This run was resumed: the table shows the spend of its last part, each site's spend in the",
-                  "parts before in `privacy.json` (`epsilon_earlier_parts`). A site's ledger composes all of them."]
+                  "parts before in `privacy.json` (`epsilon_earlier_parts`, as last reported: a round a site trained",
+                  "for a coordinator that died is charged in its ledger, not here). The run's guarantee is the",
+                  "composition of its parts, which each site's ledger computes over all its releases."]
     lines += ["", "Epsilon is read from each site's own ledger, which counts every release the site has made",
               "from its records across rounds, runs and restarts.", "", f"What a site must still trust: {privacy['trust']}."]
     refusals = [(s["site"], r) for s in privacy["sites"] for r in s["refusals"]]

@@ -8,8 +8,12 @@ leaves the previous round's state whole. Rounds not run because the run had stop
 (federation.max_failed_rounds) are not saved, so that a resumed run runs them. Every other draw the server makes is seeded by the
 run's seed and the round (the participation plan, server-side distillation's batches), and
 the sites' by the seed, the round and the site, so a seeded run without DP resumed from round
-r ends where the uninterrupted run ends. The sites' privacy is not in this state: each site's
-ledger has recorded every release, including one the coordinator never received.
+r ends where the uninterrupted run ends (two things it cannot restore: with
+exchange.broadcast=logits the sites' own students, which Flower keeps per run, start again
+from the consensus; in simulation the new run's node ids differ, so with fraction_train below
+1 the participation plan is drawn again). The sites' privacy is not in this state: each
+site's ledger has recorded every release, including one the coordinator never received.
+Everything is fsynced: the state must survive the machine, not only the process.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, load_model
+
 from common.config import ConfigError
 from common.storage import atomic_write, save_tensors
 from server.report import PrivacyView
@@ -56,11 +61,15 @@ class Progress:
                    scores=saved["scores"], runs=saved["runs"])
 
 
+def _unquoted(value: str) -> str:
+    return json.loads(value) if value.startswith('"') else value
+
+
 def save(run_dir: Path, server_round: int, *, overrides: list[str], engine: RoundEngine, progress: Progress) -> None:
     """Everything a resumed run needs after `server_round`; state.json last, as the commit."""
     tensors = {RNG: torch.get_rng_state()}
     tensors |= {CONSENSUS + name: t for name, t in engine.exchange.state_dict().items()}
-    save_tensors(server_checkpoint(run_dir, server_round), tensors)
+    save_tensors(server_checkpoint(run_dir, server_round), tensors, durable=True)
     plan = engine.plan
     state = {
         "version": VERSION,
@@ -69,7 +78,7 @@ def save(run_dir: Path, server_round: int, *, overrides: list[str], engine: Roun
         "plan": {"nodes": plan.nodes, "sampled": {str(r): nodes for r, nodes in plan.sampled.items()}},
         "progress": progress.to_json(),
     }
-    atomic_write(run_dir / STATE_FILE, json.dumps(state, indent=1).encode())  # Infinity: a run without DP
+    atomic_write(run_dir / STATE_FILE, json.dumps(state, indent=1).encode(), durable=True)  # Infinity: no DP
 
 
 @dataclass
@@ -94,23 +103,37 @@ class SavedRun:
                 raise ValueError(f"version {state.get('version')!r}, this fedistill reads {VERSION}")
             overrides = [str(o) for o in state["overrides"]]
             server_round = int(state["round"])
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            Progress.from_json(state["progress"])
+            if not isinstance(state["plan"], dict):
+                raise TypeError("the plan is not a mapping")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise ConfigError(f"resume={run_dir}: {path} cannot be read ({err}); it is written by the run itself, "
                               "so restore it from a backup or start a new run") from None
         return cls(run_dir, server_round, overrides, state)
 
     def overrides_for(self, given: list[str]) -> list[str]:
         """The run's own overrides with `resume` and `run_dir` pinned to this directory. An override
-        given with resume= that is not the run's own is refused: it would change the run midway."""
-        def pinned(override: str) -> bool:
-            return override.split("=", 1)[0].lstrip("+~") in ("resume", "run_dir")
+        given with resume= that is not the run's own is refused: it would change the run midway. A
+        run directory moved since is refused: the sites' ledgers of a simulation are kept in it, and
+        a site that found none where the run says would start a new one at epsilon 0."""
+        def key(override: str) -> str:
+            return override.split("=", 1)[0].lstrip("+~")
 
-        kept = [o for o in self.overrides if not pinned(o)]
-        other = [o for o in given if not pinned(o) and o not in kept]
+        kept = [o for o in self.overrides if key(o) not in ("resume", "run_dir")]
+        other = [o for o in given if key(o) not in ("resume", "run_dir") and o not in kept]
         if other:
             raise ConfigError(f"resume= continues the run as it was configured ({' '.join(kept) or 'defaults'}); "
                               f"{' '.join(other)} would change it midway: give resume= alone")
-        return [*kept, f"run_dir={self.run_dir}", f"resume={self.run_dir}"]
+        saved = [_unquoted(o.split("=", 1)[1]) for o in self.overrides if key(o) == "run_dir"]
+        if saved and Path(saved[-1]).resolve() != self.run_dir.resolve():
+            raise ConfigError(f"resume={self.run_dir}: the run was made in {saved[-1]} and has been moved; move it back "
+                              "before resuming (the sites' ledgers and the run's files are named by that path)")
+        return [*kept, f"run_dir={json.dumps(str(self.run_dir))}", f"resume={json.dumps(str(self.run_dir))}"]
+
+    def check_rounds_left(self, rounds: int) -> None:
+        if self.round >= rounds:
+            raise ConfigError(f"resume={self.run_dir}: the run already completed all its {rounds} rounds; its results "
+                              "are in that folder (start a new run for more rounds)")
 
     def progress(self) -> Progress:
         return Progress.from_json(self.state["progress"])

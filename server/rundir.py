@@ -68,7 +68,8 @@ class RunDirectory:
         atomic_write(self.path / STUDENT_INT8, buffer.getvalue())
 
     def save_checkpoint(self, server_round: int, model: nn.Module) -> Path:
-        return save_model(student_checkpoint(self.path, server_round), model)
+        """Synced to disk: a resumed run reads it after a crash of the machine (server.resume)."""
+        return save_model(student_checkpoint(self.path, server_round), model, durable=True)
 
     def plot(self, rounds: list[dict[str, Any]], *, metrics: tuple[Metric, ...], teacher: Scores,
              budgets: dict[str, float]) -> None:

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from common.privacy import Budget, PrivacyLedger
 from fedistill.processes import processes_using
+from server.resume import Progress
 
 pytestmark = pytest.mark.e2e  # real Flower simulations
 
@@ -106,13 +107,18 @@ class TestWithDP:
         assert "This run was resumed" in (run_dir / "privacy.md").read_text()
 
 
-def test_resume_refuses_another_setting_and_a_folder_without_a_saved_round(tmp_path):
+def test_resume_refuses_another_setting_a_finished_run_and_a_folder_without_a_saved_round(tmp_path):
     missing = simulate(f"resume={tmp_path}")
     assert missing.returncode == 2
     assert "state.json does not exist" in missing.stderr
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "state.json").write_text(json.dumps(
-        {"version": 1, "round": 1, "overrides": ["task=digits", "rounds=3"], "plan": {}, "failed": {}, "progress": {}}))
+        {"version": 1, "round": 1, "overrides": ["task=digits", "rounds=3"], "plan": {}, "progress": Progress().to_json()}))
     changed = simulate(f"resume={tmp_path}", "rounds=5")
     assert changed.returncode == 2
     assert "rounds=5 would change it midway" in changed.stderr
+    state = json.loads((tmp_path / "checkpoints" / "state.json").read_text())
+    (tmp_path / "checkpoints" / "state.json").write_text(json.dumps({**state, "round": 3}))
+    finished = simulate(f"resume={tmp_path}")
+    assert finished.returncode == 2
+    assert "already completed all its 3 rounds" in finished.stderr

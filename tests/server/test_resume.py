@@ -47,20 +47,26 @@ def test_a_saved_round_restores_the_student_plan_consensus_and_rng(tmp_path, log
     for name, value in engine.global_student.state_dict().items():
         assert torch.equal(restored.global_student.state_dict()[name], value)
     assert restored.plan.nodes == engine.plan.nodes and restored.plan.sampled == engine.plan.sampled
-    assert restored.rounds == {}  # the failed rounds in a row are counted again: resuming is another try
     assert torch.equal(restored.exchange.consensus["probs"], engine.exchange.consensus["probs"])
     assert torch.equal(torch.rand(4), expected_draw)  # torch's generator as it was when the round was saved
     back = saved.progress()
     assert back.rounds == progress.rounds and back.runs == [17] and back.privacy.epsilon == {"site-0": float("inf")}
 
 
-def test_resume_takes_the_runs_own_overrides_and_refuses_any_other(tmp_path):
-    saved = SavedRun(tmp_path, 2, ["task=digits", "rounds=4", "run_dir=/elsewhere"], {})
-    assert saved.overrides_for([f"resume={tmp_path}"]) == ["task=digits", "rounds=4", f"run_dir={tmp_path}",
-                                                           f"resume={tmp_path}"]
+def test_resume_takes_the_runs_own_overrides_and_refuses_any_other_a_moved_folder_and_a_finished_run(tmp_path):
+    saved = SavedRun(tmp_path, 2, ["task=digits", "rounds=4", f'run_dir="{tmp_path}"'], {})
+    assert saved.overrides_for([f"resume={tmp_path}"]) == ["task=digits", "rounds=4", f'run_dir="{tmp_path}"',
+                                                           f'resume="{tmp_path}"']
     assert saved.overrides_for(["task=digits", "rounds=4", f"resume={tmp_path}"])[:2] == ["task=digits", "rounds=4"]
+    assert load_config(saved.overrides_for([])).resume == str(tmp_path)  # quoted for Hydra, read back as the path
     with pytest.raises(ConfigError, match="rounds=6 would change it midway"):
         saved.overrides_for(["rounds=6", f"resume={tmp_path}"])
+    moved = SavedRun(tmp_path, 2, ["task=digits", 'run_dir="/where/it/was/made"'], {})
+    with pytest.raises(ConfigError, match="has been moved; move it back"):
+        moved.overrides_for([])
+    saved.check_rounds_left(3)  # round 3 is left
+    with pytest.raises(ConfigError, match="already completed all its 2 rounds"):
+        saved.check_rounds_left(2)
 
 
 @pytest.mark.parametrize("text, message", [
