@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # CPU build of torch; a GPU user installs their own torch into .venv first (see README).
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test bench bench-text bench-lm bench-deploy bench-privacy install clean
+.PHONY: demo test bench bench-text bench-lm bench-deploy bench-privacy bench-scale install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,9 @@ bench-privacy: install
 
 bench-deploy: install
 	$(BIN)/python -m bench.deploy_bench
+
+bench-scale: install
+	$(BIN)/python -m bench.scale_bench
 
 clean:
 	rm -rf $(VENV) outputs

@@ -84,7 +84,8 @@ class Site:
         if self.policy.data_path is not None:
             return file_records(self.records)
         dataset, partition = self.task.partition_identity(self.num_partitions)
-        return DataFingerprint(dataset=dataset, partition=partition, records=records_digest(self.records))
+        return DataFingerprint(dataset=dataset, partition=partition, records=records_digest(self.records),
+                               copies=self.config.task.sites_per_record)
 
     @cached_property
     def objective(self) -> nn.Module:
@@ -104,23 +105,29 @@ def site_name(partition_id: int) -> str:
 
 
 def load_site(config: Config, policy: SitePolicy, partition_id: int, num_partitions: int) -> Site:
-    """The site this process plays for this configuration, built once per process (a simulation
-    worker plays many sites in turn, so each stays cached; a site holds only its own slice).
-    Sites of one configuration share one task object (teacher, public set), the last two kept."""
+    """The site this process plays for this configuration, built once per process and kept among
+    the last `CACHED_SITES` used: a simulation worker plays many sites in turn, and its memory
+    must not grow with their number (a site holds only its own slice). Sites of one
+    configuration share one task object (teacher, public set), the last two kept."""
     config_key = json.dumps(dataclasses.asdict(config), sort_keys=True)
     key = (config_key, json.dumps(dataclasses.asdict(policy), sort_keys=True), partition_id, num_partitions)
-    if key not in _SITES:
+    if key in _SITES:
+        _SITES[key] = _SITES.pop(key)  # the most recently used last
+    else:
         if config_key not in _TASKS:
             while len(_TASKS) >= 2:  # a dropped task takes its sites with it
                 dropped = _TASKS.pop(next(iter(_TASKS)))
                 for other in [k for k, site in _SITES.items() if site.task is dropped]:
                     del _SITES[other]
             _TASKS[config_key] = build_task(config)
+        while len(_SITES) >= CACHED_SITES:
+            del _SITES[next(iter(_SITES))]
         name = policy.name or site_name(partition_id)
         _SITES[key] = Site(name, config, policy, _TASKS[config_key], partition_id, num_partitions)
     return _SITES[key]
 
 
+CACHED_SITES = 32
 _SITES: dict[tuple[str, str, int, int], Site] = {}
 _TASKS: dict[str, Task] = {}
 

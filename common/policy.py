@@ -17,6 +17,9 @@ Where the policy comes from, in this order (never from the run config):
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import io
 import math
 import os
 import re
@@ -176,16 +179,31 @@ def policy_from(values: Mapping | None = None, *, origin: str = "the site policy
 
 
 def load_policy(path: Path | str) -> SitePolicy:
-    """A site policy file (YAML): any keys of conf/site.yaml; the rest keep their defaults."""
+    """A site policy file (YAML): any keys of conf/site.yaml; the rest keep their defaults.
+
+    The file is read every time; what it says is parsed and checked once per content (a
+    simulation worker reads it for every site it plays, which parsing would dominate).
+    """
     path = Path(path).expanduser()
     try:
-        values = OmegaConf.load(path)
+        text = path.read_bytes()
+        key = (str(path), hashlib.sha256(text).hexdigest())
+        if key not in _POLICIES:
+            values = OmegaConf.load(io.BytesIO(text))
     except (OSError, OmegaConfBaseException, ValueError, yaml.YAMLError) as err:
         raise ConfigError(f"site policy {path} cannot be read ({err}): give the path of a YAML file "
                           f"with keys of {POLICY_FILE.name}") from None
-    if not isinstance(values, Mapping) and values is not None and not OmegaConf.is_dict(values):
-        raise ConfigError(f"site policy {path} must be a YAML mapping of keys to values")
-    return policy_from(values, origin=f"site policy {path}")
+    if key not in _POLICIES:
+        if not isinstance(values, Mapping) and values is not None and not OmegaConf.is_dict(values):
+            raise ConfigError(f"site policy {path} must be a YAML mapping of keys to values")
+        policy = policy_from(values, origin=f"site policy {path}")
+        while len(_POLICIES) >= 8:
+            del _POLICIES[next(iter(_POLICIES))]
+        _POLICIES[key] = policy
+    return copy.deepcopy(_POLICIES[key])
+
+
+_POLICIES: dict[tuple[str, str], SitePolicy] = {}
 
 
 def site_policy(node_config: Mapping) -> SitePolicy:

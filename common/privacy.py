@@ -69,6 +69,9 @@ class DataFingerprint:
     dataset: str    # the data set the records were cut from
     partition: str  # how that data set was cut into sites ("whole" for a site's own file)
     records: str    # SHA-256 of the records themselves
+    # How many ledgers may charge these very records: k > 1 only for a simulated partition whose
+    # records are each held by k sites (task.sites_per_record), every one with its own ledger.
+    copies: int = 1
 
 
 def records_digest(data: TensorDataset) -> str:
@@ -352,6 +355,8 @@ class PrivacyLedger:
                     f"site.epsilon={doc.get('budget')}"
                 )
             recorded = DataFingerprint(**doc["data"])
+            if type(recorded.copies) is not int or recorded.copies < 1:
+                raise ValueError(f"data.copies must be an integer >= 1, got {recorded.copies!r}")
             entries = [LedgerEntry.from_json(e) for e in doc["entries"]]
         except LedgerError:
             raise
@@ -371,7 +376,8 @@ class PrivacyLedger:
 
     def _refuse_overlapping_partition(self) -> None:
         """A new ledger beside one for the same records, or for the same data set cut another way,
-        would charge records twice."""
+        would charge records twice; records declared held by k sites may have k ledgers, no more."""
+        holders = 0
         for other in sorted(self.directory.parent.glob(f"*/{LEDGER_FILE}")):
             if other == self.path:
                 continue
@@ -381,8 +387,10 @@ class PrivacyLedger:
                 raise LedgerError(f"privacy ledger {other} beside this site's is unreadable or corrupt; a new "
                                   f"ledger in {self.directory.parent} cannot be checked against it") from None
             if theirs.records == self.data.records:
-                raise LedgerError(f"{other} already charges these very records: a second ledger for them would "
-                                  "let them be charged twice; use that ledger")
+                holders += 1
+                if theirs != self.data or holders >= self.data.copies:
+                    raise LedgerError(f"{other} already charges these very records: a second ledger for them would "
+                                      "let them be charged twice; use that ledger")
             if theirs.dataset == self.data.dataset and theirs.partition != self.data.partition:
                 raise LedgerError(
                     f"{other} charges records of the same data set under another partition ({theirs.partition}; "

@@ -5,6 +5,7 @@ frontier rows and targets, and finding a kind's class (only from the app's own c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import os
 import re
@@ -81,6 +82,10 @@ class TaskConfig:
     kind: str
     split: SplitConfig = field(default_factory=SplitConfig)  # tasks that cut one data set four ways
     dirichlet_alpha: float = 1.0
+    # Simulation: how many sites hold each record of the built-in private part. 1: every record
+    # at one site. k > 1 lets a small bundled set reach many sites (each site's DP holds for its
+    # own ledger; across the federation a record held by k sites composes their k releases).
+    sites_per_record: int = 1
 
     students: ClassVar[tuple[str, ...]] = ()  # the student.arch values this kind trains
     frontiers: ClassVar[tuple[FrontierSetting, ...]] = ()  # its rows of `make bench-privacy`
@@ -94,6 +99,9 @@ class TaskConfig:
             self.dirichlet_alpha > 0,
             f"task.dirichlet_alpha must be > 0 (smaller means more label skew), got {self.dirichlet_alpha}",
         )
+        require(type(self.sites_per_record) is int and self.sites_per_record >= 1,
+                f"task.sites_per_record must be an integer >= 1 (how many simulated sites hold each record), "
+                f"got {self.sites_per_record!r}")
 
     def validate_run(self, config: Config) -> None:
         """Checks of the rest of a run against this task: by default, one of its students and no
@@ -130,8 +138,10 @@ def task_config_type(kind: Any) -> type[TaskConfig]:
     return config_type
 
 
+@functools.cache
 def task_kinds() -> dict[str, type[TaskConfig]]:
-    """The settings class of every task kind this app's conf/task/*.yaml use, by kind."""
+    """The settings class of every task kind this app's conf/task/*.yaml use, by kind: read once
+    per process (conf/ is the app's code)."""
     kinds = {}
     for path in sorted((CONF_DIR / "task").glob("*.yaml")):
         raw = OmegaConf.load(path)

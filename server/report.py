@@ -89,6 +89,7 @@ class PrivacyView:
                          "on; each site's ledger records the release as unbounded and refuses DP claims afterwards",
             "released": released_items(config),
             "trust": TRUST,
+            "sites_per_record": config.task.sites_per_record,
             "sites": [
                 {
                     "site": site,
@@ -182,6 +183,14 @@ def privacy_report(privacy: dict) -> str:
                   "parts before in `privacy.json` (`epsilon_earlier_parts`, as last reported: a round a site trained",
                   "for a coordinator that died is charged in its ledger, not here). The run's guarantee is the",
                   "composition of its parts, which each site's ledger computes over all its releases."]
+    holders = privacy.get("sites_per_record", 1)
+    if holders > 1:
+        spent = [s["epsilon"] for s in privacy["sites"] if s["epsilon"] is not None]
+        bound = f" ({holders} x {max(spent):.3g} = {holders * max(spent):.3g})" if spent else ""
+        lines += ["", f"Each record of the simulated partition is held by {holders} sites (task.sites_per_record), each",
+                  "with its own ledger: a site's epsilon covers its own releases, and across the federation a",
+                  f"record's releases compose over the sites that hold it, up to {holders} times the largest epsilon",
+                  f"above{bound}."]
     lines += ["", "Epsilon is read from each site's own ledger, which counts every release the site has made",
               "from its records across rounds, runs and restarts.", "", f"What a site must still trust: {privacy['trust']}."]
     refusals = [(s["site"], r) for s in privacy["sites"] for r in s["refusals"]]

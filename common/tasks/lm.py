@@ -72,6 +72,8 @@ class LMTaskConfig(TaskConfig):
         super().validate()
         self.teacher.validate()
         self.corpus.validate()
+        require(self.sites_per_record == 1, "task=lm gives each simulated site its own corpus (task.corpus.sites): "
+                f"task.sites_per_record must be 1, got {self.sites_per_record}")
 
     def site_settings(self) -> dict:
         return {**super().site_settings(),

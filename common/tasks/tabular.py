@@ -167,7 +167,8 @@ class TabularTask:
         return len(self.encoding.classes)
 
     def private_data(self, site: int, num_sites: int) -> TensorDataset:
-        return site_share(self._parts["private"], site, num_sites, alpha=self.config.dirichlet_alpha, seed=self.seed)
+        return site_share(self._parts["private"], site, num_sites, alpha=self.config.dirichlet_alpha, seed=self.seed,
+                          sites_per_record=self.config.sites_per_record)
 
     def partition_identity(self, num_sites: int) -> tuple[str, str]:
         return f"table {self._digest[:16]}", partition_description(self.config, self.seed, num_sites)

@@ -109,6 +109,30 @@ def test_sites_hold_disjoint_private_data_that_covers_the_private_part(small_con
     assert set(rows) == {tuple(x.flatten().tolist()) for x in private}
 
 
+def test_sites_declared_to_share_records_hold_the_same_shard_each_with_its_own_ledger(small_config, tmp_path,
+                                                                                      cache_dir, make_site):
+    # The sharing is the sites' own setting (their site file's task: block), as for the partition.
+    policy = policy_from({"ledger_dir": str(tmp_path / "ledgers"), "cache_dir": cache_dir,
+                          "task": {"sites_per_record": 2}})
+    first, second, other = (make_site(small_config.overrides, policy, i, 4) for i in (0, 2, 1))
+    assert torch.equal(first.records.tensors[0], second.records.tensors[0])
+    assert not torch.equal(first.records.tensors[0], other.records.tensors[0])
+    for holder in (first, second):
+        holder.ledger().reserve(limit=Budget(3.0, 1e-5), noise_multiplier=2.0, sample_rate=0.1, steps=10,
+                                run="r", round=1)
+    assert first.ledger_dir != second.ledger_dir
+    assert first.fingerprint.copies == 2
+
+
+def test_a_worker_keeps_only_the_sites_it_played_last(small_config, policy, make_site):
+    from client import site as site_module
+
+    played = [make_site(small_config.overrides, policy, i, 40) for i in range(40)]
+    assert len(site_module._SITES) == site_module.CACHED_SITES
+    assert make_site(small_config.overrides, policy, 39, 40) is played[39]
+    assert make_site(small_config.overrides, policy, 0, 40) is not played[0]  # dropped, built again
+
+
 @pytest.mark.parametrize("corrupt", ["shape", "nan", "inf", "huge"])
 def test_a_malformed_request_is_refused_before_any_budget_is_spent(site, round_content, corrupt):
     request = round_content(site)

@@ -73,6 +73,20 @@ def test_a_policy_file_sets_some_keys_and_keeps_the_defaults_of_the_rest(tmp_pat
     assert str(loaded.ledger_root) == "/var/lib/ledgers"
 
 
+def test_a_policy_file_changed_at_once_is_read_anew_and_a_loaded_policy_is_the_callers_own(tmp_path):
+    path = tmp_path / "site.yaml"
+    path.write_text("epsilon: 1.5\n")
+    first = load_policy(path)
+    path.write_text("epsilon: 2.5\n")  # same size, likely the same timestamp: the content decides
+    assert load_policy(path).epsilon == 2.5
+    path.write_text("epsilon: 1.5\n")
+    first.epsilon = 9.0
+    assert load_policy(path).epsilon == 1.5
+    path.write_text("epsilon: 0\n")
+    with pytest.raises(ConfigError, match="site.epsilon"):
+        load_policy(path)
+
+
 @pytest.mark.parametrize(
     "text, message",
     [

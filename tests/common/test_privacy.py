@@ -130,6 +130,28 @@ def test_a_new_ledger_refuses_records_another_ledger_already_charges(tmp_path):
         _ledger(tmp_path / "site-1")
 
 
+def test_records_declared_held_by_k_sites_get_k_ledgers_and_no_more(tmp_path):
+    shared = DataFingerprint(dataset=DATA.dataset, partition=DATA.partition, records="r0", copies=3)
+    for site in range(3):
+        _reserve(_ledger(tmp_path / f"site-{site}", data=shared))
+    with pytest.raises(LedgerError, match="already charges these very records"):
+        _ledger(tmp_path / "site-3", data=shared)
+    # The same records declared held by fewer sites, or under no declaration, get no further ledger.
+    for other in (DataFingerprint(**{**shared.__dict__, "copies": 4}), DATA):
+        with pytest.raises(LedgerError, match="already charges these very records"):
+            _ledger(tmp_path / "site-4", data=other)
+
+
+def test_a_ledger_whose_copies_is_not_a_count_is_refused(tmp_path):
+    _reserve(_ledger(tmp_path / "s"))
+    doc = json.loads((tmp_path / "s" / LEDGER_FILE).read_text())
+    for bad in (0, "3", 2.0, None):
+        doc["data"]["copies"] = bad
+        (tmp_path / "s" / LEDGER_FILE).write_text(json.dumps(doc))
+        with pytest.raises(LedgerError, match="unreadable or corrupt"):
+            _ledger(tmp_path / "s")
+
+
 def _doc(**changes):
     doc = {"format": "fedistill-privacy-ledger", "version": 2, "accountant": "rdp", "delta": DELTA, "budget": 3.0,
            "data": {"dataset": DATA.dataset, "partition": DATA.partition, "records": DATA.records},

@@ -34,3 +34,9 @@ def test_report_without_dp_claims_no_guarantee():
     assert P.RELEASED_WITHOUT_DP.keys() <= summary["released"].keys()
     assert "WITHOUT differential privacy" in summary["mechanism"]
     assert summary["guarantee"].startswith("none")
+
+
+def test_report_of_sites_sharing_records_states_what_a_record_may_compose_to():
+    shared = _view().summary(load_config(["task.sites_per_record=4"]))
+    assert "held by 4 sites" in privacy_report(shared) and "(4 x 3 = 12)" in privacy_report(shared)
+    assert "held by" not in privacy_report(_view().summary(load_config([])))
