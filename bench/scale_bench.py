@@ -2,7 +2,8 @@
 sites, 10% of them sampled per round, beside Flower's plain FedAvg (bench/plain-fedavg/, a Flower
 app) on the same simulation engine, records, student and steps, alternating, in one run.
 
-Per setting: wall time per round (median over the rounds after the first, each from one round's
+Each size also runs fedistill without DP, which
+separates the cost of DP-SGD from that of fedistill's own machinery. Per setting: wall time per round (median over the rounds after the first, each from one round's
 end to the next, evaluation included), start-up (from the command to the first round's start),
 and peak memory: the proportional set size (PSS) of every process of the run together, sampled
 twice a second. The built-in tasks hold too few records for 1,000 sites of 8 or more, so the
@@ -41,6 +42,9 @@ from fedistill.simulation import SimulationSuperLink
 PLAIN_APP = Path(__file__).parent / "plain-fedavg"
 FRACTION = 0.1
 TARGET_ROUND_S, TARGET_PEAK_GB, TARGET_RATIO = 15.0, 2.0, 1.5
+# The same run without DP (the sites' policy must allow it): what fedistill's own machinery costs
+# (requests, policy, ledger, checks, distillation), apart from DP-SGD's per-sample gradients.
+NO_DP = ["privacy=none", "site.require_dp=false"]
 
 
 class PeakMemory:
@@ -109,11 +113,11 @@ def summarise(launched: float, round_ends: list[float], rounds: int, peak: int) 
     return {"round_s": per_round, "startup_s": round_ends[0] - per_round - launched, "peak_gb": peak / 2**30}
 
 
-def run_fedistill(overrides: list[str], rounds: int, workdir: Path) -> dict:
-    run_dir = workdir / "fedistill"
+def run_fedistill(overrides: list[str], rounds: int, workdir: Path, name: str) -> dict:
+    run_dir = workdir / name
     command = [sys.executable, "-m", "fedistill.cli", "simulate", *overrides, f"run_dir={run_dir}"]
     launched = time.time()
-    with open(workdir / "fedistill.log", "w") as log:
+    with open(workdir / f"{name}.log", "w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
             with PeakMemory(proc.pid, run_dir) as peak, RoundEnds(lambda: lines(run_dir / "metrics.jsonl")) as ends:
@@ -122,7 +126,7 @@ def run_fedistill(overrides: list[str], rounds: int, workdir: Path) -> dict:
             if proc.poll() is None:
                 proc.kill()
     if code != 0:
-        raise RuntimeError(f"fedistill simulate exited {code}; see {workdir / 'fedistill.log'}")
+        raise RuntimeError(f"fedistill simulate exited {code}; see {workdir / f'{name}.log'}")
     trained = [json.loads(line)["sites_trained"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {**summarise(launched, ends.times, rounds, peak.peak), "sites_trained": trained}
 
@@ -167,11 +171,14 @@ def main(argv: list[str] | None = None) -> int:
                      f"federation.fraction_train={FRACTION}", f"federation.cpus_per_site={args.cpus_per_site}"]
         with tempfile.TemporaryDirectory(prefix="fedistill-scale-") as tmp:
             print(f"{sites} sites (sites_per_record={share}): fedistill simulate ...", flush=True)
-            ours = run_fedistill(overrides, args.rounds, Path(tmp))
+            ours = run_fedistill(overrides, args.rounds, Path(tmp), "fedistill")
+            print(f"{sites} sites: fedistill simulate without DP ...", flush=True)
+            no_dp = run_fedistill([*overrides, *NO_DP], args.rounds, Path(tmp), "fedistill-no-dp")
             print(f"{sites} sites: plain FedAvg ...", flush=True)
             plain = run_plain(overrides, args.rounds, sites, args.cpus_per_site, Path(tmp))
-        rows.append({"sites": sites, "sites_per_record": share, "fedistill": ours, "plain_fedavg": plain,
-                     "ratio": ours["round_s"] / plain["round_s"]})
+        rows.append({"sites": sites, "sites_per_record": share, "fedistill": ours, "fedistill_no_dp": no_dp,
+                     "plain_fedavg": plain, "ratio": ours["round_s"] / plain["round_s"],
+                     "ratio_no_dp": no_dp["round_s"] / plain["round_s"]})
         results.save_rows(rows)
     print_table(rows)
     print(f"\nwrote {results.path}")
@@ -181,14 +188,14 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(rows: list[dict]) -> None:
     print(f"\n{FRACTION:.0%} of the sites per round; targets at 1,000 sites: <= {TARGET_ROUND_S:g} s per round, "
           f"<= {TARGET_PEAK_GB:g} GB peak, <= {TARGET_RATIO:g}x plain FedAvg\n")
-    print("| sites | sites per record | fedistill s/round | plain FedAvg s/round | ratio | fedistill start-up s "
-          "| plain start-up s | fedistill peak GB | plain peak GB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| sites | sites per record | s/round: fedistill | without DP | plain FedAvg | ratio | ratio without DP "
+          "| start-up s: fedistill | plain | peak GB: fedistill | without DP | plain |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        ours, plain = row["fedistill"], row["plain_fedavg"]
-        print(f"| {row['sites']} | {row['sites_per_record']} | {ours['round_s']:.1f} | {plain['round_s']:.1f} "
-              f"| {row['ratio']:.2f} | {ours['startup_s']:.1f} | {plain['startup_s']:.1f} | {ours['peak_gb']:.2f} "
-              f"| {plain['peak_gb']:.2f} |")
+        ours, no_dp, plain = row["fedistill"], row["fedistill_no_dp"], row["plain_fedavg"]
+        print(f"| {row['sites']} | {row['sites_per_record']} | {ours['round_s']:.1f} | {no_dp['round_s']:.1f} "
+              f"| {plain['round_s']:.1f} | {row['ratio']:.2f} | {row['ratio_no_dp']:.2f} | {ours['startup_s']:.1f} "
+              f"| {plain['startup_s']:.1f} | {ours['peak_gb']:.2f} | {no_dp['peak_gb']:.2f} | {plain['peak_gb']:.2f} |")
 
 
 if __name__ == "__main__":

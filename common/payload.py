@@ -11,6 +11,8 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 from torch import nn
 
+from common.progress import PROGRESS_TAG  # noqa: F401  (the apps tag their progress lines with P.PROGRESS_TAG)
+
 if TYPE_CHECKING:
     from common.tasks import Task
 
@@ -46,9 +48,6 @@ REFUSAL_TEACHER = "teacher"          # the server's teacher is not the site's
 REFUSAL_BUDGET = "budget"            # the remaining budget cannot cover the run's rounds
 REFUSAL_LEDGER = "ledger"            # the ledger is unreadable or covers other records
 REFUSAL_SITE_ERROR = "site-error"    # the site failed (its policy, data or code); the error stays in its log
-
-# The ServerApp tags its progress log lines with this; `fedistill simulate` shows only those.
-PROGRESS_TAG = "[fedistill] "
 
 # MetricRecord keys
 TRAIN_LOSS = "train-loss"

@@ -5,27 +5,26 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import re
 import shlex
-import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import tomli_w
 from omegaconf import OmegaConf
 
 from common import payload as P
 from common.config import CONF_DIR, Config, ConfigError, load_config
-from common.policy import POLICY_ENV, load_policy
+from common.partition import num_shards
+from common.policy import load_policy
 from common.request import request_of
 from common.site_config import simulated_site_policy
 from fedistill import certs, deployment, frontier, sitecheck
 from fedistill.app_bundle import staged_app
-from fedistill.processes import console_script, run_streaming
+from fedistill.console import INTERRUPTED, ProgressOnly
+from fedistill.processes import console_script, interrupt_on_sigterm, run_streaming
 
 if TYPE_CHECKING:
     from server.resume import SavedRun
@@ -54,17 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # force: importing Opacus (through the privacy ledger) already gave the root logger a handler
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-    # SIGTERM (e.g. from a job scheduler) unwinds like Ctrl-C, so Flower's processes are stopped.
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_sigterm()
     try:
         if args.command == "simulate":
-            return run_simulation(args.overrides, echo=print if args.verbose else ProgressOnly())
+            return run_simulation(args.overrides, verbose=args.verbose)
         return args.handler(args)
     except (ConfigError, ValueError) as err:
         print(f"fedistill {args.command}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fedistill: interrupted; Flower processes stopped", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
 
 
@@ -175,10 +173,6 @@ def run_assets(args) -> int:
     return 0
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def pin(overrides: list[str], key: str, value: str) -> list[str]:
     """`overrides` with `key` set to `value` (replacing what the user gave)."""
     kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
@@ -200,31 +194,6 @@ def resolve_paths(overrides: list[str]) -> tuple[list[str], Config]:
     return overrides, load_config(overrides)
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-class ProgressOnly:
-    """Shows the apps' progress lines and Flower's errors once each; the rest is in flower.log.
-
-    Flower's log stream carries each line twice (console and file format).
-    """
-
-    def __init__(self) -> None:
-        self.shown: set[str] = set()
-
-    def __call__(self, line: str) -> None:
-        line = _ANSI.sub("", line)
-        if P.PROGRESS_TAG in line:
-            text = line.split(P.PROGRESS_TAG, 1)[1]
-        elif line.startswith(("ERROR", "Traceback")) or " ERROR " in line:
-            text = line.split("ERROR", 1)[-1].lstrip(" :")
-        else:
-            return
-        if text not in self.shown:
-            self.shown.add(text)
-            print(text, flush=True)
-
-
 def write_run_config(run_dir: Path, overrides: list[str]) -> Path:
     """The Flower run config that carries the overrides to both apps."""
     path = run_dir / "run_config.toml"
@@ -232,9 +201,11 @@ def write_run_config(run_dir: Path, overrides: list[str]) -> Path:
     return path
 
 
-def run_simulation(overrides: list[str], echo: Callable[[str], None] = print) -> int:
+def run_simulation(overrides: list[str], *, verbose: bool = False) -> int:
+    """Prepare the run the overrides describe here, then hand this process over to Flower's part
+    (fedistill.simulation.PreparedRun); returns only when the run is refused before that."""
     from common.tasks import build_task
-    from fedistill.simulation import SimulationSuperLink
+    from fedistill.simulation import PreparedRun
 
     overrides, site_overrides = split_site_overrides(overrides)
     saved = resumed_run(overrides)
@@ -272,25 +243,11 @@ def run_simulation(overrides: list[str], echo: Callable[[str], None] = print) ->
     if saved is None:
         policy_file.write_text(OmegaConf.to_yaml(OmegaConf.structured(policy)))
     print(f"fedistill: {config.sites} sites, {config.rounds} rounds, site policy {policy_file}, starting Flower")
-    with SimulationSuperLink(run_dir, env={POLICY_ENV: str(policy_file)}) as link:
-        code = link.run(APP_DIR, run_config, num_supernodes=config.sites,
-                        cpus_per_site=config.federation.cpus_per_site, echo=echo)
-    summary_path = run_dir / "summary.json"
-    if code != 0 or not summary_path.exists():
-        print(f"fedistill: the run failed (flwr exit code {code}); logs: {run_dir / 'flower.log'}", file=sys.stderr)
-        return 1
-    summary = json.loads(summary_path.read_text())
-    print(final_table(summary))
-    print(f"fedistill: results in {run_dir}")
-    if any(reason.startswith("not run") for reason in summary["failed_rounds"]):
-        print(f"fedistill: the run stopped after {config.federation.max_failed_rounds} failed rounds in a row (reasons "
-              f"above); once the cause is fixed, run the rounds left with `fedistill simulate resume={run_dir}`",
-              file=sys.stderr)
-    if not summary["rounds_completed"]:
-        print("fedistill: no round completed, so the global student is the one the server started from (the reasons "
-              "are above)", file=sys.stderr)
-        return 1
-    return 0
+    prepared = PreparedRun(app_dir=str(APP_DIR), run_dir=str(run_dir), run_config=str(run_config),
+                           policy_file=str(policy_file), sites=config.sites,
+                           cpus_per_site=config.federation.cpus_per_site,
+                           max_failed_rounds=config.federation.max_failed_rounds, verbose=verbose)
+    prepared.hand_over()  # the rest runs without torch in memory
 
 
 def resumed_run(overrides: list[str]) -> SavedRun | None:
@@ -313,57 +270,8 @@ def prepare(task, config: Config) -> None:
     kinds = task.objective(config.distill).target_kinds
     task.evaluator()
     task.teacher_targets(task.public_inputs(), kinds)
-    for site in range(config.sites):
+    for site in range(min(config.sites, num_shards(config.sites, config.task.sites_per_record))):  # one per shard
         task.teacher_targets(task.private_data(site, config.sites).tensors[0], kinds)
-
-
-def final_table(summary: dict) -> str:
-    models = [summary["teacher"], summary["student"], summary["student_int8"]]
-    rows = [("", "teacher", "global student", "int8 student")]
-    rows += [(metric["label"], *(f"{m[metric['name']]:.3f}" for m in models)) for metric in summary["metrics"]]
-    rows += [
-        ("parameters", *(f"{m['params']:,}" for m in models)),
-        ("size on disk", *(_kib(m["size_bytes"]) for m in models)),
-        ("CPU latency, 1 sample, 1 thread", *(f"{m['latency_ms']:.3f} ms" for m in models)),
-    ]
-    if "tokens_per_s" in models[0]:
-        rows.append(("CPU tokens/s, 1 thread", *(f"{m['tokens_per_s']:,.0f}" for m in models)))
-    lines = [f"\n{summary['task']}: {summary['exchange']} exchange, "
-             f"{summary['rounds_completed']}/{summary['rounds_planned']} rounds completed"]
-    lines += _table(rows)
-    comm = summary["communication"]
-    lines.append(f"communication: {_kib(comm['bytes_up'])} up, {_kib(comm['bytes_down'])} down in all")
-    for title, counts in (("replies dropped (failed or invalid)", summary.get("dropped_replies")),
-                          ("rounds that left the global student as it was", summary.get("failed_rounds"))):
-        if counts:
-            lines.append(f"{title}, by reason:")
-            lines += [f"  {count} x {reason}" for reason, count in counts.items()]
-    privacy = summary["privacy"]
-    lines.append(f"\nprivacy ({privacy['accountant']} accountant, delta {privacy['delta']:g})"
-                 + ("" if privacy["enabled"] else ": DISABLED, sites trained without DP"))
-    site_rows = [("site", "epsilon spent", "budget", "rounds trained", "rounds refused")]
-    for s in privacy["sites"]:
-        site_rows.append((s["site"], _eps(s["epsilon"]), _eps(s["budget"]), str(s["rounds_trained"]), str(s["refused_rounds"])))
-    lines += _table(site_rows)
-    refusals = [(s["site"], r) for s in privacy["sites"] for r in s["refusals"]]
-    if refusals:
-        site, first = refusals[0]
-        lines.append(f"\n{len(refusals)} site-rounds refused; first: {site} in round {first['round']}: {first['reason']}")
-        lines.append("(sites keep the details of a refusal in their own log: in simulation, the run's flower.log)")
-    return "\n".join(lines)
-
-
-def _table(rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-
-
-def _kib(n: int) -> str:
-    return f"{n / 1024:,.1f} KiB"
-
-
-def _eps(value: float | None) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isinf(value)) else f"{value:.3f}"
 
 
 if __name__ == "__main__":

@@ -165,3 +165,12 @@ class Child:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (e.g. from a job scheduler) unwinds like Ctrl-C, so that what a command started is stopped."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

@@ -4,20 +4,29 @@
 the SuperLink is our child, in its own process group, on a free loopback port, with a
 private FLWR_HOME; on exit (normal, error or Ctrl-C) it gets SIGTERM, and every process it
 started that is still alive after a grace period is killed by PID.
+
+`fedistill simulate` prepares a run (config, site policy, the teacher's outputs) with torch
+loaded, then replaces its process with `python -m fedistill.simulation` (`hand_over`), which
+runs Flower and prints the results without torch: the command's process holds a few dozen
+MB, not a model stack, while the sites train.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 import tomli_w
 
+from common.policy import POLICY_ENV
 from fedistill.app_bundle import staged_app
-from fedistill.processes import Child, console_script, free_port, run_streaming
+from fedistill.console import INTERRUPTED, ProgressOnly, final_table
+from fedistill.processes import Child, console_script, free_port, interrupt_on_sigterm, run_streaming
 
 CONNECTION = "fedistill-sim"
 
@@ -83,3 +92,60 @@ class SimulationSuperLink:
 
     def stop(self) -> None:
         self.superlink.stop()
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    """A simulation `fedistill simulate` has prepared: what running it needs, and nothing heavy."""
+
+    app_dir: str
+    run_dir: str
+    run_config: str
+    policy_file: str
+    sites: int
+    cpus_per_site: int
+    max_failed_rounds: int
+    verbose: bool = False
+
+    def hand_over(self) -> NoReturn:
+        """Replace this process (same PID, same output) with `python -m fedistill.simulation` running this run."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "fedistill.simulation", json.dumps(asdict(self))])
+
+    def run(self) -> int:
+        """Run it on a private SuperLink and print the results; the command's exit code."""
+        run_dir = Path(self.run_dir)
+        echo = print if self.verbose else ProgressOnly()
+        with SimulationSuperLink(run_dir, env={POLICY_ENV: self.policy_file}) as link:
+            code = link.run(Path(self.app_dir), Path(self.run_config), num_supernodes=self.sites,
+                            cpus_per_site=self.cpus_per_site, echo=echo)
+        summary_path = run_dir / "summary.json"
+        if code != 0 or not summary_path.exists():
+            print(f"fedistill: the run failed (flwr exit code {code}); logs: {run_dir / 'flower.log'}", file=sys.stderr)
+            return 1
+        summary = json.loads(summary_path.read_text())
+        print(final_table(summary))
+        print(f"fedistill: results in {run_dir}")
+        if any(reason.startswith("not run") for reason in summary["failed_rounds"]):
+            print(f"fedistill: the run stopped after {self.max_failed_rounds} failed rounds in a row (reasons "
+                  f"above); once the cause is fixed, run the rounds left with `fedistill simulate resume={run_dir}`",
+                  file=sys.stderr)
+        if not summary["rounds_completed"]:
+            print("fedistill: no round completed, so the global student is the one the server started from (the "
+                  "reasons are above)", file=sys.stderr)
+            return 1
+        return 0
+
+
+def main(argv: list[str]) -> int:
+    interrupt_on_sigterm()
+    try:
+        return PreparedRun(**json.loads(argv[0])).run()
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

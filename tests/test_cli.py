@@ -1,4 +1,5 @@
-from fedistill.cli import ProgressOnly, pin
+from fedistill.cli import pin
+from fedistill.console import ProgressOnly
 
 
 def test_progress_shows_tagged_lines_and_errors_once(capsys):
