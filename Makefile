@@ -28,7 +28,7 @@ demo: install
 # tests (and its module-scoped federation) on one worker. (loadgroup would spread them finer, but
 # pytest-xdist 3.8 cannot add its groups to test ids under pytest 9.2, so it groups nothing.)
 test: install
-	$(BIN)/python -m pytest -n 4 --dist loadscope --durations=15
+	$(BIN)/python -m pytest -n 4 --dist loadscope --durations=40
 
 bench: install
 	$(BIN)/python -m bench.run_bench

@@ -27,8 +27,10 @@ from common.policy import POLICY_ENV
 from fedistill.app_bundle import staged_app
 from fedistill.console import INTERRUPTED, ProgressOnly, final_table
 from fedistill.processes import Child, console_script, free_port, interrupt_on_sigterm, run_streaming
+from fedistill.ray_hook import HOOK
 
 CONNECTION = "fedistill-sim"
+RAY_HOOK_ENV = "RAY_RUNTIME_ENV_HOOK"
 
 
 class SimulationSuperLink:
@@ -117,7 +119,11 @@ class PreparedRun:
         """Run it on a private SuperLink and print the results; the command's exit code."""
         run_dir = Path(self.run_dir)
         echo = print if self.verbose else ProgressOnly()
-        with SimulationSuperLink(run_dir, env={POLICY_ENV: self.policy_file}) as link:
+        if os.environ.get(RAY_HOOK_ENV, HOOK) != HOOK:
+            print(f"fedistill: {RAY_HOOK_ENV} is set ({os.environ[RAY_HOOK_ENV]}); fedistill simulate sets its own, "
+                  "which carries the sites' policy to Ray's workers: unset it", file=sys.stderr)
+            return 2
+        with SimulationSuperLink(run_dir, env={POLICY_ENV: self.policy_file, RAY_HOOK_ENV: HOOK}) as link:
             code = link.run(Path(self.app_dir), Path(self.run_config), num_supernodes=self.sites,
                             cpus_per_site=self.cpus_per_site, echo=echo)
         summary_path = run_dir / "summary.json"
