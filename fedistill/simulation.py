@@ -27,7 +27,7 @@ from common.policy import POLICY_ENV
 from fedistill.app_bundle import staged_app
 from fedistill.console import INTERRUPTED, ProgressOnly, final_table
 from fedistill.processes import Child, console_script, free_port, interrupt_on_sigterm, run_streaming
-from fedistill.ray_hook import HOOK
+from fedistill.ray_hook import FORWARD_ENV, HOOK
 
 CONNECTION = "fedistill-sim"
 RAY_HOOK_ENV = "RAY_RUNTIME_ENV_HOOK"
@@ -123,7 +123,8 @@ class PreparedRun:
             print(f"fedistill: {RAY_HOOK_ENV} is set ({os.environ[RAY_HOOK_ENV]}); fedistill simulate sets its own, "
                   "which carries the sites' policy to Ray's workers: unset it", file=sys.stderr)
             return 2
-        with SimulationSuperLink(run_dir, env={POLICY_ENV: self.policy_file, RAY_HOOK_ENV: HOOK}) as link:
+        with SimulationSuperLink(run_dir, env={POLICY_ENV: self.policy_file, RAY_HOOK_ENV: HOOK,
+                                                  FORWARD_ENV: POLICY_ENV}) as link:
             code = link.run(Path(self.app_dir), Path(self.run_config), num_supernodes=self.sites,
                             cpus_per_site=self.cpus_per_site, echo=echo)
         summary_path = run_dir / "summary.json"

@@ -4,7 +4,7 @@ tables, source files of a code corpus, `.npz` images) and its certificates and k
 Each reader either returns records it can vouch for (labels among the task's, finite values,
 token ids in the vocabulary) or refuses the file with its own error naming it: never another
 exception. The site check reads certificates and keys into a failed check, never a traceback.
-`FEDISTILL_BAD_INPUT_EXAMPLES` cases per reader (400 by default).
+`FEDISTILL_BAD_INPUT_EXAMPLES` cases per reader (150 by default).
 """
 
 from __future__ import annotations

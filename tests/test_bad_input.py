@@ -3,8 +3,8 @@
 Each reader either accepts a value it can vouch for or refuses it with its own error, which
 names the file or the problem: never another exception (a traceback), and never a silent
 reading that weakens privacy (a corrupt ledger read as spending less, a reply aggregated
-though malformed). Generated cases per reader: `FEDISTILL_BAD_INPUT_EXAMPLES` (400 by default,
-so well over 1,000 in all).
+though malformed). Generated cases per reader: `FEDISTILL_BAD_INPUT_EXAMPLES` (150 by default,
+1,350 in all over the nine readers).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from common.policy import load_policy
 from common.privacy import LEDGER_FILE, Budget, DataFingerprint, LedgerError, PrivacyLedger
 from server.rounds import INVALID, REFUSED, TRAINED, read_content
 
-EXAMPLES = int(os.environ.get("FEDISTILL_BAD_INPUT_EXAMPLES", 400))
+EXAMPLES = int(os.environ.get("FEDISTILL_BAD_INPUT_EXAMPLES", 150))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
