@@ -47,59 +47,62 @@ TARGET_ROUND_S, TARGET_PEAK_GB, TARGET_RATIO = 15.0, 2.0, 1.5
 NO_DP = ["privacy=none", "site.require_dp=false"]
 
 
-class PeakMemory:
-    """`with PeakMemory(root_pid, folder) as peak:` samples the summed PSS of `root_pid`'s process
-    tree and of every process whose FLWR_HOME lies in `folder` (Ray's re-parented workers)."""
+class Poller:
+    """`with Poller(every) as poller:` calls `poll()` every `every` seconds in a thread until the block ends."""
+
+    def __init__(self, every: float):
+        self.every = every
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._done.wait(self.every):
+            self.poll()
+
+    def poll(self) -> None:
+        raise NotImplementedError
+
+
+class PeakMemory(Poller):
+    """Samples the summed PSS of `root`'s process tree and of every process whose FLWR_HOME lies
+    in `folder` (Ray's re-parented workers); `peak` is the largest sum seen."""
 
     def __init__(self, root: int, folder: Path, every: float = 0.5):
-        self.root, self.folder, self.every = root, folder, every
-        self.peak = 0
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+        super().__init__(every)
+        self.root, self.folder, self.peak = root, folder, 0
 
-    def __enter__(self) -> "PeakMemory":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        self._thread.join()
-
-    def _sample(self) -> None:
-        while not self._done.wait(self.every):
-            family: dict[int, psutil.Process] = {}
-            with contextlib.suppress(psutil.NoSuchProcess):
-                root = psutil.Process(self.root)
-                family = {p.pid: p for p in [root, *root.children(recursive=True)]}
-            family.update({p.pid: p for p in processes_using(self.folder)})
-            total = 0
-            for proc in family.values():
-                with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                    total += proc.memory_full_info().pss
-            self.peak = max(self.peak, total)
+    def poll(self) -> None:
+        family: dict[int, psutil.Process] = {}
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(self.root)
+            family = {p.pid: p for p in [root, *root.children(recursive=True)]}
+        family.update({p.pid: p for p in processes_using(self.folder)})
+        total = 0
+        for proc in family.values():
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                total += proc.memory_full_info().pss
+        self.peak = max(self.peak, total)
 
 
-class RoundEnds:
-    """Polls `count()` (how many rounds have ended) and notes when each new one is seen."""
+class RoundEnds(Poller):
+    """Notes when each round is first seen to have ended (`count()`: how many have)."""
 
     def __init__(self, count, every: float = 0.1):
-        self.count, self.every, self.times = count, every, []
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
+        super().__init__(every)
+        self.count, self.times = count, []
 
-    def __enter__(self) -> "RoundEnds":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        self._thread.join()
-
-    def _poll(self) -> None:
-        while not self._done.wait(self.every):
-            with contextlib.suppress(OSError, ValueError):
-                seen = self.count()
-                self.times += [time.time()] * (seen - len(self.times))
+    def poll(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            seen = self.count()
+            self.times += [time.time()] * (seen - len(self.times))
 
 
 def lines(path: Path) -> int:
