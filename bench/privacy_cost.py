@@ -9,12 +9,16 @@ when `../shared/data` has them, and with `--heavy` the causal-LM task's logits e
 Prints each frontier and the targets with their margins; writes
 bench/results/bench-privacy-cost.json.
 
-    python -m bench.privacy_cost [--seeds 3] [--only NAME] [--heavy]
+    python -m bench.privacy_cost [--seeds 3] [--only NAME] [--heavy] [--work DIR]
+
+With `--work DIR` every federation's score is kept as it ends and the same command started
+again continues where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import tempfile
 import warnings
@@ -64,6 +68,8 @@ def main() -> None:
     parser.add_argument("--only", action="append", default=[], help="run only this setting (repeatable)")
     parser.add_argument("--heavy", action="store_true", help="also the settings that take hours on a CPU (the causal-LM task)")
     parser.add_argument("--out", default="bench-privacy-cost.json", help="file name under bench/results/")
+    parser.add_argument("--work", type=Path, help="keep each setting's federations in WORK/<setting>; the same command "
+                                                 "again continues where it stopped (default: a temporary folder)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
@@ -78,8 +84,10 @@ def main() -> None:
             continue
         overrides = [o.replace("{data}", str(SHARED_DATA)) for o in setting.overrides]
         print(f"\n{name}: {' '.join(overrides)}", flush=True)
-        with tempfile.TemporaryDirectory(prefix=f"fedistill-{name}-") as out:
-            measured[name] = measure(overrides, epsilons=list(setting.epsilons), seeds=args.seeds, out=Path(out))
+        with contextlib.ExitStack() as stack:
+            out = args.work / name if args.work else Path(stack.enter_context(
+                tempfile.TemporaryDirectory(prefix=f"fedistill-{name}-")))
+            measured[name] = measure(overrides, epsilons=list(setting.epsilons), seeds=args.seeds, out=out)
         print(table(measured[name]), flush=True)
         results["frontiers"] = measured
     results["targets"] = targets(measured)

@@ -42,8 +42,6 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger(chatty).setLevel(logging.WARNING)
     base = load_config(args.overrides)
     out = Path(base.run_dir or Path("outputs") / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_frontier").resolve()
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"run_dir {out} is not empty: choose another run_dir")
     result = measure(args.overrides, epsilons=args.epsilons, seeds=args.seeds, out=out)
     print(table(result))
     print(f"fedistill: the frontier in {out} (frontier.md, frontier.json, frontier.png)")
@@ -51,43 +49,91 @@ def run(args: argparse.Namespace) -> int:
 
 
 def measure(overrides: list[str], *, epsilons: list[float], seeds: int, out: Path) -> dict:
-    """Every point over `seeds`: {metric, teacher, public_only, no_dp, points: [{epsilon, mean, std, ...}]}."""
+    """Every point over `seeds`: {metric, teacher, public_only, no_dp, points: [{epsilon, mean, std, ...}]}.
+
+    Each federation's score is appended to `out/scores.jsonl` as soon as it is measured, and a
+    frontier started again on the same folder with the same request measures only what is
+    missing (the LM rows take hours on a CPU)."""
     if any(not (0 < eps < math.inf) for eps in epsilons):
         raise ConfigError(f"--epsilons must be finite numbers > 0, got {epsilons}")
     out.mkdir(parents=True, exist_ok=True)
+    scores = Scores(out, {"overrides": overrides, "epsilons": epsilons, "seeds": seeds})
 
     def config(label: str, seed: int, *extra: str) -> Config:
-        # each federation its own run folder, so every virtual site starts with a fresh ledger
-        return load_config([*overrides, *extra, f"seed={seed}", f"run_dir={out / 'runs' / f'{label}-seed{seed}'}"])
+        # each federation its own run folder, so every virtual site starts with a fresh ledger; a
+        # federation cut short is measured again in a folder of its own, never on the spent ledger
+        name = f"{label}-seed{seed}"
+        tries = 1
+        while (out / "runs" / name).exists():
+            tries += 1
+            name = f"{label}-seed{seed}-try{tries}"
+        folder = out / "runs" / name
+        return load_config([*overrides, *extra, f"seed={seed}", f"run_dir={folder}"])
 
-    first = config("public-only", 0)
+    first = load_config([*overrides, "seed=0"])
     metric = evaluator(task_of(first)).metrics[0]
     started = time.perf_counter()
 
-    def point(label: str, scores: list[float]) -> dict:
-        mean = statistics.mean(scores)
-        std = statistics.stdev(scores) if len(scores) > 1 else 0.0
+    def point(label: str, measure_one) -> dict:
+        values = [scores.get(label, s, lambda: measure_one(s)[metric.name]) for s in range(seeds)]
+        mean = statistics.mean(values)
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
         print(f"fedistill frontier: {label}: {metric.label} {mean:.3f} +- {std:.3f} "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
-        return {"mean": mean, "std": std, "seeds": scores}
+        return {"mean": mean, "std": std, "seeds": values}
 
     result: dict = {"task": first.task.name, "overrides": overrides, "metric": metric.name, "label": metric.label,
                     "higher_is_better": metric.higher_is_better, "unit_interval": metric.unit_interval,
-                    "teacher": statistics.mean(evaluator(task_of(config("teacher", s))).teacher[metric.name]
-                                               for s in range(seeds))}
-    result["public_only"] = point("public only", [public_only(config("public-only", s))[metric.name]
-                                                  for s in range(seeds)])
+                    "teacher": statistics.mean(evaluator(task_of(load_config([*overrides, f"seed={s}"])))
+                                               .teacher[metric.name] for s in range(seeds))}
+    result["public_only"] = point("public only", lambda s: public_only(config("public-only", s)))
     result["points"] = []
     for eps in epsilons:
-        scores = [federate(config(f"eps{eps:g}", s, f"privacy.epsilon={eps}"))[0][metric.name] for s in range(seeds)]
-        result["points"].append({"epsilon": eps, **point(f"epsilon {eps:g}", scores)})
-    result["no_dp"] = point("no DP", [federate(config("no-dp", s, "privacy=none"))[0][metric.name]
-                                      for s in range(seeds)])
-    result["seconds"] = time.perf_counter() - started
+        measured = point(f"epsilon {eps:g}", lambda s: federate(config(f"eps{eps:g}", s, f"privacy.epsilon={eps}"))[0])
+        result["points"].append({"epsilon": eps, **measured})
+    result["no_dp"] = point("no DP", lambda s: federate(config("no-dp", s, "privacy=none"))[0])
+    result["seconds"] = time.perf_counter() - started + scores.earlier_seconds
     (out / "frontier.json").write_text(json.dumps(result, indent=2))
     (out / "frontier.md").write_text(table(result) + "\n")
     plot(result, out / "frontier.png")
     return result
+
+
+class Scores:
+    """The frontier's progress in `folder/scores.jsonl`: the request on the first line, then one
+    line per measured federation, written as soon as it ends."""
+
+    def __init__(self, folder: Path, request: dict):
+        self.path = folder / "scores.jsonl"
+        self.known: dict[tuple[str, int], float] = {}
+        self.earlier_seconds = 0.0
+        if not self.path.exists():
+            if any(folder.iterdir()):
+                raise ConfigError(f"run_dir {folder} is not empty and holds no frontier: choose another run_dir")
+            self.path.write_text(json.dumps({"request": request}) + "\n")
+            return
+        try:
+            lines = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            saved = lines[0]["request"]
+            for line in lines[1:]:
+                self.known[(line["point"], line["seed"])] = float(line["value"])
+                self.earlier_seconds += float(line["seconds"])
+        except (ValueError, KeyError, TypeError, IndexError) as error:
+            raise ConfigError(f"{self.path} is not a frontier's progress ({error}): choose another run_dir") from None
+        if saved != request:
+            raise ConfigError(f"run_dir {folder} holds a frontier of another request ({saved}), not {request}: "
+                              "run the same command to continue it, or choose another run_dir")
+        print(f"fedistill frontier: continuing in {folder}: {len(self.known)} federations already measured", flush=True)
+
+    def get(self, point: str, seed: int, measure_one) -> float:
+        if (point, seed) not in self.known:
+            started = time.perf_counter()
+            value = float(measure_one())
+            with self.path.open("a") as progress:
+                progress.write(json.dumps({"point": point, "seed": seed, "value": value,
+                                           "seconds": time.perf_counter() - started}) + "\n")
+            self.known[(point, seed)] = value
+        return self.known[(point, seed)]
 
 
 def table(result: dict) -> str:

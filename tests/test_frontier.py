@@ -4,8 +4,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+from common.config import ConfigError, load_config
+from fedistill.frontier import Scores, measure
 from fedistill.inprocess import federate
-from common.config import load_config
 
 
 def test_the_frontier_command_writes_its_table_figures_and_plot(tmp_path, cache_dir):
@@ -39,3 +42,36 @@ def test_the_warm_start_and_the_servers_distillation_spend_no_epsilon(tmp_path, 
     plain, free = ledgers("false"), ledgers("true")
     assert len(plain) == 3 and all(len(site) == 2 for site in plain[:2])  # two sites, two DP rounds each
     assert free == plain
+
+
+def test_a_frontier_started_again_measures_only_what_is_missing(tmp_path, cache_dir):
+    """Every federation's score is kept as it ends; a cut-short federation is measured again in a
+    folder of its own (its sites' ledgers are never reused), and another request is refused."""
+    overrides = ["task=digits", "sites=2", "rounds=1", f"cache_dir={cache_dir}"]
+    request = {"overrides": overrides, "epsilons": [2.0], "seeds": 1}
+    out = tmp_path / "frontier"
+    (out / "runs" / "no-dp-seed0" / "ledger").mkdir(parents=True)  # the federation that was cut short
+    lines = [{"request": request}, {"point": "public only", "seed": 0, "value": 0.25, "seconds": 1.0},
+             {"point": "epsilon 2", "seed": 0, "value": 0.5, "seconds": 2.0}]
+    (out / "scores.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    result = measure(overrides, epsilons=[2.0], seeds=1, out=out)
+
+    assert result["public_only"]["seeds"] == [0.25] and result["points"][0]["seeds"] == [0.5]
+    assert 0 < result["no_dp"]["mean"] <= 1
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["no-dp-seed0", "no-dp-seed0-try2"]
+    assert not any((out / "runs" / "no-dp-seed0" / "ledger").iterdir())
+    saved = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert [line.get("point") for line in saved[1:]] == ["public only", "epsilon 2", "no DP"]
+    assert result["seconds"] >= 3.0
+    with pytest.raises(ConfigError, match="another request"):
+        measure(overrides, epsilons=[3.0], seeds=1, out=out)
+
+
+def test_a_frontier_refuses_a_folder_that_holds_something_else(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty and holds no frontier"):
+        Scores(tmp_path, {"overrides": [], "epsilons": [1.0], "seeds": 1})
+    (tmp_path / "scores.jsonl").write_text("{not json\n")
+    with pytest.raises(ConfigError, match="is not a frontier's progress"):
+        Scores(tmp_path, {"overrides": [], "epsilons": [1.0], "seeds": 1})
