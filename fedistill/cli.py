@@ -15,13 +15,10 @@ from typing import TYPE_CHECKING
 import tomli_w
 from omegaconf import OmegaConf
 
-from common import payload as P
 from common.config import CONF_DIR, Config, ConfigError, load_config
-from common.partition import num_shards
 from common.policy import load_policy
 from common.request import request_of
-from common.site_config import simulated_site_policy
-from fedistill import certs, deployment, frontier, sitecheck
+from fedistill import certs, deployment, frontier
 from fedistill.app_bundle import staged_app
 from fedistill.console import INTERRUPTED, ProgressOnly
 from fedistill.processes import console_script, interrupt_on_sigterm, run_streaming
@@ -35,6 +32,25 @@ APP_DIR = CONF_DIR.parent  # the folder with pyproject.toml, server/, client/, c
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    # force: importing Opacus (through the privacy ledger) already gave the root logger a handler
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    interrupt_on_sigterm()
+    try:
+        if args.command == "simulate":
+            return run_simulation(args.overrides, verbose=args.verbose)
+        return args.handler(args)
+    except (ConfigError, ValueError) as err:
+        print(f"fedistill {args.command}: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
+
+
+def parser() -> argparse.ArgumentParser:
+    """Every subcommand. Each imports torch, Opacus and the tasks only when it runs and needs
+    them, so `fedistill --help`, `register` or `submit` start in about a second."""
     parser = argparse.ArgumentParser(prog="fedistill", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     simulate = commands.add_parser(
@@ -49,21 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     frontier.add_parser(commands)
     add_deployment_commands(commands)
     certs.add_parser(commands)
-    sitecheck.add_parser(commands)
-    args = parser.parse_args(argv)
-    # force: importing Opacus (through the privacy ledger) already gave the root logger a handler
-    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-    interrupt_on_sigterm()
-    try:
-        if args.command == "simulate":
-            return run_simulation(args.overrides, verbose=args.verbose)
-        return args.handler(args)
-    except (ConfigError, ValueError) as err:
-        print(f"fedistill {args.command}: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(INTERRUPTED, file=sys.stderr)
-        return 130
+    add_site_check_command(commands)
+    return parser
 
 
 def add_deployment_commands(commands) -> None:
@@ -102,6 +105,24 @@ def add_deployment_commands(commands) -> None:
     assets = commands.add_parser("assets", help="the teacher and public-set SHA-256 a run announces (for site pins)")
     assets.add_argument("overrides", nargs="*", help="the run's Hydra overrides, e.g. task=digits")
     assets.set_defaults(handler=run_assets)
+
+
+def add_site_check_command(commands) -> None:
+    check = commands.add_parser(
+        "site-check", help="check a site before it joins",
+        description="Check this site's file, records, teacher and public set, privacy ledger, certificate, key "
+                    "and that the coordinator answers. Exit code 0 when the site is ready to join.")
+    check.add_argument("--config", required=True, type=Path, metavar="FILE", help="the site file (site.yaml)")
+    check.add_argument("--task", metavar="NAME",
+                       help="the task to check, a name of conf/task/ such as digits or a task source the site lists "
+                            "(default: the first of the site file's task_sources)")
+    check.set_defaults(handler=run_site_check)
+
+
+def run_site_check(args) -> int:
+    from fedistill import sitecheck
+
+    return sitecheck.run(args)
 
 
 def run_coordinator(args) -> int:
@@ -165,6 +186,7 @@ def run_submit(args) -> int:
 
 
 def run_assets(args) -> int:
+    from common import payload as P
     from common.tasks import build_task
 
     task = build_task(load_config(args.overrides))
@@ -204,6 +226,7 @@ def write_run_config(run_dir: Path, overrides: list[str]) -> Path:
 def run_simulation(overrides: list[str], *, verbose: bool = False) -> int:
     """Prepare the run the overrides describe here, then hand this process over to Flower's part
     (fedistill.simulation.PreparedRun); returns only when the run is refused before that."""
+    from common.site_config import simulated_site_policy
     from common.tasks import build_task
     from fedistill.simulation import PreparedRun
 
@@ -267,6 +290,8 @@ def prepare(task, config: Config) -> None:
     """Everything the run needs from the teacher, computed here once and cached, rather than
     by every virtual site's process at once: the evaluation's, the public inputs' and each
     site's targets."""
+    from common.partition import num_shards
+
     kinds = task.objective(config.distill).target_kinds
     task.evaluator()
     task.teacher_targets(task.public_inputs(), kinds)

@@ -19,9 +19,7 @@ import tomli_w
 from prometheus_client import CollectorRegistry, start_http_server
 
 from common.config import RUNS_ENV
-from common.monitoring import SiteCollector
 from common.policy import POLICY_NODE_KEY, SitePolicy
-from common.privacy import Budget
 from fedistill import app_gate
 from fedistill.app_bundle import staged_app
 from fedistill.processes import Child, console_script, free_port
@@ -123,6 +121,9 @@ def refuse_unpinned(policy: SitePolicy, policy_file: Path) -> None:
 
 def serve_site_metrics(policy: SitePolicy) -> None:
     """The site's Prometheus endpoint on `metrics_host`:`metrics_port`, read from its ledger and activity log."""
+    from common.monitoring import SiteCollector  # reads ledgers: Opacus, only for a site
+    from common.privacy import Budget
+
     if policy.metrics_port is None:
         return
     registry = CollectorRegistry()

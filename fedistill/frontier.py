@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 from common.config import Config, ConfigError, load_config
-from fedistill.inprocess import evaluator, federate, public_only, task_of
 
 EPSILONS = (1.0, 3.0, 8.0)
 
@@ -54,6 +53,8 @@ def measure(overrides: list[str], *, epsilons: list[float], seeds: int, out: Pat
     Each federation's score is appended to `out/scores.jsonl` as soon as it is measured, and a
     frontier started again on the same folder with the same request measures only what is
     missing (the LM rows take hours on a CPU)."""
+    from fedistill.inprocess import evaluator, federate, public_only, task_of  # torch: not for `--help`
+
     if any(not (0 < eps < math.inf) for eps in epsilons):
         raise ConfigError(f"--epsilons must be finite numbers > 0, got {epsilons}")
     out.mkdir(parents=True, exist_ok=True)

@@ -243,23 +243,7 @@ def check_metrics(policy: SitePolicy) -> Check:
     return Check("metrics", OK, f"served on {where}")
 
 
-# -- the command ---------------------------------------------------------------------
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """The `site-check` subcommand; its handler is `run` (also set as the `handler` default)."""
-    parser = subparsers.add_parser(
-        "site-check",
-        help="check a site before it joins",
-        description="Check this site's file, records, teacher and public set, privacy ledger, certificate, key "
-                    "and that the coordinator answers. Exit code 0 when the site is ready to join.",
-    )
-    parser.add_argument("--config", required=True, type=Path, metavar="FILE", help="the site file (site.yaml)")
-    parser.add_argument("--task", metavar="NAME",
-                        help="the task to check, a name of conf/task/ such as digits or a task source the site lists "
-                             "(default: the first of the site file's task_sources)")
-    parser.set_defaults(handler=run)
-    return parser
+# -- the command (its arguments: fedistill/cli.py) ----------------------------------
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import ipaddress
 import socket
@@ -21,6 +20,7 @@ from common.config import load_config
 from common.payload import public_manifest
 from common.privacy import Budget, PrivacyLedger, file_records
 from common.tasks import build_task
+from fedistill import cli
 from fedistill import sitecheck as S
 
 TASK = "digits"
@@ -148,10 +148,8 @@ def site_ledger(tmp_path, records, cache_dir):
 
 
 def command(site_file: Path) -> int:
-    """`fedistill site-check --config FILE --task digits` through the subcommand's own parser."""
-    parser = argparse.ArgumentParser(prog="fedistill")
-    S.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["site-check", "--config", str(site_file), "--task", TASK])
+    """`fedistill site-check --config FILE --task digits` through the command's own parser."""
+    args = cli.parser().parse_args(["site-check", "--config", str(site_file), "--task", TASK])
     return args.handler(args)
 
 
