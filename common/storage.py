@@ -1,13 +1,16 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of either."""
+"""Atomic file writes (a reader sees the old file or the new one, never half of either) and
+the lock under which a cache entry is computed once."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import save
@@ -40,6 +43,20 @@ def atomic_write(path: Path, data: bytes, *, durable: bool = False, mode: int = 
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def filling(entry: Path) -> Iterator[None]:
+    """Hold `entry`'s lock while checking for it and computing it: processes sharing a cache
+    (simulation workers, sites, test workers) wait for the one computing a teacher or its outputs
+    and then read its file, instead of each computing it at once."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.parent / f".{entry.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def private_folder(path: Path) -> Path:

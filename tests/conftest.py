@@ -19,9 +19,14 @@ from common.config import Config, load_config  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> str:
-    """One cache for the session, so the digits teacher is fitted once."""
-    return str(tmp_path_factory.mktemp("cache"))
+def cache_dir(tmp_path_factory, worker_id) -> str:
+    """One cache for the whole run, shared by pytest-xdist's workers, so each teacher is fitted (or
+    converted) once: its entries are filled under a lock (common.storage.filling)."""
+    if worker_id == "master":
+        return str(tmp_path_factory.mktemp("cache"))
+    shared = tmp_path_factory.getbasetemp().parent / "cache"
+    shared.mkdir(exist_ok=True)
+    return str(shared)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from common.config import ConfigError
+from common.storage import filling
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,9 @@ def load_teacher(path: Path, cache_dir: Path) -> tuple[nn.Module, object, str]:
     folder = path
     if path.is_file():
         folder = cache_dir / f"teacher-lm-{digest[:16]}"
-        if not (folder / "config.json").exists():
-            _convert_gguf(path, folder)
+        with filling(folder):
+            if not (folder / "config.json").exists():
+                _convert_gguf(path, folder)
     elif not (path / "config.json").exists():
         raise ConfigError(f"task.teacher.path={path} is neither a GGUF file nor a Hugging Face model folder (no "
                           "config.json): give a folder written by save_pretrained with its tokenizer, or a .gguf file")

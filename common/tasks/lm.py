@@ -37,7 +37,7 @@ from common.models.causal_lm import StudentLMConfig, build_student
 from common.models.encoder import project_embeddings
 from common.models.lm_teacher import TeacherLM, default_teacher_path, file_digest, load_teacher
 from common.public_outputs import TokenOutputs
-from common.storage import save_tensors
+from common.storage import filling, save_tensors
 from common.tasks.lm_corpus import (STDLIB, CorpusConfig, CorpusError, Records, corpus_files, cut_records, held_out,
                                     sample_records)
 
@@ -260,10 +260,11 @@ class LMTask:
         key = hashlib.sha256(inputs.numpy().tobytes() + self._teacher[2].encode()
                              + f"k={self.top_k}".encode()).hexdigest()[:24]
         path = self.cache_dir / f"lm-teacher-topk-{key}.safetensors"
-        if path.exists():
-            return load_file(path)
-        outputs = self._run_teacher(inputs)
-        save_tensors(path, outputs)
+        with filling(path):
+            if path.exists():
+                return load_file(path)
+            outputs = self._run_teacher(inputs)
+            save_tensors(path, outputs)
         size = sum(t.numel() * t.element_size() for t in outputs.values())
         tokens = int((inputs != self.pad_id).sum())
         log.info("Teacher top-%d for %d records (%d tokens) cached at %s: %.1f MB (%d bytes per token)",

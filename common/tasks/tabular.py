@@ -31,7 +31,7 @@ from common.losses import DistillationObjective
 from common.models.image import StudentMLP
 from common.partition import partition_description, site_share, split_parts
 from common.public_outputs import ClassOutputs, class_outputs
-from common.storage import atomic_write, save_model, write_json
+from common.storage import atomic_write, filling, save_model, write_json
 from common.tasks.image import logits_only_targets, student_hidden
 from common.tasks.table_encoding import Encoding, TableConfig, feature_columns, read_table
 
@@ -237,12 +237,13 @@ class TabularTask:
         # The cache is the site's own folder, written by this code: unpickling it runs nothing a
         # coordinator chose.
         path = self.cache_dir / f"teacher-{self.name}-{self._teacher_key()}-{self._digest[:16]}.pkl"
-        if path.exists():
-            blob = path.read_bytes()
-        else:
-            log.info("Fitting the %s teacher (gradient-boosted trees) once; it is cached at %s", self.name, path)
-            blob = pickle.dumps(self._fit_teacher())
-            atomic_write(path, blob)
+        with filling(path):
+            if path.exists():
+                blob = path.read_bytes()
+            else:
+                log.info("Fitting the %s teacher (gradient-boosted trees) once; it is cached at %s", self.name, path)
+                blob = pickle.dumps(self._fit_teacher())
+                atomic_write(path, blob)
         teacher = BoostedTeacher(pickle.loads(blob), blob, self.num_classes)
         teacher.eval()
         return teacher

@@ -33,7 +33,7 @@ from common.models.text_teacher import (EncoderTeacher, TeacherEnsemble, TfidfTe
                                         fit_linear, load_encoder, sentence_embeddings)
 from common.partition import partition_description, site_share, split_parts
 from common.public_outputs import ClassOutputs, class_outputs
-from common.storage import save_tensors
+from common.storage import filling, save_tensors
 from common.tasks.text_files import DataFileError, TextDataConfig, encode_labels, label_names, read_texts
 from common.transfer import spliced_tokens
 
@@ -228,10 +228,11 @@ class TextTask:
         key = hashlib.sha256(inputs.numpy().tobytes() + self._encoder_digest.encode()
                              + json.dumps(layers).encode()).hexdigest()[:24]
         path = self.cache_dir / f"text-teacher-outputs-{key}.safetensors"
-        if path.exists():
-            return load_file(path)
-        outputs = self._encode(inputs, layers)
-        save_tensors(path, outputs)
+        with filling(path):
+            if path.exists():
+                return load_file(path)
+            outputs = self._encode(inputs, layers)
+            save_tensors(path, outputs)
         size = sum(t.numel() * t.element_size() for t in outputs.values())
         log.info("Teacher outputs for %d texts cached at %s: %.1f MB (%d bytes per text)",
                  len(inputs), path, size / 1e6, size // max(len(inputs), 1))
@@ -340,21 +341,23 @@ class TextTask:
             special = sorted(set(self.tokenizer.all_special_ids))
             members["tfidf"] = TfidfTeacher(self.encoder.config.vocab_size, self.num_classes, special)
         path = self.cache_dir / f"teacher-text-{self._teacher_key()}.safetensors"
-        if path.exists():
-            saved = load_file(path)
-            for name, member in members.items():
-                member.load_state_dict({k.split(".", 1)[1]: v for k, v in saved.items() if k.startswith(f"{name}.")},
-                                       strict=False)
-        else:
-            log.info("Fitting the text teacher's head(s) once; cached at %s", path)
-            ids, labels = self._parts["teacher"].tensors
-            # regularisation chosen by cross-validation: unregularised, it overfits a few thousand texts
-            fit_linear(members["encoder"].head, self._encoder_outputs(ids, [])[FEATURES].numpy(), labels.numpy(), seed=self.seed)
-            if "tfidf" in members:
-                members["tfidf"].fit(ids, labels, seed=self.seed)
-            heads = {f"{name}.{k}": v for name, m in members.items() for k, v in m.state_dict().items()
-                     if not k.startswith("encoder.")}
-            save_tensors(path, heads)
+        with filling(path):
+            if path.exists():
+                saved = load_file(path)
+                for name, member in members.items():
+                    member.load_state_dict({k.split(".", 1)[1]: v for k, v in saved.items()
+                                            if k.startswith(f"{name}.")}, strict=False)
+            else:
+                log.info("Fitting the text teacher's head(s) once; cached at %s", path)
+                ids, labels = self._parts["teacher"].tensors
+                # regularisation chosen by cross-validation: unregularised, it overfits a few thousand texts
+                fit_linear(members["encoder"].head, self._encoder_outputs(ids, [])[FEATURES].numpy(), labels.numpy(),
+                           seed=self.seed)
+                if "tfidf" in members:
+                    members["tfidf"].fit(ids, labels, seed=self.seed)
+                heads = {f"{name}.{k}": v for name, m in members.items() for k, v in m.state_dict().items()
+                         if not k.startswith("encoder.")}
+                save_tensors(path, heads)
         for member in members.values():
             member.eval()
             member.requires_grad_(False)

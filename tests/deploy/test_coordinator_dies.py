@@ -19,6 +19,7 @@ from tests.test_curious_coordinator import site_records
 pytestmark = pytest.mark.e2e
 
 EPSILON = 2.0
+HOLD_S = 10  # each reply held this long (not the default 60 s), so the coordinator dies while round 2 is under way
 RUN = ["task=digits", "rounds=3", "federation.min_sites=2", "federation.round_timeout=120", "distill.local_epochs=1",
        f"privacy.epsilon={EPSILON}"]
 
@@ -33,7 +34,8 @@ def saved_round(deployment: LoopbackDeployment) -> int:
 
 def test_a_killed_coordinator_restarts_and_the_run_resumes_from_its_last_round(tmp_path, cache_dir):
     sites = {name: {"cache_dir": cache_dir, "task_sources": ["digits"], "data_path": str(site_records(tmp_path, name)),
-                    "allow_unpinned_apps": True, "epsilon": EPSILON} for name in ("site-a", "site-b")}
+                    "allow_unpinned_apps": True, "epsilon": EPSILON, "reply_after_s": HOLD_S}
+             for name in ("site-a", "site-b")}
     with LoopbackDeployment(tmp_path / "deployment", sites) as deployment:
         submit = subprocess.Popen(deployment.submit_command(*RUN), env=command_env(), stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
