@@ -132,8 +132,9 @@ def test_a_bad_npz_is_refused_by_name_or_read_as_images_in_range(digits_task, tm
 
 
 @pytest.fixture(scope="module")
-def lm_task(cache_dir):
-    task = build_task(load_config(["task=lm", f"cache_dir={cache_dir}"]))
+def lm_task(cache_dir, tiny_lm_teacher):
+    # the reader is the same whatever the tokenizer; the tiny teacher's needs no GGUF converted first
+    task = build_task(load_config(["task=lm", f"task.teacher.path={tiny_lm_teacher}", f"cache_dir={cache_dir}"]))
     return task, len(task.tokenizer)  # the length of a Hugging Face tokenizer is computed at each call
 
 
