@@ -13,6 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from client.admission import Refusal, check_assets, check_round, site_settings_error, starting_student
 from client.dp_train import distill_locally
+from client.hostile import as_played
 from client.site import Site
 from common import payload as P
 from common.config import ConfigError
@@ -89,11 +90,11 @@ def train_round(site: Site, content: RecordDict, state: RecordDict, *, server_ro
     reply = RecordDict({P.METRICS: metrics, P.CONFIG: ConfigRecord({P.STATUS: P.STATUS_OK, P.SITE: site.name})})
     if config.exchange.mode == "weights":
         reply[P.ARRAYS] = P.model_to_record(student)
-        return reply
-    if config.exchange.broadcast == "logits":
-        state[P.STUDENT_STATE] = P.model_to_record(student)
-    reply[P.LOGITS] = ArrayRecord({name: Array(array) for name, array in site.outputs.encode(student).items()})
-    return reply
+    else:
+        if config.exchange.broadcast == "logits":
+            state[P.STUDENT_STATE] = P.model_to_record(student)
+        reply[P.LOGITS] = ArrayRecord({name: Array(array) for name, array in site.outputs.encode(student).items()})
+    return as_played(reply, content, site, server_round=server_round)
 
 
 def release_count(site: Site, ledger: PrivacyLedger, *, server_round: int, run: str) -> float | None:

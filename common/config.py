@@ -144,7 +144,11 @@ class ServerDistillConfig:
 
 
 EXCHANGE_MODES = ("weights", "logits")
-AGGREGATIONS = ("mean", "median", "trimmed_mean")
+AGGREGATIONS = ("mean", "median", "trimmed_mean", "krum", "multikrum", "bulyan")
+SELECTING_AGGREGATIONS = ("krum", "multikrum", "bulyan")  # weights only: they pick whole students
+# What a hostile simulated site sends instead of its honest reply (client/hostile.py), by exchange.
+HOSTILE_KINDS = {"weights": ("scale", "sign_flip", "random", "constant", "backdoor"),
+                 "logits": ("inverted", "uniform")}
 BROADCASTS = ("weights", "logits")
 COMPRESSIONS = ("float32", "float16", "topk")
 WEIGHTINGS = ("uniform", "noisy_count")
@@ -157,6 +161,8 @@ class ExchangeConfig:
     weighting: str
     count_noise: float
     trim_fraction: float
+    assumed_hostile: float
+    clip_update_norm: float | None
     max_abs_value: float
     max_reply_mb: float
     broadcast: str
@@ -176,6 +182,17 @@ class ExchangeConfig:
         require(0 < self.count_noise <= MAX_COUNT_NOISE,
                  f"exchange.count_noise must be in (0, {MAX_COUNT_NOISE:g}] records, got {self.count_noise}")
         require(0 <= self.trim_fraction < 0.5, f"exchange.trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
+        require(0 <= self.assumed_hostile < 0.5,
+                 f"exchange.assumed_hostile must be a share of the replies in [0, 0.5), got {self.assumed_hostile}")
+        require(self.clip_update_norm is None or self.clip_update_norm > 0,
+                 f"exchange.clip_update_norm must be > 0 or null (no clipping), got {self.clip_update_norm}")
+        if self.mode == "logits":
+            require(self.aggregation not in SELECTING_AGGREGATIONS,
+                     f"exchange.aggregation={self.aggregation} picks whole students, which the logits exchange does "
+                     "not send: use mean, median or trimmed_mean with exchange=logits")
+            require(self.clip_update_norm is None,
+                     "exchange.clip_update_norm clips weight updates, which the logits exchange does not send: "
+                     "leave it null with exchange=logits")
         require(self.max_abs_value > 0, f"exchange.max_abs_value must be > 0, got {self.max_abs_value}")
         require(self.max_reply_mb > 0, f"exchange.max_reply_mb must be > 0, got {self.max_reply_mb}")
         require(self.topk >= 1, f"exchange.topk must be >= 1, got {self.topk}")
@@ -203,6 +220,28 @@ class ExchangeConfig:
 
 
 @dataclass
+class HostileConfig:
+    """Simulated sites that send a hostile reply instead of their honest one (client/hostile.py)."""
+
+    kind: str = "none"    # none, or one of HOSTILE_KINDS[exchange.mode]
+    fraction: float = 0.0  # share of the sites that are hostile (rounded, at least one when > 0)
+
+    def validate(self, mode: str | None = None) -> None:
+        kinds = HOSTILE_KINDS[mode] if mode else sum(HOSTILE_KINDS.values(), ())
+        require(self.kind == "none" or self.kind in kinds,
+                 f"hostile.kind must be none or one of {', '.join(kinds)}" + (f" with exchange={mode}" if mode else "")
+                 + f", got {self.kind!r}")
+        require(0 <= self.fraction <= 1, f"hostile.fraction must be in [0, 1], got {self.fraction}")
+
+    def is_hostile(self, partition: int, partitions: int) -> bool:
+        """Whether site number `partition` of `partitions` is hostile: the last round(fraction x
+        partitions) of them (at least one when fraction > 0)."""
+        if self.kind == "none" or self.fraction == 0:
+            return False
+        return partition >= partitions - max(1, round(self.fraction * partitions))
+
+
+@dataclass
 class FederationConfig:
     fraction_train: float
     min_sites: int
@@ -212,6 +251,7 @@ class FederationConfig:
     cpus_per_site: int
     metrics_port: int | None  # the ServerApp serves Prometheus metrics here during the run
     metrics_host: str
+    hostile: HostileConfig = field(default_factory=HostileConfig)  # simulation only: the sites' policy says it
 
     def validate(self) -> None:
         require_fraction("federation.fraction_train", self.fraction_train)
@@ -256,6 +296,13 @@ class Config:
         )
         for part in (self.task, self.student, self.distill, self.privacy, self.exchange, self.federation):
             part.validate()
+        try:
+            self.federation.hostile.validate(self.exchange.mode)
+        except ConfigError as err:
+            raise ConfigError(f"federation.{err}") from None
+        require(not (self.federation.hostile.kind == "backdoor" and self.task.kind == "lm"),
+                 "federation.hostile.kind=backdoor stamps a trigger on a classifier's inputs; task=lm has no class "
+                 "to teach it: choose scale, sign_flip, random or constant")
         self.task.validate_run(self)
 
     @property

@@ -32,7 +32,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from common.config import CONF_DIR, ConfigError, cache_path
+from common.config import CONF_DIR, ConfigError, HostileConfig, cache_path
 from common.task_config import check_task_settings
 
 if TYPE_CHECKING:
@@ -77,6 +77,7 @@ class SitePolicy:
     size_class: int | None  # the record count the site declares publicly; the step plan is chosen for its class
     task: dict[str, Any] = field(default_factory=dict)  # the site's own task settings (TaskConfig keys)
     supernode: SuperNodeSettings = field(default_factory=SuperNodeSettings)
+    hostile: HostileConfig = field(default_factory=HostileConfig)  # attack trials: client/hostile.py
 
     def validate(self) -> None:
         checks = (
@@ -106,6 +107,10 @@ class SitePolicy:
             if not ok:
                 raise ConfigError(message)
         check_task_settings(self.task, where="site.task")  # applied in common/site_config.py
+        try:
+            self.hostile.validate()
+        except ConfigError as err:
+            raise ConfigError(f"site.{err}") from None
 
     @property
     def ledger_root(self) -> Path:

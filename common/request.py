@@ -26,7 +26,7 @@ from typing import Any
 from common.config import Config, ConfigError, DistillConfig, ExchangeConfig, PrivacyConfig, StudentConfig
 from common.task_config import TASK_NAME
 
-VERSION = 2  # 2: exchange.choose_teacher_weight
+VERSION = 3  # 2: exchange.choose_teacher_weight; 3: exchange.assumed_hostile, exchange.clip_update_norm
 MAX_BYTES = 64 * 1024
 MAX_ITEMS = 64  # the longest list any key may hold
 MAX_STRING = 64
@@ -46,7 +46,8 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "distill.attention_layers": (-256, 256), "distill.max_physical_batch": (0, BIG),
     "privacy.epsilon": (0, math.inf), "privacy.delta": (0, 1), "privacy.max_grad_norm": (0, 1e6),
     "privacy.max_noise_multiplier": (0, 1000),
-    "exchange.count_noise": (0, 1e6), "exchange.trim_fraction": (0, 0.5), "exchange.max_abs_value": (0, 1e30),
+    "exchange.count_noise": (0, 1e6), "exchange.trim_fraction": (0, 0.5),
+    "exchange.assumed_hostile": (0, 0.5), "exchange.clip_update_norm": (0, 1e30), "exchange.max_abs_value": (0, 1e30),
     "exchange.max_reply_mb": (0, 1e6), "exchange.topk": (1, BIG), "exchange.teacher_weight": (0, 1),
     "exchange.public_fit_epochs": (0, 10_000),
     "exchange.server.epochs": (1, 100_000), "exchange.server.lr": (0, 1e6), "exchange.server.temperature": (0, 1000),

@@ -106,7 +106,8 @@ def simulated_site_policy(config: Config, site_overrides: Sequence[str] = ()) ->
     `site.KEY=VALUE` says otherwise.
     """
     values = {"ledger_dir": str(Path(config.run_dir) / "ledger"), "cache_dir": str(config.cache_path),
-              "task": config.task.site_settings(), "reply_after_s": 0}
+              "task": config.task.site_settings(), "reply_after_s": 0,
+              "hostile": dataclasses.asdict(config.federation.hostile)}
     if config.task.source not in policy_from().task_sources:
         values["task_sources"] = [*policy_from().task_sources, config.task.source]
     if config.privacy.enabled:

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
+import torch
 from flwr.app import RecordDict
 from torch import nn
 
@@ -37,14 +38,20 @@ def sites_of(config: Config) -> list[Site]:
     return [load_site(site_run, policy, i, config.sites) for i in range(config.sites)]
 
 
-def federate(config: Config, *, weight_by_count: bool = False) -> tuple[Scores, dict]:
+def federate(config: Config, *, weight_by_count: bool = False, dp_seed: int | None = None,
+             also: Callable[[Task, nn.Module], Scores] | None = None, sites: list[Site] | None = None,
+             on_reply: Callable[[int, RecordDict, RecordDict], None] | None = None) -> tuple[Scores, dict]:
     """Run `config.rounds` rounds in-process with the server's round engine; returns the final
     evaluation and what crossed the wire.
 
     `weight_by_count` combines sites in proportion to their record counts, which no site
-    sends under DP: a non-private reference for the cost of counting sites equally.
+    sends under DP: a non-private reference for the cost of counting sites equally. `dp_seed`
+    seeds every site's DP batches and noise (tests); None draws them from the operating system.
+    `also(task, global student)` adds scores of its own (the attack benchmark's backdoor rate).
+    `sites` replaces `sites_of(config)` (the audit's planted site); `on_reply(node, content, reply)`
+    sees every reply as it is sent, beside what the site was sent.
     """
-    sites = sites_of(config)  # node id = site index
+    sites = sites or sites_of(config)  # node id = site index
     states = [RecordDict() for _ in sites]  # each site's context.state
     task = task_of(config)
     student = copy.deepcopy(start_of(config)[0])
@@ -52,15 +59,20 @@ def federate(config: Config, *, weight_by_count: bool = False) -> tuple[Scores, 
     counts = {node: float(len(site.data)) for node, site in enumerate(sites)}
     for server_round in range(1, config.rounds + 1):
         contents = engine.configure(server_round, list(counts))
-        replies = [(node, train_round(sites[node], content, states[node], server_round=server_round, run="bench"))
+        replies = [(node, train_round(sites[node], content, states[node], server_round=server_round, run="bench",
+                                      generator=None if dp_seed is None else
+                                      torch.Generator().manual_seed(dp_seed * 1_000_000 + server_round * 1000 + node)))
                    for node, content in contents.items()]
+        for node, reply in replies if on_reply else ():
+            on_reply(node, contents[node], reply)
         engine.aggregate(server_round, replies, weights=counts if weight_by_count else None)
     outcomes = engine.rounds.values()
     trained = sum(o.count(TRAINED) for o in outcomes)
     spent = {s.site: s.epsilon_spent for o in outcomes for s in o.sites}  # each site's last report
     wire = {"bytes_up_per_site_round": sum(o.bytes_up for o in outcomes) / max(trained, 1),
             "bytes_down_per_site_round": sum(o.bytes_down for o in outcomes) / max(sum(o.sampled for o in outcomes), 1)}
-    return evaluator(task)(student), {"epsilon": list(spent.values()), **wire}
+    scores = evaluator(task)(student) | (also(task, student) if also else {})
+    return scores, {"epsilon": list(spent.values()), "epsilon_by_site": spent, **wire}
 
 
 @functools.lru_cache(maxsize=8)

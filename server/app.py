@@ -21,7 +21,7 @@ from common.public_distill import initial_student
 from common.tasks import build_task
 from server import rundir as R
 from server.metrics import ServerMetrics
-from server.report import mean, privacy_report, progress_line, round_record
+from server.report import aggregation_summary, mean, privacy_report, progress_line, round_record
 from server import resume
 from server.resume import Progress, SavedRun
 from server.rounds import FAILED, INVALID, RoundEngine, RoundOutcome
@@ -140,6 +140,7 @@ def run(grid: Grid, config: Config, *, overrides: list[str], run_id: int, saved:
         "student": {**student_cost, **evaluator(student)},
         "student_int8": {**describe(int8, example, task.tokens_per_example), "params": student_cost["params"], **evaluator(int8)},
         "privacy": ledger.summary(config),
+        "aggregation": aggregation_summary(config, rounds),
         "communication": {
             "bytes_up": sum(r["bytes_up"] for r in rounds),
             "bytes_down": sum(r["bytes_down"] for r in rounds),

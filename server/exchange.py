@@ -20,7 +20,7 @@ from common.config import Config, ConfigError
 from common.public_distill import TeacherTransfer
 from common.public_outputs import Targets
 from common.tasks import Task
-from server.aggregate import aggregate
+from server.aggregate import StudentAggregator, aggregate
 
 
 
@@ -70,6 +70,9 @@ class WeightsExchange:
         self.max_bytes = int(self.config.max_reply_mb * 2**20)
         self.teacher = (TeacherTransfer(task, config.distill, self.config.server, seed=config.seed)
                         if self.config.server.distill_teacher else None)
+        self.aggregator = StudentAggregator(method=self.config.aggregation, trim_fraction=self.config.trim_fraction,
+                                            assumed_hostile=self.config.assumed_hostile,
+                                            clip_norm=self.config.clip_update_norm)
 
     def outgoing(self, global_student: nn.Module) -> RecordDict:
         return RecordDict({P.ARRAYS: P.model_to_record(global_student)})
@@ -85,17 +88,15 @@ class WeightsExchange:
 
     def combine(self, replies: list[RecordDict], global_student: nn.Module, server_round: int,
                 weights: np.ndarray | None = None) -> dict:
-        weights = _weights(replies, self.config.weighting, weights)
-        merged = {}
-        for name, (_, dtype) in self.expected.items():
-            stack = np.stack([r[P.ARRAYS][name].numpy() for r in replies])
-            merged[name] = Array(aggregate(stack, weights, method=self.config.aggregation,
-                                           trim_fraction=self.config.trim_fraction).astype(dtype))
-        P.load_record(global_student, ArrayRecord(merged))
+        start = {name: array.numpy() for name, array in P.model_to_record(global_student).items()}
+        combined, done = self.aggregator([{name: array.numpy() for name, array in r[P.ARRAYS].items()} for r in replies],
+                                         _weights(replies, self.config.weighting, weights), start)
+        P.load_record(global_student, ArrayRecord({name: Array(np.asarray(combined[name]).astype(dtype))
+                                                   for name, (_, dtype) in self.expected.items()}))
         if self.teacher is None:
-            return {}
+            return done
         report = self.teacher.fit(global_student, seed=self.seed * 1000 + server_round)
-        return {"server_distill_epochs": report.epochs, "server_holdout_loss": report.holdout_loss}
+        return {**done, "server_distill_epochs": report.epochs, "server_holdout_loss": report.holdout_loss}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}  # everything it carries is the global student

@@ -143,6 +143,25 @@ def round_record(server_round: int, outcome: RoundOutcome, scores: Scores, ledge
     }
 
 
+def aggregation_summary(config: Config, rounds: list[dict]) -> dict:
+    """How the replies were combined (summary.json's "aggregation"), with what clipping and selection did."""
+    exchange, servers = config.exchange, [r["server"] for r in rounds]
+    summary: dict = {"method": exchange.aggregation}
+    if exchange.aggregation == "trimmed_mean":
+        summary["trim_fraction"] = exchange.trim_fraction
+    if any("selected" in s for s in servers):
+        summary |= {"assumed_hostile": exchange.assumed_hostile,
+                    "replies_selected": sum(s.get("selected", 0) for s in servers)}
+    if exchange.clip_update_norm is not None:
+        summary |= {"clip_update_norm": exchange.clip_update_norm,
+                    "replies_clipped": sum(s.get("clipped", 0) for s in servers)}
+    hostile = config.federation.hostile
+    if hostile.kind != "none":  # a simulation's attack trial
+        summary["hostile"] = {"kind": hostile.kind, "fraction": hostile.fraction,
+                              "sites": sum(hostile.is_hostile(i, config.sites) for i in range(config.sites))}
+    return summary
+
+
 def mean(values: list[float | None]) -> float | None:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
