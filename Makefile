@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # CPU build of torch; a GPU user installs their own torch into .venv first (see README).
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test bench bench-text bench-lm bench-deploy bench-privacy bench-scale install clean
+.PHONY: demo test bench bench-text bench-lm bench-deploy bench-privacy bench-scale bench-attack install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,9 @@ bench-deploy: install
 
 bench-scale: install
 	$(BIN)/python -m bench.scale_bench
+
+bench-attack: install
+	$(BIN)/python -m bench.attack_bench
 
 clean:
 	rm -rf $(VENV) outputs

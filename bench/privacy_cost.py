@@ -18,13 +18,10 @@ again continues where it stopped.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import tempfile
 import warnings
-from pathlib import Path
 
-from bench.run_bench import SHARED_DATA, ResultsFile, print_targets
+from bench.run_bench import SHARED_DATA, ResultsFile, add_work_argument, print_targets, work_folder
 from common.task_config import FrontierSetting, task_kinds
 from fedistill.frontier import measure, table
 
@@ -68,8 +65,7 @@ def main() -> None:
     parser.add_argument("--only", action="append", default=[], help="run only this setting (repeatable)")
     parser.add_argument("--heavy", action="store_true", help="also the settings that take hours on a CPU (the causal-LM task)")
     parser.add_argument("--out", default="bench-privacy-cost.json", help="file name under bench/results/")
-    parser.add_argument("--work", type=Path, help="keep each setting's federations in WORK/<setting>; the same command "
-                                                 "again continues where it stopped (default: a temporary folder)")
+    add_work_argument(parser)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
@@ -84,9 +80,7 @@ def main() -> None:
             continue
         overrides = [o.replace("{data}", str(SHARED_DATA)) for o in setting.overrides]
         print(f"\n{name}: {' '.join(overrides)}", flush=True)
-        with contextlib.ExitStack() as stack:
-            out = args.work / name if args.work else Path(stack.enter_context(
-                tempfile.TemporaryDirectory(prefix=f"fedistill-{name}-")))
+        with work_folder(args.work, name) as out:
             measured[name] = measure(overrides, epsilons=list(setting.epsilons), seeds=args.seeds, out=out)
         print(table(measured[name]), flush=True)
         results["frontiers"] = measured

@@ -15,6 +15,7 @@ evaluation. Prints tables and writes bench/results/bench.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -59,6 +60,21 @@ def settings_for(include_logits: bool, epsilons: list[str]) -> list[tuple[str, s
             settings += [(f"logits {compression}, broadcast weights", eps, extra + privacy) for eps, privacy in levels]
     settings.append(("centralized, all private data", "no DP", []))
     return settings
+
+
+def add_work_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--work", type=Path, help="keep each setting's federations in WORK/<setting>; the same command "
+                                                 "again continues where it stopped (default: a temporary folder)")
+
+
+@contextlib.contextmanager
+def work_folder(work: Path | None, name: str):
+    """WORK/<name>, kept; or a temporary folder removed afterwards."""
+    if work is not None:
+        yield work / name
+        return
+    with tempfile.TemporaryDirectory(prefix=f"fedistill-{name}-") as folder:
+        yield Path(folder)
 
 
 class ResultsFile:

@@ -36,11 +36,17 @@ def add_parser(commands) -> None:
     parser.set_defaults(handler=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    for chatty in ("client", "server", "common"):  # a line per site and round: the points are the progress here
+def output_folder(overrides: list[str], kind: str) -> Path:
+    """The folder of an in-process command (frontier, audit): run_dir, or outputs/<time>_<kind>. Its
+    sites' per-round log lines are silenced: the command prints its own progress."""
+    for chatty in ("client", "server", "common"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    base = load_config(args.overrides)
-    out = Path(base.run_dir or Path("outputs") / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_frontier").resolve()
+    base = load_config(overrides)
+    return Path(base.run_dir or Path("outputs") / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{kind}").resolve()
+
+
+def run(args: argparse.Namespace) -> int:
+    out = output_folder(args.overrides, "frontier")
     result = measure(args.overrides, epsilons=args.epsilons, seeds=args.seeds, out=out)
     print(table(result))
     print(f"fedistill: the frontier in {out} (frontier.md, frontier.json, frontier.png)")
@@ -102,11 +108,12 @@ def measure(overrides: list[str], *, epsilons: list[float], seeds: int, out: Pat
 
 class Scores:
     """The frontier's progress in `folder/scores.jsonl`: the request on the first line, then one
-    line per measured federation, written as soon as it ends."""
+    line per measured federation, written as soon as it ends. A value is a number or a mapping
+    of names to numbers (the attack benchmark keeps two per federation)."""
 
     def __init__(self, folder: Path, request: dict):
         self.path = folder / "scores.jsonl"
-        self.known: dict[tuple[str, int], float] = {}
+        self.known: dict[tuple[str, int], float | dict[str, float]] = {}
         self.earlier_seconds = 0.0
         if not self.path.exists():
             if any(folder.iterdir()):
@@ -117,7 +124,7 @@ class Scores:
             lines = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
             saved = lines[0]["request"]
             for line in lines[1:]:
-                self.known[(line["point"], line["seed"])] = float(line["value"])
+                self.known[(line["point"], line["seed"])] = _value(line["value"])
                 self.earlier_seconds += float(line["seconds"])
         except (ValueError, KeyError, TypeError, IndexError) as error:
             raise ConfigError(f"{self.path} is not a frontier's progress ({error}): choose another run_dir") from None
@@ -126,15 +133,22 @@ class Scores:
                               "run the same command to continue it, or choose another run_dir")
         print(f"fedistill frontier: continuing in {folder}: {len(self.known)} federations already measured", flush=True)
 
-    def get(self, point: str, seed: int, measure_one) -> float:
+    def get(self, point: str, seed: int, measure_one):
         if (point, seed) not in self.known:
             started = time.perf_counter()
-            value = float(measure_one())
+            value = _value(measure_one())
             with self.path.open("a") as progress:
                 progress.write(json.dumps({"point": point, "seed": seed, "value": value,
                                            "seconds": time.perf_counter() - started}) + "\n")
             self.known[(point, seed)] = value
         return self.known[(point, seed)]
+
+
+def _value(value) -> float | dict[str, float]:
+    """A measured value as it is kept: a number, or names to numbers; ValueError otherwise."""
+    if isinstance(value, dict):
+        return {str(name): float(number) for name, number in value.items()}
+    return float(value)
 
 
 def table(result: dict) -> str:
