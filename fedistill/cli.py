@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from common.config import CONF_DIR, Config, ConfigError, load_config
 from common.policy import load_policy
 from common.request import request_of
-from fedistill import certs, deployment, frontier
+from fedistill import audit, certs, deployment, frontier
 from fedistill.app_bundle import staged_app
 from fedistill.console import INTERRUPTED, ProgressOnly
 from fedistill.processes import console_script, interrupt_on_sigterm, run_streaming
@@ -63,6 +63,7 @@ def parser() -> argparse.ArgumentParser:
     simulate.add_argument("overrides", nargs="*", help="Hydra overrides (key=value)")
     simulate.add_argument("-v", "--verbose", action="store_true", help="show all of Flower's log, not only progress")
     frontier.add_parser(commands)
+    audit.add_parser(commands)
     add_deployment_commands(commands)
     certs.add_parser(commands)
     add_site_check_command(commands)

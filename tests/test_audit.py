@@ -1,0 +1,98 @@
+"""`fedistill audit`: the one-run bound on fixed score lists computed by hand, the canaries planted
+at one site only, and the command end to end on a tiny setting."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import special, stats
+
+from common.config import ConfigError, load_config
+from fedistill import audit as A
+from fedistill import cli
+
+
+def test_the_bound_of_ten_correct_guesses_of_twenty_canaries_is_the_one_computed_by_hand():
+    planted, held_back = np.arange(10, 20.0), np.arange(10.0)  # every planted canary above every held-back one
+    # Ten guesses, all right: the p-value at epsilon is sigmoid(epsilon)^10, tested at 0.05 / 20 cut-offs.
+    q = (0.05 / 20) ** (1 / 10)
+    assert A.epsilon_lower_bound(planted, held_back, delta=0) == pytest.approx(math.log(q / (1 - q)), abs=1e-5)
+    assert A.auc(planted, held_back) == 1.0
+    assert A.tpr_at_fpr(planted, held_back) == 1.0
+
+
+def test_guesses_no_better_than_chance_at_the_corrected_level_give_no_bound():
+    # By score: P P P H P H H H P P H H. The best run is three right of three guesses, whose
+    # p-value at epsilon 0 is 0.5^3 = 0.125, above 0.05 / 12: nothing is rejected.
+    planted = np.array([9.0, 8.0, 7.0, 5.0, 1.0, 0.5])
+    held_back = np.array([6.0, 4.0, 3.0, 2.0, 0.0, -1.0])
+    assert A.epsilon_lower_bound(planted, held_back, delta=0) == 0.0
+    assert A.auc(planted, held_back) == pytest.approx(27 / 36)  # pairs in which the planted one is higher
+
+
+def test_delta_only_lowers_the_bound():
+    planted, held_back = np.arange(30, 60.0), np.arange(30.0)
+    without = A.epsilon_lower_bound(planted, held_back, delta=0)
+    assert 0 < A.epsilon_lower_bound(planted, held_back, delta=1e-6) < without
+
+
+def test_the_p_value_with_delta_adds_the_papers_term():
+    # Steinke et al.: beta + max_i (P[B >= v - i] - beta) / i * 2 m delta, capped at 1
+    m, guesses, correct, eps, delta = 50, 10, 9, 1.0, 1e-4
+    q = special.expit(eps)
+    beta = stats.binom.sf(correct - 1, guesses, q)
+    alpha = max((stats.binom.sf(correct - i - 1, guesses, q) - beta) / i for i in range(1, correct + 1))
+    assert A.p_value(m, guesses, correct, eps, delta) == pytest.approx(beta + alpha * delta * 2 * m)
+
+
+def test_the_canaries_go_to_site_zero_only_and_each_is_planted_or_held_back(small_config):
+    from fedistill.inprocess import sites_of, task_of
+
+    config = load_config([*small_config.overrides, "sites=3"])
+    canaries = A.Canaries.draw(task_of(config), 40, seed=0)
+    assert 0 < canaries.planted.sum() < 40
+    sites = sites_of(config)
+    planted = A.planted_site(sites[0], canaries)
+    assert len(planted.records) == len(sites[0].records) + int(canaries.planted.sum())
+    assert planted.name == sites[0].name and planted.index == 0
+    inputs = planted.records.tensors[0][len(sites[0].records):]
+    assert (inputs == canaries.inputs[canaries.planted]).all()
+    assert all(len(s.records) == len(sites_of(config)[i].records) for i, s in enumerate(sites[1:], 1))
+
+
+def test_every_canary_carries_a_wrong_label(small_config):
+    from fedistill.inprocess import task_of
+
+    task = task_of(small_config)
+    canaries = A.Canaries.draw(task, 60, seed=1)
+    inputs, labels = task.test_data().tensors[:2]
+    for x, wrong in zip(canaries.inputs, canaries.labels):
+        true = labels[(inputs == x).flatten(1).all(1)][0]
+        assert wrong != true
+
+
+def test_the_audit_refuses_a_run_without_dp_and_too_many_canaries(small_config, tmp_path):
+    with pytest.raises(ConfigError, match="leave privacy=dp"):
+        A.audit([*small_config.overrides, "privacy=none"], canaries=20, out=tmp_path / "a")
+    with pytest.raises(ConfigError, match="--canaries 5000 is more than half"):
+        A.audit(small_config.overrides, canaries=5000, out=tmp_path / "b")
+
+
+def test_the_audit_command_reports_both_runs_beside_the_accountant_and_plots_them(small_config, tmp_path, capsys):
+    out = tmp_path / "audit"
+    overrides = [o for o in small_config.overrides if not o.startswith("run_dir=")]
+    code = cli.main(["audit", "--canaries", "40", *overrides, "rounds=1", f"run_dir={out}"])
+    assert code == 0
+    report = json.loads((out / "audit.json").read_text())
+    assert set(report["runs"]) == {"DP", "no DP"}
+    dp, no_dp = report["runs"]["DP"], report["runs"]["no DP"]
+    assert set(dp["views"]) == {"global student", "site 0's last reply"}
+    assert 0 < dp["accountant_epsilon"] <= 3.0 and no_dp["accountant_epsilon"] == math.inf
+    for view in dp["views"].values():
+        assert view["epsilon_lower_bound"] <= dp["accountant_epsilon"]
+        assert len(view["planted_scores"]) + len(view["held_back_scores"]) == 40
+    assert (out / "audit.png").stat().st_size > 0 and "attack AUC" in (out / "audit.md").read_text()
+    assert "| DP | global student |" in capsys.readouterr().out
