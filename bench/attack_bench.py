@@ -7,7 +7,8 @@ student toward the teacher each round, which repairs much of an attack by itself
 exchange without that step (what aggregation alone stops), and the logits exchange. Backdoor
 rows also give the attack's success: the share of held-out inputs of other classes that the
 trigger takes to its target class (client/hostile.py). Checks the targets: at 30 percent the
-best aggregator within 3 points of the clean run, and with no hostile site each robust
+best aggregator within 3 points of the clean run (for the backdoor, the best of those that stop
+it: trigger success at most 10%), and with no hostile site each robust
 aggregator at most 2 points below the mean. Prints the tables, writes
 bench/results/bench-attack.json.
 
@@ -39,6 +40,7 @@ LOGITS_AGGREGATORS = ("mean", "median", "trimmed_mean")
 CLIP_NORM = 10.0  # "mean+clip": updates clipped on the server to this L2 norm (honest DP updates: about 6 on MNIST)
 WITHIN_CLEAN = 0.03  # at 30 percent hostile, the best aggregator within 3 points of the clean run
 ROBUST_COST = 0.02   # with no hostile site, each robust aggregator at most 2 points below the mean
+BACKDOOR_STOPPED = 0.1  # a backdoor counts as stopped where the trigger takes at most 10% of inputs to its target
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,11 @@ def targets(setting: Setting, result: dict) -> list[dict]:
     cells, checks = result["cells"], []
     clean = cells["none-0-mean"]["accuracy"]["mean"]
     for attack in setting.attacks:
-        best, aggregator = max((cells[f"{attack}-0.3-{a}"]["accuracy"]["mean"], a) for a in setting.aggregators)
+        # a backdoor is stopped only where the trigger does not work: the best of those aggregators
+        stopping = [a for a in setting.aggregators if attack != "backdoor"
+                    or cells[f"{attack}-0.3-{a}"]["backdoor"]["mean"] <= BACKDOOR_STOPPED]
+        best, aggregator = max(((cells[f"{attack}-0.3-{a}"]["accuracy"]["mean"], a) for a in stopping),
+                               default=(0.0, "none stops it"))
         bar = clean - WITHIN_CLEAN
         checks.append({"target": f"{setting.name}: 30% {attack}, best aggregator ({aggregator}) within 3 points of clean",
                        "value": best, "bar": bar, "margin": best - bar, "met": best >= bar})

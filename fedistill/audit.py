@@ -6,11 +6,13 @@ mislabelled images, texts or rows). Each is planted in site 0's private records 
 probability 1/2 (a seeded draw); the others are held back. The same federation then runs twice
 on the same seed, with the run's DP and without DP (`fedistill.inprocess`: the apps' own round
 and exchange). An observer scores every canary on what it sees: the final global student and,
-in the weights exchange, the student site 0 sent in its last round. The score is how much more
-likely the canary's wrong label is under the observed student than under the warm-start
-student, which no site's record touched. From the planted and held-back scores: attack AUC,
+in the weights exchange, every student site 0 sent. The score is how much more likely the
+canary's wrong label is under the observed student than under the warm-start student, which no
+site's record touched (for the site's replies: than under the student it was sent that round,
+summed over rounds). From the planted and held-back scores: attack AUC,
 TPR at 1% FPR, and the one-run lower bound on epsilon at 95% confidence (guessing "planted"
-for the top-scoring canaries, every cut-off tried with a Bonferroni correction), beside the
+for the top 2, 5, 10, 20, 30 or 50% of the canaries by score, with a Bonferroni correction
+over those six cut-offs), beside the
 epsilon site 0's ledger spent. A DP run whose bound exceeds the accountant's epsilon would
 show the accounting (or the mechanism, such as DP-SGD's fixed normaliser) leaks more than it
 says.
@@ -38,6 +40,8 @@ CANARIES = 200
 SIGNIFICANCE = 0.05
 AUDITED_SITE = 0
 FPR = 0.01
+GUESS_SHARES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)  # the auditor's cut-offs, as shares of the canaries
+GLOBAL, REPLIES = "global student", f"site {AUDITED_SITE}'s replies"
 
 
 def add_parser(commands) -> None:
@@ -78,19 +82,23 @@ def p_value(m: int, guesses: int, correct: int, epsilon: float, delta: float) ->
     return min(beta + alpha * delta * 2 * m, 1.0)
 
 
+def cut_offs(m: int) -> list[int]:
+    """How many top-scoring canaries the auditor guesses "planted": GUESS_SHARES of m, fixed before
+    any score is seen (few, so that the Bonferroni correction over them stays mild)."""
+    return sorted({max(1, round(share * m)) for share in GUESS_SHARES})
+
+
 def epsilon_lower_bound(planted: np.ndarray, held_back: np.ndarray, *, delta: float,
                         significance: float = SIGNIFICANCE) -> float:
     """The largest epsilon that guessing "planted" for the r top-scoring canaries rejects at
-    `significance`, over every r (Bonferroni: each cut-off tested at significance / m)."""
+    `significance`, over the cut-offs r (Bonferroni: each tested at significance / their number)."""
     m = len(planted) + len(held_back)
-    scores = np.concatenate([planted, held_back])
     is_planted = np.concatenate([np.ones(len(planted), bool), np.zeros(len(held_back), bool)])
-    order = np.argsort(-scores, kind="stable")
+    order = np.argsort(-np.concatenate([planted, held_back]), kind="stable")
     correct_at = np.cumsum(is_planted[order])
-    level, best = significance / m, 0.0
-    for guesses in range(1, m + 1):
-        if guesses < m and scores[order[guesses]] == scores[order[guesses - 1]]:
-            continue  # a cut-off falls between different scores only
+    tried = cut_offs(m)
+    level, best = significance / len(tried), 0.0
+    for guesses in tried:
         correct = int(correct_at[guesses - 1])
         if correct / guesses <= special.expit(best) or p_value(m, guesses, correct, best, delta) > level:
             continue
@@ -175,22 +183,22 @@ def observe(config: Config, canaries: Canaries) -> dict:
     sites = sites_of(config)
     sites[AUDITED_SITE] = planted_site(sites[AUDITED_SITE], canaries)
     reference = start_of(config)[0]
-    views, last_reply = {}, {}
+    sent, received = copy.deepcopy(reference), copy.deepcopy(reference)
+    views: dict[str, np.ndarray] = {}
 
-    def keep(node: int, content, reply) -> None:
+    def score_reply(node: int, content, reply) -> None:
+        # each round's reply against the student the site started that round from, summed over
+        # rounds: what the coordinator sees of the site, every round's step on its records
         if node == AUDITED_SITE and P.ARRAYS in reply.array_records:
-            last_reply["sent"], last_reply["received"] = reply[P.ARRAYS], content[P.ARRAYS]
+            P.load_record(sent, reply[P.ARRAYS])
+            P.load_record(received, content[P.ARRAYS])
+            views[REPLIES] = views.get(REPLIES, 0) + canaries.scores(sent, received)
 
     def score_global(task, student) -> dict:
-        views["global student"] = canaries.scores(student, reference)
+        views[GLOBAL] = canaries.scores(student, reference)
         return {}
 
-    _, wire = federate(config, sites=sites, on_reply=keep, also=score_global)
-    if last_reply:  # scored against the student it started that round from
-        sent, received = copy.deepcopy(reference), copy.deepcopy(reference)
-        P.load_record(sent, last_reply["sent"])
-        P.load_record(received, last_reply["received"])
-        views[f"site {AUDITED_SITE}'s last reply"] = canaries.scores(sent, received)
+    _, wire = federate(config, sites=sites, on_reply=score_reply, also=score_global)
     spent = wire["epsilon_by_site"][sites[AUDITED_SITE].name]
     return {"views": views, "epsilon": spent if config.privacy.enabled else math.inf}
 

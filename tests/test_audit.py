@@ -17,16 +17,18 @@ from fedistill import cli
 
 def test_the_bound_of_ten_correct_guesses_of_twenty_canaries_is_the_one_computed_by_hand():
     planted, held_back = np.arange(10, 20.0), np.arange(10.0)  # every planted canary above every held-back one
-    # Ten guesses, all right: the p-value at epsilon is sigmoid(epsilon)^10, tested at 0.05 / 20 cut-offs.
-    q = (0.05 / 20) ** (1 / 10)
+    # Cut-offs for 20 canaries: 1, 2, 4, 6 and 10 guesses. The best is ten guesses, all right: the
+    # p-value at epsilon is sigmoid(epsilon)^10, tested at 0.05 / 5.
+    assert A.cut_offs(20) == [1, 2, 4, 6, 10]
+    q = (0.05 / 5) ** (1 / 10)
     assert A.epsilon_lower_bound(planted, held_back, delta=0) == pytest.approx(math.log(q / (1 - q)), abs=1e-5)
     assert A.auc(planted, held_back) == 1.0
     assert A.tpr_at_fpr(planted, held_back) == 1.0
 
 
 def test_guesses_no_better_than_chance_at_the_corrected_level_give_no_bound():
-    # By score: P P P H P H H H P P H H. The best run is three right of three guesses, whose
-    # p-value at epsilon 0 is 0.5^3 = 0.125, above 0.05 / 12: nothing is rejected.
+    # By score: P P P H P H H H P P H H; cut-offs 1, 2, 4 and 6 guesses, each tested at 0.05 / 4.
+    # Their p-values at epsilon 0: 0.5, 0.25, P[B(4, 1/2) >= 3] = 5/16, P[B(6, 1/2) >= 4] = 11/32.
     planted = np.array([9.0, 8.0, 7.0, 5.0, 1.0, 0.5])
     held_back = np.array([6.0, 4.0, 3.0, 2.0, 0.0, -1.0])
     assert A.epsilon_lower_bound(planted, held_back, delta=0) == 0.0
@@ -89,7 +91,7 @@ def test_the_audit_command_reports_both_runs_beside_the_accountant_and_plots_the
     report = json.loads((out / "audit.json").read_text())
     assert set(report["runs"]) == {"DP", "no DP"}
     dp, no_dp = report["runs"]["DP"], report["runs"]["no DP"]
-    assert set(dp["views"]) == {"global student", "site 0's last reply"}
+    assert set(dp["views"]) == {"global student", "site 0's replies"}
     assert 0 < dp["accountant_epsilon"] <= 3.0 and no_dp["accountant_epsilon"] == math.inf
     for view in dp["views"].values():
         assert view["epsilon_lower_bound"] <= dp["accountant_epsilon"]
