@@ -83,7 +83,7 @@ def measure(setting: Setting, *, seeds: int, out: Path) -> dict:
     from fedistill.inprocess import federate
 
     out.mkdir(parents=True, exist_ok=True)
-    progress = Scores(out, {"setting": setting.name, "base": BASE, "seeds": seeds})
+    progress = Scores(out, {"setting": setting.name, "base": BASE})  # more seeds later continue the same folder
     started, cells = time.perf_counter(), {}
     for attack, fraction in scenarios(setting):
         for aggregator in setting.aggregators:
