@@ -119,7 +119,7 @@ def table(setting: Setting, result: dict) -> str:
         row = []
         for aggregator in setting.aggregators:
             cell = cells[f"{attack}-{fraction:g}-{aggregator}"]
-            text = f"{cell['accuracy']['mean']:.3f}"
+            text = f"{cell['accuracy']['mean']:.3f}" + (f" +- {cell['accuracy']['std']:.3f}" if len(cell['accuracy']['seeds']) > 1 else "")
             if attack == "backdoor" or attack == "none":
                 text += f" ({cell['backdoor']['mean']:.2f})"
             row.append(text)
