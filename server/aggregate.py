@@ -70,8 +70,8 @@ class StudentAggregator:
         """Each student as `start` plus its update scaled to an L2 norm of at most `clip_norm`
         (over all floating-point arrays), and how many were scaled."""
         clipped, count = [], 0
+        floats = [name for name, g in start.items() if np.issubdtype(g.dtype, np.floating)]
         for student in students:
-            floats = [name for name, g in start.items() if np.issubdtype(g.dtype, np.floating)]
             norm = math.sqrt(sum(float(np.sum((student[n].astype(np.float64) - start[n]) ** 2)) for n in floats))
             if norm <= self.clip_norm:
                 clipped.append(student)
