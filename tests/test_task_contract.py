@@ -45,12 +45,27 @@ def test_every_task_kind_of_the_app_is_checked_here():
     assert set(SMALL) == set(task_kinds()), "give the new task kind small settings in SMALL"
 
 
+def test_the_image_teacher_is_fitted_from_its_seed_whatever_ran_before(tmp_path):
+    def fitted(draws: int) -> dict[str, torch.Tensor]:
+        torch.rand(draws)
+        cache = tmp_path / f"cache-{draws}"
+        return build_task(load_config(["task=digits", f"cache_dir={cache}", f"run_dir={tmp_path}"])).teacher().state_dict()
+    one, other = fitted(1), fitted(1000)
+    assert all(torch.equal(one[name], other[name]) for name in one)
+
+
 @pytest.mark.parametrize("kind", sorted(SMALL))
 def test_a_task_kind_meets_the_contract(kind, request, tmp_path):
     config = load_config(request.getfixturevalue(SMALL[kind]))
     assert config.task.kind == kind and isinstance(config.task, task_kinds()[kind])
     assert config.student.arch in config.task.students
     task = build_task(config)
+
+    # Fitted or loaded from the cache, the teacher leaves the process's RNG as it found it: what
+    # a seeded run gives must not depend on what ran before it in the process.
+    state = torch.get_rng_state()
+    task.teacher()
+    assert torch.equal(state, torch.get_rng_state())
 
     # A simulated site keeps the command's task settings; composed again from them, the task is the same.
     policy = policy_from({"task": config.task.site_settings(), "cache_dir": str(config.cache_path),

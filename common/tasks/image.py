@@ -213,9 +213,13 @@ class ImageTask:
         return self._teacher
 
     def _load_or_fit_teacher(self) -> nn.Module:
-        model = TeacherCNN(self.input_shape, self.num_classes, self.config.teacher.channels, self.config.teacher.hidden)
         path = self.cache_dir / f"teacher-{self.name}-{self._teacher_key()}.safetensors"
-        with filling(path):
+        # The teacher starts from self.seed and leaves the process's RNG as it found it: the
+        # cached teacher, and every run after it, must not depend on what ran before in the process.
+        with filling(path), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            model = TeacherCNN(self.input_shape, self.num_classes, self.config.teacher.channels,
+                               self.config.teacher.hidden)
             if path.exists():
                 model.load_state_dict(load_file(path))
             else:
@@ -232,7 +236,7 @@ class ImageTask:
     def _teacher_key(self) -> str:
         """Hash of everything the fitted teacher depends on."""
         facts = {
-            "version": 1,
+            "version": 2,
             "source": self.config.source,
             "split": asdict(self.config.split),
             "teacher": asdict(self.config.teacher),
@@ -244,7 +248,6 @@ class ImageTask:
     def _fit_teacher(self, model: nn.Module) -> None:
         cfg = self.config.teacher
         generator = torch.Generator().manual_seed(self.seed)
-        torch.manual_seed(self.seed)
         loader = DataLoader(self._parts["teacher"], batch_size=cfg.batch_size, shuffle=True, generator=generator)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         model.train()

@@ -335,6 +335,10 @@ class TextTask:
         }
 
     def _load_or_fit_teacher(self) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):  # a run must not depend on whether its teacher was cached
+            return self._teacher_members()
+
+    def _teacher_members(self) -> nn.Module:
         weights = {name: w for name, w in self.config.teacher.ensemble.items() if w > 0}
         members: dict[str, nn.Module] = {"encoder": EncoderTeacher(self.encoder, self.num_classes, self.pad_id)}
         if "tfidf" in weights:
