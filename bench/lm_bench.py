@@ -22,10 +22,13 @@ import sys
 import time
 import warnings
 
+import torch
+
 from bench.baselines import compose
 from fedistill.inprocess import evaluator, federate, start_of, task_of
 from bench.run_bench import ResultsFile, print_targets
 from common.config import ConfigError, load_config
+from common.device import CPU, describe_device, placed
 from common.models.inference import describe, quantize_int8
 from common.models.lm_teacher import default_teacher_path
 
@@ -83,14 +86,21 @@ def summarise(name: str, eps: str, scores: list[dict], bytes_up: float | None) -
 
 
 def costs(overrides: list[str], cache: str) -> dict:
-    """Teacher, student and int8 student: parameters, size on disk, tokens per second on one thread."""
+    """Teacher, student and int8 student: parameters, size on disk, tokens per second on one CPU
+    thread; on an accelerator (the run's device), also teacher and student there."""
     config = compose([*overrides, "seed=0"], cache)
     task = task_of(config)
-    example = task.test_data().tensors[0]
+    example, tokens = task.test_data().tensors[0], task.tokens_per_example
     student = copy.deepcopy(start_of(config)[0])
-    return {"teacher": describe(task.teacher(), example, task.tokens_per_example),
-            "student": describe(student, example, task.tokens_per_example),
-            "int8 student": describe(quantize_int8(student), example, task.tokens_per_example)}
+    teacher = task.teacher()  # on the run's device, in the dtype fastest there
+    on_cpu = teacher if task.device.type == "cpu" else copy.deepcopy(teacher).to(CPU, torch.float32)
+    cost = {"teacher": describe(on_cpu, example, tokens), "student": describe(student, example, tokens),
+            "int8 student": describe(quantize_int8(student), example, tokens)}
+    if task.device.type != "cpu":
+        cost[f"teacher on {task.device.type}"] = describe(teacher, example, tokens)
+        with placed(student, task.device):
+            cost[f"student on {task.device.type}"] = describe(student, example, tokens)
+    return cost
 
 
 def targets(rows: list[dict], cost: dict) -> list[dict]:
@@ -160,10 +170,10 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     cache = str(config.cache_path)
-    results = ResultsFile(args.out, overrides=overrides, seeds=args.seeds)
+    results = ResultsFile(args.out, overrides=overrides, seeds=args.seeds, device=describe_device(config.device))
     cost = costs(overrides, cache)
     results["cost"] = cost
-    print("Cost, one record on one CPU thread: " + ", ".join(
+    print("Cost, one record (on one CPU thread unless named): " + ", ".join(
         f"{k} {v['params']:,} parameters, {v['size_bytes'] / 2**20:.1f} MiB, {v['tokens_per_s']:,.0f} tokens/s"
         for k, v in cost.items()))
     print(f"Perplexity and agreement with the teacher, mean over {args.seeds} seeds:")

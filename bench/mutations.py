@@ -123,11 +123,12 @@ MUTATIONS = [
     Mutation("FedMD state kept", ADMISSION, "if P.STUDENT_STATE in state.array_records:", "if False:",
              (f"{T_ROUND}::test_broadcast_logits_keeps_each_sites_own_student_of_its_own_shape",)),
     Mutation("consensus fitted", ADMISSION,
-             "site.outputs.fit(student, consensus, fit, seed=(site.config.seed * 1000 + site.index) * 1000 + server_round)",
+             "site.outputs.fit(student, consensus, fit, seed=seed, device=site.task.device)",
              "pass", (f"{T_ROUND}::test_the_consensus_is_fitted_before_private_training",)),
     Mutation("consensus kept only once learned", "server/exchange.py",
-             "report = self.outputs.fit(global_student, combined, self.config.server, seed=self.seed * 1000 + server_round)",
-             "self.consensus = combined; report = self.outputs.fit(global_student, combined, self.config.server, seed=self.seed * 1000 + server_round)",
+             "report = self.outputs.fit(global_student, combined, self.config.server, seed=seed, device=self.device)",
+             "self.consensus = combined; report = self.outputs.fit(global_student, combined, self.config.server, seed=seed, "
+             "device=self.device)",
              (f"{T_EXCHANGE}::test_the_consensus_is_kept_only_once_the_global_student_has_learned_it",)),
 ]
 

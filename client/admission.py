@@ -122,7 +122,8 @@ def starting_student(site: Site, content: RecordDict, state: RecordDict, server_
                 raise ValueError(f"the consensus: {problem}")
             consensus = {name: torch.from_numpy(array.numpy()) for name, array in content[P.CONSENSUS].items()}
             fit = dataclasses.replace(exchange.server, epochs=exchange.public_fit_epochs)
-            site.outputs.fit(student, consensus, fit, seed=(site.config.seed * 1000 + site.index) * 1000 + server_round)
+            seed = (site.config.seed * 1000 + site.index) * 1000 + server_round
+            site.outputs.fit(student, consensus, fit, seed=seed, device=site.task.device)
     except (KeyError, ValueError, RuntimeError, TypeError) as err:
         raise Refusal(P.REFUSAL_BAD_REQUEST, "the server's global student or consensus does not fit this run's "
                       "student (the site's log says how)", str(err)) from None

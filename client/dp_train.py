@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from common.config import DistillConfig, PrivacyConfig
+from common.device import CPU, placed, seeded_on
 from common.step_plan import StepPlan
 
 
@@ -45,7 +46,7 @@ def noise_generator(privacy: PrivacyConfig, seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(secrets.randbits(63) if privacy.enabled else seed)
 
 
-def _backward(student: nn.Module, batch: list[torch.Tensor], objective: nn.Module, optimizer: torch.optim.Optimizer,
+def _backward(student: nn.Module, batch: tuple[torch.Tensor, ...], objective: nn.Module, optimizer: torch.optim.Optimizer,
               private: bool, *, chunk: int, expected_batch_size: int) -> float:
     """Gradients of one step's batch, in physical chunks of at most `chunk` records; returns
     the summed loss. With DP, every chunk but the last is clipped and accumulated by the
@@ -81,6 +82,7 @@ def distill_locally(
     plan: StepPlan,
     seed: int,
     generator: torch.Generator | None = None,
+    device: torch.device = CPU,
 ) -> TrainResult:
     """Train `student` in place on `data` = (inputs, labels, *teacher targets in the order of
     `objective.target_kinds`) for `plan.steps` steps, minimising `objective`.
@@ -90,11 +92,22 @@ def distill_locally(
     the steps Opacus's accountant records are checked against `plan` (what the ledger
     reserved) and any difference is an error, never ignored. `generator` draws the batches and
     the noise; None: one seeded from the operating system's entropy under privacy, from `seed`
-    without (tests inject their own).
+    without (tests inject their own). The student trains on `device` (batches are drawn on the
+    CPU and moved there; the noise is drawn there, by a generator seeded from `generator`) and
+    is back on the CPU when this returns.
     """
     if generator is None:
         generator = noise_generator(privacy, seed)
     loader = DPDataLoader(data, sample_rate=plan.sample_rate, generator=generator)  # int(1/q) steps per pass
+    with placed(student, device):
+        return _train(student, loader, objective=objective, distill=distill, privacy=privacy,
+                      noise_multiplier=noise_multiplier, plan=plan, device=device, noise=seeded_on(device, generator))
+
+
+def _train(student: nn.Module, loader: DPDataLoader, *, objective: nn.Module, distill: DistillConfig,
+           privacy: PrivacyConfig, noise_multiplier: float | None, plan: StepPlan, device: torch.device,
+           noise: torch.Generator) -> TrainResult:
+    """distill_locally's steps, with the student already on `device` and `noise` drawing there."""
     optimizer = torch.optim.SGD(student.parameters(), lr=plan.lr, momentum=distill.momentum)
     hooks = accountant = None
     student.train()
@@ -111,7 +124,7 @@ def distill_locally(
             max_grad_norm=privacy.max_grad_norm,
             expected_batch_size=plan.expected_batch_size,
             loss_reduction="mean",
-            generator=generator,
+            generator=noise,
         )
         accountant = RDPAccountant()
         optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
@@ -125,10 +138,10 @@ def distill_locally(
                 if privacy.enabled and len(batch[0]) == 0:
                     # An empty Poisson batch is still a DP step: noise only, as the accountant assumes.
                     for param in trainable:
-                        param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype)
+                        param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype, device=device)
                 else:
-                    total_loss += _backward(student, batch, objective, optimizer, privacy.enabled,
-                                            chunk=distill.max_physical_batch or len(batch[0]),
+                    total_loss += _backward(student, tuple(t.to(device) for t in batch), objective, optimizer,
+                                            privacy.enabled, chunk=distill.max_physical_batch or len(batch[0]),
                                             expected_batch_size=plan.expected_batch_size)
                 optimizer.step()
                 steps += 1

@@ -77,6 +77,7 @@ def train_round(site: Site, content: RecordDict, state: RecordDict, *, server_ro
         plan=plan,
         seed=config.seed * 1000 + server_round,
         generator=generator,
+        device=site.task.device,
     )
     log.info("%s trained round %d: %d steps", site.name, server_round, result.steps)
     metrics = MetricRecord({P.DP_STEPS: result.steps, P.SAMPLE_RATE: plan.sample_rate,

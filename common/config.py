@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from common.config_base import CONF_DIR, ConfigError, require, require_fraction
+from common.device import check_device
 from common.task_config import TaskConfig, task_config_type
 
 RUNS_ENV = "FEDISTILL_RUNS_DIR"  # where a ServerApp puts a run's folder when the run sets no run_dir
@@ -279,11 +280,13 @@ class Config:
     run_dir: str | None
     cache_dir: str | None
     resume: str | None  # a run directory: continue that run from its last complete round (server.resume)
+    device: str = "auto"  # where tensors run (common/device.py); a site's own file decides for that site
     overrides: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         require(self.sites >= 1, f"sites must be >= 1, got {self.sites}")
         require(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
+        check_device(self.device, where="device")
         require(
             self.federation.min_sites <= self.sites,
             f"federation.min_sites ({self.federation.min_sites}) must be <= sites ({self.sites})",

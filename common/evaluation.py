@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from common.device import CPU, placed
 from common.losses import LOGITS
 
 Scores = dict[str, float]
@@ -35,10 +36,13 @@ class Evaluator(Protocol):
 
 
 @torch.no_grad()
-def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """The model's outputs on `inputs`, in eval mode and batches: [N, ...] -> [N, C]."""
+def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512, device: torch.device = CPU) -> torch.Tensor:
+    """The model's outputs on `inputs`, in eval mode and batches, run on `device`: [N, ...] -> [N, C] on the CPU."""
     model.eval()
-    return torch.cat([model(x) for x in inputs.split(batch_size)]) if len(inputs) else model(inputs)
+    with placed(model, device) as where:
+        if not len(inputs):
+            return model(inputs.to(where)).cpu()
+        return torch.cat([model(x.to(where)).cpu() for x in inputs.split(batch_size)])
 
 
 class ClassifierEvaluator:
@@ -49,6 +53,7 @@ class ClassifierEvaluator:
                Metric("loss", "test loss", higher_is_better=False, unit_interval=False))
 
     def __init__(self, task):
+        self.device = task.device
         self.inputs, self.labels = task.test_data().tensors
         self.teacher_logits = task.teacher_targets(self.inputs, (LOGITS,))[LOGITS]
         self.teacher = self.score(self.teacher_logits)
@@ -62,4 +67,4 @@ class ClassifierEvaluator:
         }
 
     def __call__(self, model: nn.Module) -> Scores:
-        return self.score(predict(model, self.inputs))
+        return self.score(predict(model, self.inputs, device=self.device))

@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from common.config import CONF_DIR, ConfigError, HostileConfig, cache_path
+from common.device import check_device
 from common.task_config import check_task_settings
 
 if TYPE_CHECKING:
@@ -78,6 +79,7 @@ class SitePolicy:
     task: dict[str, Any] = field(default_factory=dict)  # the site's own task settings (TaskConfig keys)
     supernode: SuperNodeSettings = field(default_factory=SuperNodeSettings)
     hostile: HostileConfig = field(default_factory=HostileConfig)  # attack trials: client/hostile.py
+    device: str = "auto"  # where this site's teacher pass and DP training run (common/device.py)
 
     def validate(self) -> None:
         checks = (
@@ -106,6 +108,7 @@ class SitePolicy:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        check_device(self.device, where="site.device")
         check_task_settings(self.task, where="site.task")  # applied in common/site_config.py
         try:
             self.hostile.validate()

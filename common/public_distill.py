@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 from common.config import Config, DistillConfig, ServerDistillConfig
+from common.device import CPU, placed
 from common.losses import LOGITS
 
 
@@ -33,16 +34,19 @@ def soft_kl(student_logits: torch.Tensor, target_logits: torch.Tensor, temperatu
 
 
 def distill_on_public(
-    student: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: ServerDistillConfig, *, seed: int
+    student: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: ServerDistillConfig, *, seed: int,
+    device: torch.device = CPU,
 ) -> DistillReport:
     """Fit `student` in place to `targets` [P, C] (soft labels) on `inputs` [P, ...]."""
     return fit_on_public(student, TensorDataset(inputs, targets),
-                         lambda model, batch: soft_kl(model(batch[0]), batch[1], config.temperature), config, seed=seed)
+                         lambda model, batch: soft_kl(model(batch[0]), batch[1], config.temperature), config, seed=seed,
+                         device=device)
 
 
 def fit_on_public(student: nn.Module, data: TensorDataset, loss: Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor],
-                  config: ServerDistillConfig, *, seed: int, held_out_from: int | None = None) -> DistillReport:
-    """Minimise `loss(student, batch)` over `data` in place, with Adam and early stopping.
+                  config: ServerDistillConfig, *, seed: int, held_out_from: int | None = None,
+                  device: torch.device = CPU) -> DistillReport:
+    """Minimise `loss(student, batch)` over `data` in place, with Adam and early stopping, on `device`.
 
     A seeded slice of `config.holdout` of the first `held_out_from` records (all by default:
     the real public inputs, not the ones made from them) is held out; the student with the
@@ -53,23 +57,28 @@ def fit_on_public(student: nn.Module, data: TensorDataset, loss: Callable[[nn.Mo
     order = torch.randperm(candidates, generator=generator)
     n_hold = max(1, int(round(config.holdout * candidates)))
     hold, train = order[:n_hold], torch.cat([order[n_hold:], torch.arange(candidates, len(data))])
-    optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=config.lr)
-    best_loss, best_state = _holdout_loss(student, data[hold], loss), copy.deepcopy(student.state_dict())
-    stale, epochs = 0, 0
-    for epochs in range(1, config.epochs + 1):
-        student.train()
-        for batch in train[torch.randperm(len(train), generator=generator)].split(config.batch_size):
-            optimizer.zero_grad()
-            loss(student, data[batch]).backward()
-            optimizer.step()
-        held_out = _holdout_loss(student, data[hold], loss)
-        if held_out < best_loss:
-            best_loss, best_state, stale = held_out, copy.deepcopy(student.state_dict()), 0
-        else:
-            stale += 1
-            if stale >= config.patience:
-                break
-    student.load_state_dict(best_state)
+
+    def rows(indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(t.to(device) for t in data[indices])
+
+    with placed(student, device):
+        optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=config.lr)
+        best_loss, best_state = _holdout_loss(student, rows(hold), loss), copy.deepcopy(student.state_dict())
+        stale, epochs = 0, 0
+        for epochs in range(1, config.epochs + 1):
+            student.train()
+            for batch in train[torch.randperm(len(train), generator=generator)].split(config.batch_size):
+                optimizer.zero_grad()
+                loss(student, rows(batch)).backward()
+                optimizer.step()
+            held_out = _holdout_loss(student, rows(hold), loss)
+            if held_out < best_loss:
+                best_loss, best_state, stale = held_out, copy.deepcopy(student.state_dict()), 0
+            else:
+                stale += 1
+                if stale >= config.patience:
+                    break
+        student.load_state_dict(best_state)
     student.eval()
     return DistillReport(epochs=epochs, holdout_loss=best_loss)
 
@@ -91,7 +100,7 @@ class TeacherTransfer:
     """
 
     def __init__(self, task, distill: DistillConfig, config: ServerDistillConfig, *, seed: int):
-        self.config = config
+        self.config, self.device = config, task.device
         inputs, labels = task.public_inputs(), task.public_labels()
         if labels is None:
             distill = dataclasses.replace(distill, alpha=1.0)
@@ -110,7 +119,7 @@ class TeacherTransfer:
         return fit_on_public(
             student, self.data,
             lambda model, batch: self.objective(model, batch[0], batch[1], dict(zip(kinds, batch[2:]))),
-            self.config, seed=seed, held_out_from=self.public)
+            self.config, seed=seed, held_out_from=self.public, device=self.device)
 
 
 def initial_student(task, config: Config) -> tuple[nn.Module, DistillReport | None]:

@@ -25,6 +25,7 @@ from torch import nn
 
 from common import compression
 from common.config import ConfigError, ExchangeConfig, ServerDistillConfig
+from common.device import CPU
 from common.losses import LOGITS, TOPK_IDS, TOPK_LOGPROBS, TokenDistillLoss, attention_mask
 from common.payload import ArraySpec
 from common.public_distill import DistillReport, distill_on_public, fit_on_public
@@ -141,8 +142,9 @@ class PublicOutputs:
         """The (shape, dtype) of every consensus array a site receives (exchange.broadcast=logits)."""
         raise NotImplementedError
 
-    def fit(self, student: nn.Module, targets: Targets, config: ServerDistillConfig, *, seed: int) -> DistillReport:
-        """Fit `student` in place to the consensus `targets` on the public inputs."""
+    def fit(self, student: nn.Module, targets: Targets, config: ServerDistillConfig, *, seed: int,
+            device: torch.device = CPU) -> DistillReport:
+        """Fit `student` in place to the consensus `targets` on the public inputs, on `device`."""
         raise NotImplementedError
 
 
@@ -168,8 +170,9 @@ class ClassOutputs(PublicOutputs):
     def target_spec(self) -> ArraySpec:
         return {LOGITS: ((self.rows, self.classes), "float32")}
 
-    def fit(self, student: nn.Module, targets: Targets, config: ServerDistillConfig, *, seed: int) -> DistillReport:
-        return distill_on_public(student, self.inputs, targets[LOGITS], config, seed=seed)
+    def fit(self, student: nn.Module, targets: Targets, config: ServerDistillConfig, *, seed: int,
+            device: torch.device = CPU) -> DistillReport:
+        return distill_on_public(student, self.inputs, targets[LOGITS], config, seed=seed, device=device)
 
 
 def class_outputs(task, exchange: ExchangeConfig) -> ClassOutputs:
@@ -228,7 +231,8 @@ class TokenOutputs(PublicOutputs):
         k = min(self.k, self.classes)
         return {TOPK_LOGPROBS: ((self.rows, k), "float32"), TOPK_IDS: ((self.rows, k), "int64")}
 
-    def fit(self, student: nn.Module, targets: Targets, config: ServerDistillConfig, *, seed: int) -> DistillReport:
+    def fit(self, student: nn.Module, targets: Targets, config: ServerDistillConfig, *, seed: int,
+            device: torch.device = CPU) -> DistillReport:
         ids = targets[TOPK_IDS]
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.classes):
             raise ValueError(f"consensus token ids must lie in [0, {self.classes})")
@@ -239,4 +243,5 @@ class TokenOutputs(PublicOutputs):
         loss = TokenDistillLoss(temperature=config.temperature, alpha=1.0)
         data = torch.utils.data.TensorDataset(self.inputs, self.labels, values, chosen)
         return fit_on_public(student, data, lambda model, batch: loss(
-            model(batch[0], attention_mask=attention_mask(batch[1])), batch[1], batch[2], batch[3]), config, seed=seed)
+            model(batch[0], attention_mask=attention_mask(batch[1])), batch[1], batch[2], batch[3]), config, seed=seed,
+            device=device)

@@ -39,7 +39,8 @@ def site_task_config(policy: SitePolicy, task: str, source: str) -> Config:
     settings = {**policy.task, "name": task, "source": source}
     if policy.teacher_path is not None:
         settings["teacher"] = {**settings.get("teacher", {}), "path": policy.teacher_path}
-    return _site_task_config(json.dumps({"task": settings, "cache_dir": policy.cache_dir}, sort_keys=True), task)
+    return _site_task_config(json.dumps({"task": settings, "cache_dir": policy.cache_dir, "device": policy.device},
+                                        sort_keys=True), task)
 
 
 @functools.lru_cache(maxsize=16)
@@ -107,7 +108,7 @@ def simulated_site_policy(config: Config, site_overrides: Sequence[str] = ()) ->
     """
     values = {"ledger_dir": str(Path(config.run_dir) / "ledger"), "cache_dir": str(config.cache_path),
               "task": config.task.site_settings(), "reply_after_s": 0,
-              "hostile": dataclasses.asdict(config.federation.hostile)}
+              "hostile": dataclasses.asdict(config.federation.hostile), "device": config.device}
     if config.task.source not in policy_from().task_sources:
         values["task_sources"] = [*policy_from().task_sources, config.task.source]
     if config.privacy.enabled:

@@ -120,6 +120,7 @@ class LogitsExchange:
         self.config = config.exchange
         self.seed = config.seed
         self.outputs = task.public_outputs(self.config)
+        self.device = task.device
         if self.config.choose_teacher_weight and self.outputs.row_labels is None:
             raise ConfigError(f"exchange.choose_teacher_weight judges the teacher's share on public labels, and "
                               f"task={config.task.name}'s public inputs have none: set exchange.choose_teacher_weight=false "
@@ -152,7 +153,8 @@ class LogitsExchange:
             [{name: array.numpy() for name, array in r[P.LOGITS].items()} for r in replies],
             _weights(replies, self.config.weighting, weights),
             lambda stack, w: aggregate(stack, w, method=self.config.aggregation, trim_fraction=self.config.trim_fraction))
-        report = self.outputs.fit(global_student, combined, self.config.server, seed=self.seed * 1000 + server_round)
+        seed = self.seed * 1000 + server_round
+        report = self.outputs.fit(global_student, combined, self.config.server, seed=seed, device=self.device)
         self.consensus = combined  # sent down only once the global student has learned it
         return {"server_distill_epochs": report.epochs, "server_holdout_kl": report.holdout_loss,
                 "teacher_weight": teacher_weight}

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from common.config import Config, ConfigError, DistillConfig, ExchangeConfig, StudentConfig
+from common.device import torch_device
 
 if TYPE_CHECKING:
     from common.evaluation import Evaluator
@@ -26,6 +27,7 @@ class Task(Protocol):
     """What the server and the sites need to know about a domain."""
 
     name: str
+    device: torch.device  # where its heavy passes run: the run's `device` (build_task sets it)
     tokens_per_example: int | None  # predictions one example's forward makes, where more than one (a causal LM's)
 
     def private_data(self, site: int, num_sites: int) -> TensorDataset:
@@ -83,10 +85,13 @@ def build_task(config: Config) -> Task:
     `package.module:factory` source's, which the site must list in its task_sources."""
     source = config.task.source
     if ":" not in source:
-        return config.task.build(config)
-    module_name, _, attr = source.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ConfigError(f"task.source {source!r} cannot be imported: {err}") from None
-    return factory(config)
+        task = config.task.build(config)
+    else:
+        module_name, _, attr = source.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise ConfigError(f"task.source {source!r} cannot be imported: {err}") from None
+        task = factory(config)
+    task.device = torch_device(config.device)
+    return task

@@ -30,6 +30,7 @@ from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 from common.config import Config, ConfigError, DistillConfig, ExchangeConfig, StudentConfig, require
+from common.device import placed, teacher_dtype
 from common.task_config import FrontierSetting, FrontierTarget, TaskConfig, absolute_path
 from common.evaluation import Metric, Scores
 from common.losses import TOPK_IDS, TOPK_LOGPROBS, TokenDistillObjective, attention_mask
@@ -43,7 +44,8 @@ from common.tasks.lm_corpus import (STDLIB, CorpusConfig, CorpusError, Records, 
 
 log = logging.getLogger(__name__)
 
-TEACHER_BATCH = 8
+TEACHER_BATCH = 8         # records per teacher forward on the CPU
+DEVICE_TEACHER_BATCH = 64  # on an accelerator
 IGNORE = -100  # no next token to predict (padding, a record's last token)
 
 
@@ -123,7 +125,9 @@ class LMTask:
 
     @cached_property
     def _teacher(self) -> tuple[nn.Module, object, str]:
-        return load_teacher(self.teacher_path, self.cache_dir)
+        """(the teacher on the task's device, in the dtype fastest there; its tokenizer; its digest)."""
+        model, tokenizer, digest = load_teacher(self.teacher_path, self.cache_dir)
+        return model.to(self.device, teacher_dtype(self.device)), tokenizer, digest
 
     @property
     def tokenizer(self):
@@ -257,8 +261,9 @@ class LMTask:
         return {TOPK_LOGPROBS: cached["values"], TOPK_IDS: self._to_output[cached["ids"].long()]}
 
     def _top_k(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        key = hashlib.sha256(inputs.numpy().tobytes() + self._teacher[2].encode()
-                             + f"k={self.top_k}".encode()).hexdigest()[:24]
+        dtype = teacher_dtype(self.device)  # a bf16 teacher's top-k is not the fp32 one's
+        key = hashlib.sha256(inputs.numpy().tobytes() + self._teacher[2].encode() + f"k={self.top_k}".encode()
+                             + (b"" if dtype == torch.float32 else str(dtype).encode())).hexdigest()[:24]
         path = self.cache_dir / f"lm-teacher-topk-{key}.safetensors"
         with filling(path):
             if path.exists():
@@ -278,19 +283,21 @@ class LMTask:
         ids = torch.zeros(*inputs.shape, self.top_k, dtype=torch.int32)
         next_nll = torch.zeros(inputs.shape)  # -log p(the actual next token): the teacher's perplexity
         start, reported = time.perf_counter(), 0.0
-        for first in range(0, len(inputs), TEACHER_BATCH):
-            batch = inputs[first:first + TEACHER_BATCH]
+        size = TEACHER_BATCH if self.device.type == "cpu" else DEVICE_TEACHER_BATCH
+        for first in range(0, len(inputs), size):
+            rows = slice(first, first + size)
+            batch = inputs[rows].to(self.device)
             mask = (batch != self.pad_id).long()
             mask[:, 0] = 1
             log_probs = model(input_ids=batch, attention_mask=mask).logits.float().log_softmax(-1)
             top = log_probs.topk(self.top_k, dim=-1)
-            values[first:first + len(batch)] = top.values.half()
-            ids[first:first + len(batch)] = top.indices.int()
-            next_nll[first:first + len(batch), :-1] = -log_probs[:, :-1].gather(-1, batch[:, 1:, None])[..., 0]
+            values[rows] = top.values.half().cpu()
+            ids[rows] = top.indices.int().cpu()
+            next_nll[rows, :-1] = -log_probs[:, :-1].gather(-1, batch[:, 1:, None])[..., 0].cpu()
             elapsed = time.perf_counter() - start
             if elapsed - reported > 30:
                 reported = elapsed
-                done = min(first + TEACHER_BATCH, len(inputs))
+                done = min(first + size, len(inputs))
                 log.info("Teacher: %d/%d records in %.0f s (%.0f tokens/s)", done, len(inputs), elapsed,
                          done * inputs.shape[1] / elapsed)
         return {"values": values, "ids": ids, "next_nll": next_nll}
@@ -308,7 +315,7 @@ class LMTask:
     @functools.cache
     def _student_embeddings(self, dim: int) -> torch.Tensor:
         """The teacher's token embeddings projected to the student's width, once (a site builds a student every round)."""
-        return project_embeddings(self._teacher[0].get_input_embeddings().weight.detach(), dim)
+        return project_embeddings(self._teacher[0].get_input_embeddings().weight.detach().float().cpu(), dim)
 
     def objective(self, distill: DistillConfig) -> nn.Module:
         return TokenDistillObjective(distill)
@@ -340,6 +347,7 @@ class LMEvaluator:
         self.parts = {name: task._dataset(records) for name, records in parts.items()}
         self.cached = {name: task._top_k(records.ids) for name, records in parts.items()}
         self.output_ids, self.unknown = task.output_ids, int(task._to_output[task.unknown_id])
+        self.device = task.device
         self.unknown_share = task.unknown_share
         self.metrics = (
             Metric("perplexity", "held-out perplexity (sites)", higher_is_better=False, unit_interval=False),
@@ -355,18 +363,20 @@ class LMEvaluator:
     def __call__(self, model: nn.Module) -> Scores:
         model.eval()
         sums = {}
-        for name, data in self.parts.items():
-            ids, labels = data.tensors
-            teacher_top1 = self.cached[name]["ids"][..., 0].long()
-            nll, agree = 0.0, 0
-            for rows in torch.arange(len(ids)).split(TEACHER_BATCH):
-                batch, mask = labels[rows], labels[rows] != IGNORE
-                log_probs = model(ids[rows], attention_mask=attention_mask(batch)).float().log_softmax(-1)
-                target = batch.clamp(min=0)
-                nll -= float(log_probs.gather(-1, target[..., None])[..., 0][mask].sum())
-                nll += self.unknown_share * int((mask & (target == self.unknown)).sum())
-                agree += int((self.output_ids[log_probs.argmax(-1)] == teacher_top1[rows])[mask].sum())
-            sums[name] = (nll, int((labels != IGNORE).sum()), agree)
+        with placed(model, self.device) as where:
+            output_ids = self.output_ids.to(where)
+            for name, data in self.parts.items():
+                ids, labels = (t.to(where) for t in data.tensors)
+                teacher_top1 = self.cached[name]["ids"][..., 0].long().to(where)
+                nll, agree = 0.0, 0
+                for rows in torch.arange(len(ids)).split(TEACHER_BATCH):
+                    batch, mask = labels[rows], labels[rows] != IGNORE
+                    log_probs = model(ids[rows], attention_mask=attention_mask(batch)).float().log_softmax(-1)
+                    target = batch.clamp(min=0)
+                    nll -= float(log_probs.gather(-1, target[..., None])[..., 0][mask].sum())
+                    nll += self.unknown_share * int((mask & (target == self.unknown)).sum())
+                    agree += int((output_ids[log_probs.argmax(-1)] == teacher_top1[rows])[mask].sum())
+                sums[name] = (nll, int((labels != IGNORE).sum()), agree)
         return self._scores(sums)
 
     def _scores(self, sums: dict[str, tuple[float, int, int]]) -> Scores:

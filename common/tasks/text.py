@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from common.config import Config, DistillConfig, ExchangeConfig, StudentConfig, require
+from common.device import placed
 from common.task_config import FrontierSetting, FrontierTarget, TaskConfig, absolute_path
 from common.evaluation import ClassifierEvaluator
 from common.losses import ATTENTION, FEATURES, LOGITS, DistillationObjective
@@ -246,17 +247,18 @@ class TextTask:
         T = inputs.shape[1]
         attention = torch.zeros(len(inputs), len(layers), T, T, dtype=torch.float16) if layers else None
         start, reported = time.perf_counter(), 0.0
-        for done, batch in enumerate(order.split(ENCODE_BATCH)):
-            width = max(int(lengths[batch].max()), 1)
-            embedding, maps = sentence_embeddings(self.encoder, inputs[batch, :width], self.pad_id, layers)
-            embeddings[batch] = embedding
-            if maps is not None:
-                attention[batch, :, :width, :width] = maps.half()
-            elapsed = time.perf_counter() - start
-            if elapsed - reported > 30:
-                reported = elapsed
-                count = min((done + 1) * ENCODE_BATCH, len(inputs))
-                log.info("Teacher encoder: %d/%d texts in %.0f s", count, len(inputs), elapsed)
+        with placed(self.encoder, self.device) as device:
+            for done, batch in enumerate(order.split(ENCODE_BATCH)):
+                width = max(int(lengths[batch].max()), 1)
+                embedding, maps = sentence_embeddings(self.encoder, inputs[batch, :width].to(device), self.pad_id, layers)
+                embeddings[batch] = embedding.cpu()
+                if maps is not None:
+                    attention[batch, :, :width, :width] = maps.half().cpu()
+                elapsed = time.perf_counter() - start
+                if elapsed - reported > 30:
+                    reported = elapsed
+                    count = min((done + 1) * ENCODE_BATCH, len(inputs))
+                    log.info("Teacher encoder: %d/%d texts in %.0f s", count, len(inputs), elapsed)
         outputs = {FEATURES: embeddings}
         if attention is not None:
             outputs[ATTENTION] = attention
