@@ -9,7 +9,8 @@ and exchange). An observer scores every canary on what it sees: the final global
 in the weights exchange, every student site 0 sent. The score is how much more likely the
 canary's wrong label is under the observed student than under the warm-start student, which no
 site's record touched (for the site's replies: than under the student it was sent that round,
-summed over rounds). From the planted and held-back scores: attack AUC,
+summed over rounds); and, white-box, how far the step from the one to the other goes down the
+gradient of the site's training loss on the canary (gradient alignment). From the planted and held-back scores: attack AUC,
 TPR at 1% FPR, and the one-run lower bound on epsilon at 95% confidence (guessing "planted"
 for the top 2, 5, 10, 20, 30 or 50% of the canaries by score, with a Bonferroni correction
 over those six cut-offs), beside the
@@ -37,11 +38,13 @@ from scipy import optimize, special, stats
 from common.config import Config, ConfigError, load_config
 
 CANARIES = 200
+CANARY_KINDS = ("mislabelled", "shuffled")
 SIGNIFICANCE = 0.05
 AUDITED_SITE = 0
 FPR = 0.01
 GUESS_SHARES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)  # the auditor's cut-offs, as shares of the canaries
 GLOBAL, REPLIES = "global student", f"site {AUDITED_SITE}'s replies"
+GLOBAL_STEP, REPLIES_STEP = "global student, gradient alignment", f"site {AUDITED_SITE}'s updates, gradient alignment"
 
 
 def add_parser(commands) -> None:
@@ -55,6 +58,9 @@ def add_parser(commands) -> None:
                     "minutes for the default MNIST on a 2-core CPU, longer for text; task=lm is not audited yet.")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (key=value), e.g. task=digits privacy.epsilon=8")
     parser.add_argument("--canaries", type=int, default=CANARIES, help=f"canary records, half planted (default {CANARIES})")
+    parser.add_argument("--canary", choices=CANARY_KINDS, default=CANARY_KINDS[0],
+                        help="mislabelled: held-out records with a wrong label; shuffled: their features also shuffled "
+                             "(out of distribution, so that their gradients stand out: a stronger audit)")
     parser.set_defaults(handler=run)
 
 
@@ -62,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from fedistill.frontier import output_folder
 
     out = output_folder(args.overrides, "audit")
-    report = audit(args.overrides, canaries=args.canaries, out=out)
+    report = audit(args.overrides, canaries=args.canaries, kind=args.canary, out=out)
     print(table(report))
     print(f"fedistill: the audit in {out} (audit.md, audit.json, audit.png)")
     return 0
@@ -131,8 +137,10 @@ class Canaries:
     planted: np.ndarray     # bool per canary
 
     @staticmethod
-    def draw(task, count: int, seed: int) -> "Canaries":
-        """`count` held-out records, each given a wrong label and planted with probability 1/2."""
+    def draw(task, count: int, seed: int, kind: str = "mislabelled") -> "Canaries":
+        """`count` held-out records, each given a wrong label and planted with probability 1/2;
+        `shuffled`: each record's features also put in a random order (an image's pixels, a text's
+        tokens), so that no honest record's gradient resembles the canary's."""
         import torch
 
         inputs, labels = task.test_data().tensors[:2]
@@ -143,7 +151,12 @@ class Canaries:
         chosen = torch.randperm(len(inputs), generator=generator)[:count]
         shift = torch.randint(1, task.num_classes, (count,), generator=generator)
         planted = np.random.default_rng(seed).random(count) < 0.5
-        return Canaries(inputs[chosen], (labels[chosen] + shift) % task.num_classes, planted)
+        canaries = inputs[chosen]
+        if kind == "shuffled":
+            flat = canaries.reshape(count, -1)
+            order = torch.stack([torch.randperm(flat.shape[1], generator=generator) for _ in range(count)])
+            canaries = flat.gather(1, order).reshape(canaries.shape)
+        return Canaries(canaries, (labels[chosen] + shift) % task.num_classes, planted)
 
     def scores(self, student, reference) -> np.ndarray:
         """Per canary: log p(its wrong label) under `student` minus under `reference`."""
@@ -154,6 +167,23 @@ class Canaries:
             reference.eval()
             logp = (torch.log_softmax(student(self.inputs), 1) - torch.log_softmax(reference(self.inputs), 1))
         return logp.gather(1, self.labels[:, None])[:, 0].double().numpy()
+
+    def alignment(self, before, after, loss) -> np.ndarray:
+        """Per canary: how far the step from `before` to `after` goes down the canary's own
+        gradient of `loss(model, canary index)` at `before` (the site's training loss on it),
+        <before - after, g / |g|>. The white-box view of an update: a planted canary's (clipped)
+        gradient is in it, beside the others' and the noise."""
+        import torch
+
+        params = [p for p in before.parameters() if p.requires_grad]
+        moved = [p for p in after.parameters() if p.requires_grad]
+        step = torch.cat([(b - a).detach().flatten() for b, a in zip(params, moved)])
+        before.eval()
+        scores = []
+        for i in range(len(self.labels)):
+            gradient = torch.cat([g.flatten() for g in torch.autograd.grad(loss(before, i), params)])
+            scores.append(float(step @ gradient / gradient.norm().clamp(min=1e-12)))
+        return np.array(scores)
 
 
 def planted_site(site, canaries: Canaries):
@@ -182,6 +212,13 @@ def observe(config: Config, canaries: Canaries) -> dict:
 
     sites = sites_of(config)
     sites[AUDITED_SITE] = planted_site(sites[AUDITED_SITE], canaries)
+    objective = sites[AUDITED_SITE].objective  # the site's own loss, teacher's targets and all
+    targets = sites[AUDITED_SITE].task.teacher_targets(canaries.inputs, objective.target_kinds)
+
+    def site_loss(model, i: int):
+        one = slice(i, i + 1)
+        return objective(model, canaries.inputs[one], canaries.labels[one], {k: t[one] for k, t in targets.items()})
+
     reference = start_of(config)[0]
     sent, received = copy.deepcopy(reference), copy.deepcopy(reference)
     views: dict[str, np.ndarray] = {}
@@ -193,9 +230,11 @@ def observe(config: Config, canaries: Canaries) -> dict:
             P.load_record(sent, reply[P.ARRAYS])
             P.load_record(received, content[P.ARRAYS])
             views[REPLIES] = views.get(REPLIES, 0) + canaries.scores(sent, received)
+            views[REPLIES_STEP] = views.get(REPLIES_STEP, 0) + canaries.alignment(received, sent, site_loss)
 
     def score_global(task, student) -> dict:
         views[GLOBAL] = canaries.scores(student, reference)
+        views[GLOBAL_STEP] = canaries.alignment(reference, student, site_loss)
         return {}
 
     _, wire = federate(config, sites=sites, on_reply=score_reply, also=score_global)
@@ -203,7 +242,7 @@ def observe(config: Config, canaries: Canaries) -> dict:
     return {"views": views, "epsilon": spent if config.privacy.enabled else math.inf}
 
 
-def audit(overrides: list[str], *, canaries: int, out: Path) -> dict:
+def audit(overrides: list[str], *, canaries: int, out: Path, kind: str = CANARY_KINDS[0]) -> dict:
     """Both runs, every view's figures, the report files."""
     from fedistill.inprocess import task_of
 
@@ -215,8 +254,8 @@ def audit(overrides: list[str], *, canaries: int, out: Path) -> dict:
     if private.task.kind == "lm":
         raise ConfigError("fedistill audit plants mislabelled records, which task=lm has not: audit a classifier task")
     task = task_of(private)
-    planted = Canaries.draw(task, canaries, private.seed)
-    report = {"overrides": overrides, "canaries": canaries, "planted": int(planted.planted.sum()),
+    planted = Canaries.draw(task, canaries, private.seed, kind)
+    report = {"overrides": overrides, "canaries": canaries, "canary": kind, "planted": int(planted.planted.sum()),
               "significance": SIGNIFICANCE, "delta": private.privacy.delta, "runs": {}}
     for label, config in (("DP", private), ("no DP", load_config([*overrides, "privacy=none", f"run_dir={out / 'no-dp'}"]))):
         started = time.perf_counter()

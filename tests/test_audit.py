@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from scipy import special, stats
 
 from common.config import ConfigError, load_config
@@ -76,6 +77,17 @@ def test_every_canary_carries_a_wrong_label(small_config):
         assert wrong != true
 
 
+def test_a_shuffled_canary_is_a_held_out_record_with_its_features_reordered_and_a_wrong_label(small_config):
+    from fedistill.inprocess import task_of
+
+    task = task_of(small_config)
+    plain, shuffled = A.Canaries.draw(task, 60, seed=1), A.Canaries.draw(task, 60, seed=1, kind="shuffled")
+    assert torch.equal(plain.labels, shuffled.labels) and (plain.planted == shuffled.planted).all()
+    for x, y in zip(plain.inputs, shuffled.inputs):
+        assert torch.equal(x.flatten().sort().values, y.flatten().sort().values)  # the same values...
+    assert not torch.equal(plain.inputs, shuffled.inputs)  # ...in another order
+
+
 def test_the_audit_refuses_a_run_without_dp_and_too_many_canaries(small_config, tmp_path):
     with pytest.raises(ConfigError, match="leave privacy=dp"):
         A.audit([*small_config.overrides, "privacy=none"], canaries=20, out=tmp_path / "a")
@@ -91,10 +103,27 @@ def test_the_audit_command_reports_both_runs_beside_the_accountant_and_plots_the
     report = json.loads((out / "audit.json").read_text())
     assert set(report["runs"]) == {"DP", "no DP"}
     dp, no_dp = report["runs"]["DP"], report["runs"]["no DP"]
-    assert set(dp["views"]) == {"global student", "site 0's replies"}
+    assert set(dp["views"]) == {"global student", "site 0's replies", "global student, gradient alignment",
+                                "site 0's updates, gradient alignment"}
     assert 0 < dp["accountant_epsilon"] <= 3.0 and no_dp["accountant_epsilon"] == math.inf
     for view in dp["views"].values():
         assert view["epsilon_lower_bound"] <= dp["accountant_epsilon"]
         assert len(view["planted_scores"]) + len(view["held_back_scores"]) == 40
     assert (out / "audit.png").stat().st_size > 0 and "attack AUC" in (out / "audit.md").read_text()
     assert "| DP | global student |" in capsys.readouterr().out
+
+
+def test_gradient_alignment_scores_the_canary_whose_gradient_the_step_took_and_not_another():
+    from torch import nn
+    from torch.nn import functional as F
+
+    canaries = A.Canaries(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([1, 0]), np.array([True, False]))
+    before = nn.Linear(2, 2, bias=False)
+    nn.init.zeros_(before.weight)
+    (gradient,) = torch.autograd.grad(F.cross_entropy(before(canaries.inputs[:1]), canaries.labels[:1]), before.weight)
+    after = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        after.weight.copy_(-0.1 * gradient)  # one step down canary 0's loss; canary 1's input is orthogonal to it
+    def loss(model, i):
+        return F.cross_entropy(model(canaries.inputs[i:i + 1]), canaries.labels[i:i + 1])
+    assert canaries.alignment(before, after, loss) == pytest.approx([0.1 * float(gradient.norm()), 0.0])
