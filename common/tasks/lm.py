@@ -298,8 +298,9 @@ class LMTask:
             if elapsed - reported > 30:
                 reported = elapsed
                 done = min(first + size, len(inputs))
-                log.info("Teacher: %d/%d records in %.0f s (%.0f tokens/s)", done, len(inputs), elapsed,
-                         done * inputs.shape[1] / elapsed)
+                log.info("Teacher on %s: %d/%d records in %.0f s (%.0f tokens/s, about %.0f s left)", self.device,
+                         done, len(inputs), elapsed, done * inputs.shape[1] / elapsed,
+                         elapsed * (len(inputs) - done) / done)
         return {"values": values, "ids": ids, "next_nll": next_nll}
 
     # --- students, objective, evaluation, export ---
