@@ -222,15 +222,32 @@ def observe(config: Config, canaries: Canaries) -> dict:
     reference = start_of(config)[0]
     sent, received = copy.deepcopy(reference), copy.deepcopy(reference)
     views: dict[str, np.ndarray] = {}
+    # logits exchange: the coordinator rebuilds site 0's student from its rows alone (the server's
+    # own fit, with no teacher mixed in), from the warm-start student
+    alone = dataclasses.replace(config.exchange, teacher_weight=0.0, choose_teacher_weight=False)
+    rows_of_site = sites[AUDITED_SITE].task.public_outputs(alone) if config.exchange.mode == "logits" else None
+
+    def add(view: str, scores: np.ndarray) -> None:  # summed over rounds
+        views[view] = views.get(view, 0) + scores
 
     def score_reply(node: int, content, reply) -> None:
-        # each round's reply against the student the site started that round from, summed over
-        # rounds: what the coordinator sees of the site, every round's step on its records
-        if node == AUDITED_SITE and P.ARRAYS in reply.array_records:
+        # each round's reply against the student the site started that round from: what the
+        # coordinator sees of the site, every round's step on its records
+        if node != AUDITED_SITE or reply[P.CONFIG][P.STATUS] != P.STATUS_OK:
+            return
+        if P.ARRAYS in reply.array_records:
             P.load_record(sent, reply[P.ARRAYS])
             P.load_record(received, content[P.ARRAYS])
-            views[REPLIES] = views.get(REPLIES, 0) + canaries.scores(sent, received)
-            views[REPLIES_STEP] = views.get(REPLIES_STEP, 0) + canaries.alignment(received, sent, site_loss)
+        elif rows_of_site is not None and P.LOGITS in reply.array_records:
+            targets, _ = rows_of_site.combine([{k: v.numpy() for k, v in reply[P.LOGITS].items()}], np.ones(1),
+                                              lambda stack, weights: stack[0])
+            sent.load_state_dict(reference.state_dict())
+            rows_of_site.fit(sent, targets, config.exchange.server, seed=config.seed)
+            received.load_state_dict(reference.state_dict())
+        else:
+            return
+        add(REPLIES, canaries.scores(sent, received))
+        add(REPLIES_STEP, canaries.alignment(received, sent, site_loss))
 
     def score_global(task, student) -> dict:
         views[GLOBAL] = canaries.scores(student, reference)

@@ -127,3 +127,16 @@ def test_gradient_alignment_scores_the_canary_whose_gradient_the_step_took_and_n
     def loss(model, i):
         return F.cross_entropy(model(canaries.inputs[i:i + 1]), canaries.labels[i:i + 1])
     assert canaries.alignment(before, after, loss) == pytest.approx([0.1 * float(gradient.norm()), 0.0])
+
+
+def test_in_the_logits_exchange_the_site_is_audited_through_the_student_its_rows_rebuild(small_config, tmp_path):
+    overrides = [o for o in small_config.overrides if not o.startswith("run_dir=")]
+    report = A.audit([*overrides, "exchange=logits", "rounds=1", f"run_dir={tmp_path}"], canaries=40, out=tmp_path)
+    for label, run_ in report["runs"].items():
+        assert set(run_["views"]) == {"global student", "site 0's replies", "global student, gradient alignment",
+                                      "site 0's updates, gradient alignment"}, label
+        replies = run_["views"]["site 0's replies"]
+        assert len(replies["planted_scores"]) + len(replies["held_back_scores"]) == 40
+        assert any(s != 0 for s in replies["planted_scores"])  # the rebuilt student moved from the warm start
+    assert all(v["epsilon_lower_bound"] <= report["runs"]["DP"]["accountant_epsilon"]
+               for v in report["runs"]["DP"]["views"].values())
