@@ -21,6 +21,7 @@ from common.device import check_device
 from common.task_config import TaskConfig, task_config_type
 
 RUNS_ENV = "FEDISTILL_RUNS_DIR"  # where a ServerApp puts a run's folder when the run sets no run_dir
+METRICS_ENV = "FEDISTILL_METRICS_ADDRESS"  # host:port of `fedistill coordinator --metrics-*`, for a run that sets none
 
 
 # Upper bounds on noise settings: beyond them the accountant's analysis overflows or never

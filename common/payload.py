@@ -48,6 +48,8 @@ REFUSAL_TEACHER = "teacher"          # the server's teacher is not the site's
 REFUSAL_BUDGET = "budget"            # the remaining budget cannot cover the run's rounds
 REFUSAL_LEDGER = "ledger"            # the ledger is unreadable or covers other records
 REFUSAL_SITE_ERROR = "site-error"    # the site failed (its policy, data or code); the error stays in its log
+REFUSAL_APP = "app"                  # the site runs no code of an app it has not pinned (fedistill.app_gate) ...
+APP_NOT_PINNED = "AppNotVetted"      # ... and says so in the error reply that comes instead of the app's
 
 # MetricRecord keys
 TRAIN_LOSS = "train-loss"

@@ -40,5 +40,7 @@ VOLUME ["/var/lib/fedistill"]
 EXPOSE 8000 9400
 
 ENTRYPOINT ["fedistill", "coordinator"]
+# The metrics listen on every interface of the container only: compose and Kubernetes keep
+# that port on their own network (neither publishes it on the host).
 CMD ["--certs", "/etc/fedistill/certs", "--host", "0.0.0.0", "--port", "8000", \
-     "--state", "/var/lib/fedistill", "--metrics-port", "9400"]
+     "--state", "/var/lib/fedistill", "--metrics-host", "0.0.0.0", "--metrics-port", "9400"]

@@ -24,6 +24,19 @@ ALWAYS_STAGED = ("pyproject.toml", ".gitignore")
 STAGED_NAME = "app"
 
 
+def app_folder(path: Path) -> Path:
+    """`path`, checked to be a Flower app's folder (a pyproject.toml with [tool.flwr.app]); ValueError says the fix."""
+    pyproject = path / "pyproject.toml"
+    try:
+        is_app = "app" in tomllib.loads(pyproject.read_text()).get("tool", {}).get("flwr", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        is_app = False
+    if not is_app:
+        raise ValueError(f"{path.resolve()} is not a Flower app's folder (no pyproject.toml with [tool.flwr.app]): run "
+                         "this in the folder of the app release you vetted, or give that folder (--app DIR)")
+    return path
+
+
 def include_patterns(app_dir: Path) -> list[str] | None:
     """`[tool.flwr.app] fab-include` of the app's pyproject.toml, or None where it names none."""
     pyproject = tomllib.loads((app_dir / "pyproject.toml").read_text())

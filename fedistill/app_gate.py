@@ -19,11 +19,13 @@ import sys
 from pathlib import Path
 
 APP_SHA256_ENV = "FEDISTILL_APP_SHA256"  # the pinned digests, separated by spaces
+ACTIVITY_ENV = "FEDISTILL_ACTIVITY_DIR"  # the site's ledger folder, whose activity log counts the refusal
 LAUNCHER = "flwr-clientapp"
 
 
 class AppNotVetted(RuntimeError):
-    """The coordinator sent an app this site has not pinned."""
+    """The coordinator sent an app this site has not pinned (its name is common.payload.APP_NOT_PINNED,
+    which the coordinator reads in the error reply as a refusal with code `app`)."""
 
 
 def install_launcher(folder: Path) -> Path:
@@ -51,8 +53,22 @@ def main() -> None:
     install = runtime.install_from_fab
 
     def install_vetted(fab_file, *args, **kwargs):
-        check(fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes(), pinned)
+        try:
+            check(fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes(), pinned)
+        except AppNotVetted:
+            record_refusal()
+            raise
         return install(fab_file, *args, **kwargs)
 
     runtime.install_from_fab = install_vetted
     flwr_clientapp()
+
+
+def record_refusal() -> None:
+    """Count the refusal in the site's activity log (its metrics), as the app does for the refusals it makes."""
+    from common import payload as P
+    from common.monitoring import record_activity  # reads ledgers: imported only when there is a refusal
+
+    folder = os.environ.get(ACTIVITY_ENV)
+    if folder:
+        record_activity(Path(folder), run="", server_round=0, status=P.STATUS_REFUSED, code=P.REFUSAL_APP)

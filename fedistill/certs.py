@@ -40,6 +40,7 @@ DEFAULT_OUT = Path("certs")
 DEFAULT_HOSTS = ["localhost"]
 DEFAULT_IPS = ["127.0.0.1"]
 DEFAULT_DAYS = 365
+DEFAULT_PORT = 8000  # `fedistill coordinator --port`'s default
 
 SITE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 SITE_NAME_RULE = "letters, digits, '_', '.' and '-' only, not starting with '.' (it becomes a file name)"
@@ -130,6 +131,28 @@ def make_deployment(
         paths, site_keys=site_keys, site_public_keys=site_public_keys,
         server_names=subject_alt_names(server_cert), written=tuple(written), reused_ca=reuse,
     )
+
+
+def renew_server_certificate(out: Path, days: int = DEFAULT_DAYS) -> x509.Certificate:
+    """A new server key and certificate in `out`, for the names the old one had, signed by the same CA
+    (ca.key, brought back from offline for this): no site needs anything new. Returns the certificate."""
+    out = Path(out)
+    paths = _deployment_paths(out)
+    missing = [p for p in (paths.ca_cert, paths.ca_key, paths.server_cert) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]} is missing: renewing the server certificate needs the deployment's "
+                                "ca.crt, its ca.key (bring it back from where it is kept offline) and the old server.crt")
+    if days < 1:
+        raise ValueError(f"days must be at least 1, got {days}: give --days N with N >= 1")
+    ca_cert = load_certificate(paths.ca_cert)
+    ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+    if ca_key.public_key() != ca_cert.public_key():
+        raise ValueError(f"{paths.ca_key} is not the key of {paths.ca_cert}: bring back this deployment's ca.key")
+    names = alternative_names(load_certificate(paths.server_cert))
+    server_key, server_cert = issue_server_certificate(
+        ca_key, ca_cert, names.get_values_for_type(x509.DNSName), names.get_values_for_type(x509.IPAddress), days)
+    _write_pem_pair(paths.server_cert, server_cert, paths.server_key, server_key, overwrite=True)
+    return server_cert
 
 
 def _write_ca_and_server(
@@ -227,7 +250,7 @@ def _existing_deployment_ca(paths: Deployment, site_names: list[str]) -> x509.Ce
         raise FileExistsError(
             f"{paths.ca_cert} already exists: pass --site NAME to add a site with this CA, "
             "--overwrite to re-issue everything, or choose another --out")
-    return _load_certificate(paths.ca_cert)
+    return load_certificate(paths.ca_cert)
 
 
 def _kept_server_certificate(
@@ -237,7 +260,7 @@ def _kept_server_certificate(
     ip_addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address] | None,
 ) -> x509.Certificate:
     """server.crt, checked to come from ca.crt and, where names were asked for, to hold them."""
-    server_cert = _load_certificate(paths.server_cert)
+    server_cert = load_certificate(paths.server_cert)
     try:
         server_cert.verify_directly_issued_by(ca_cert)
     except (InvalidSignature, ValueError, TypeError):
@@ -256,7 +279,7 @@ def _kept_server_certificate(
     return server_cert
 
 
-def _load_certificate(path: Path) -> x509.Certificate:
+def load_certificate(path: Path) -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(path.read_bytes())
     except (ValueError, x509.InvalidVersion) as err:
@@ -346,10 +369,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="an IP address the sites dial the coordinator by; repeatable (default: 127.0.0.1)")
     parser.add_argument("--site", action="append", default=[], metavar="NAME",
                         help=f"a site to make a key pair for; repeatable ({SITE_NAME_RULE})")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, metavar="PORT",
+                        help=f"the coordinator's port, for the commands printed (default: {DEFAULT_PORT}, "
+                             "`fedistill coordinator`'s)")
     parser.add_argument("--days", type=int, default=DEFAULT_DAYS, metavar="N",
                         help=f"validity of the CA and server certificates in days (default: {DEFAULT_DAYS})")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace existing files: a new CA and server certificate, new keys for the named sites")
+    parser.add_argument("--renew-server", action="store_true",
+                        help="only re-issue server.crt and server.key (same names, same CA; needs ca.key) for --days "
+                             "more; sites keep everything they have. Restart the coordinator after it")
     parser.set_defaults(handler=run)
     return parser
 
@@ -358,16 +387,35 @@ def run(args: argparse.Namespace) -> int:
     # --host/--ip are None unless given, so adding a site to an existing deployment does not
     # have to repeat the coordinator's names (make_deployment checks them only when given).
     try:
+        if args.renew_server:
+            if args.site or args.host or args.ip or args.overwrite:
+                raise ValueError("--renew-server keeps the server's names and every site: give it alone (with --out "
+                                 "and --days)")
+            renewed = renew_server_certificate(args.out, args.days)
+            ca_until = load_certificate(args.out / "ca.crt").not_valid_after_utc
+            capped = (f" (capped at the CA's expiry: to go beyond {ca_until:%Y-%m-%d}, make a new CA with --overwrite "
+                      "and give every site the new ca.crt)") if renewed.not_valid_after_utc >= ca_until else ""
+            print(f"Renewed {args.out / 'server.crt'} and server.key, valid until {renewed.not_valid_after_utc:%Y-%m-%d}"
+                  f"{capped}, for {', '.join(subject_alt_names(renewed))}; the sites keep their files.\n"
+                  f"Next: restart the coordinator (`fedistill coordinator --certs {args.out}`): it reads the "
+                  "certificate when it starts. Put ca.key back offline.")
+            return 0
         deployment = make_deployment(args.out, hosts=args.host, ips=args.ip, sites=list(args.site),
                                      days=args.days, overwrite=args.overwrite)
     except (ValueError, OSError) as err:
         print(f"fedistill certs: {err}", file=sys.stderr)
         return 2
-    print(format_summary(deployment))
+    print(format_summary(deployment, args.port))
     return 0
 
 
-def format_summary(deployment: Deployment) -> str:
+def dial_host(server_names: tuple[str, ...]) -> str:
+    """The host a site dials the coordinator by: the server certificate's first name (a DNS name first)."""
+    value = server_names[0].split(":", 1)[1]
+    return f"[{value}]" if ":" in value else value
+
+
+def format_summary(deployment: Deployment, port: int = DEFAULT_PORT) -> str:
     """What was written, and who gets which file."""
     out = deployment.out
     lines = [f"Wrote into {out}/:"]
@@ -382,16 +430,18 @@ def format_summary(deployment: Deployment) -> str:
         lines.append(f"  1. The coordinator keeps the {coordinator_files} it already has.")
     else:
         lines += [
-            f"  1. To the coordinator (SuperLink): {coordinator_files}",
-            "     (flower-superlink --ssl-ca-certfile ca.crt --ssl-certfile server.crt --ssl-keyfile server.key"
-            " --enable-supernode-auth)",
+            f"  1. To the coordinator (SuperLink): {coordinator_files}; start it there with",
+            f"       fedistill coordinator --certs {out}" + ("" if port == DEFAULT_PORT else f" --port {port}"),
         ]
     lines.append("  2. To each site, over a private channel: ca.crt and its own key, nothing else")
     lines += [f"       {name}: {deployment.ca_cert}, {key}" for name, key in deployment.site_keys.items()]
     if not deployment.site_keys:
         lines.append("       (no sites yet: add each later with --site NAME and the same --out)")
-    lines.append("  3. On the coordinator, register each site's public key (it is not secret):")
-    lines += [f"       fedistill register {pub}" for pub in deployment.site_public_keys.values()]
+    lines.append("  3. On the coordinator, in the folder it was started in, register each site's public key "
+                 "(it is not secret):")
+    coordinator = f"{dial_host(deployment.server_names)}:{port}"
+    lines += [f"       fedistill register {pub} --coordinator {coordinator} --ca {deployment.ca_cert}"
+              for pub in deployment.site_public_keys.values()]
     lines.append(f"Keep {deployment.ca_key} offline: it goes to no machine (not the coordinator, not a site); "
                  "whoever has it can impersonate the coordinator. It is needed only to re-issue server.crt.")
     return "\n".join(lines)

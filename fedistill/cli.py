@@ -18,8 +18,8 @@ from omegaconf import OmegaConf
 from common.config import CONF_DIR, Config, ConfigError, load_config
 from common.policy import load_policy
 from common.request import request_of
-from fedistill import audit, certs, deployment, frontier
-from fedistill.app_bundle import staged_app
+from fedistill import audit, certs, deployment, frontier, site_admin
+from fedistill.app_bundle import app_folder, staged_app
 from fedistill.console import INTERRUPTED, ProgressOnly
 from fedistill.processes import console_script, interrupt_on_sigterm, run_streaming
 
@@ -83,6 +83,12 @@ def add_deployment_commands(commands) -> None:
     coordinator.add_argument("--state", type=Path, default=Path("coordinator"),
                              help="the SuperLink's database, logs and the runs' folders (runs/)")
     coordinator.add_argument("--insecure", action="store_true", help="plain text, no node authentication (warns)")
+    coordinator.add_argument("--metrics-host", default=deployment.DEFAULT_METRICS_HOST,
+                             help="address a run serves its Prometheus metrics on (default: %(default)s, this machine "
+                                  "only; 0.0.0.0 for a Prometheus elsewhere)")
+    coordinator.add_argument("--metrics-port", type=int, default=deployment.DEFAULT_METRICS_PORT,
+                             help="port of those metrics (default: %(default)s; 0: none). A run's "
+                                  "federation.metrics_port overrides it")
     coordinator.set_defaults(handler=run_coordinator)
 
     site = commands.add_parser("site", help="start this site's SuperNode and metrics endpoint from its site file")
@@ -90,18 +96,18 @@ def add_deployment_commands(commands) -> None:
     site.add_argument("--state", type=Path, help="the SuperNode's own files (default: a folder next to the ledger)")
     site.set_defaults(handler=run_site)
 
-    register = commands.add_parser("register", parents=[link], help="admit a site's public key on the coordinator")
-    register.add_argument("public_key", type=Path, help="sites/<name>.pub from `fedistill certs`")
-    register.set_defaults(handler=run_register)
+    site_admin.add_parsers(commands, link)
 
     submit = commands.add_parser("submit", parents=[link], help="run the app on a coordinator's registered sites")
     submit.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. task=digits rounds=5 privacy.epsilon=1")
-    submit.add_argument("--app", type=Path, default=APP_DIR, help="the app folder to ship (default: this one)")
+    submit.add_argument("--app", type=Path, default=Path("."),
+                        help="the app folder to ship (default: the current folder)")
     submit.set_defaults(handler=run_submit)
 
     app_hash = commands.add_parser("app-hash", help="the SHA-256 of the app a coordinator ships (for site app_sha256)")
-    app_hash.add_argument("app", type=Path, nargs="?", default=APP_DIR, help="the app folder (default: this one)")
-    app_hash.set_defaults(handler=lambda args: print(deployment.app_hash(args.app)) or 0)
+    app_hash.add_argument("app", type=Path, nargs="?", default=Path("."),
+                          help="the app folder (default: the current folder)")
+    app_hash.set_defaults(handler=lambda args: print(deployment.app_hash(app_folder(args.app))) or 0)
 
     assets = commands.add_parser("assets", help="the teacher and public-set SHA-256 a run announces (for site pins)")
     assets.add_argument("overrides", nargs="*", help="the run's Hydra overrides, e.g. task=digits")
@@ -129,12 +135,10 @@ def run_site_check(args) -> int:
 def run_coordinator(args) -> int:
     if args.insecure:
         print(deployment.INSECURE_WARNING, file=sys.stderr)
+    metrics = (args.metrics_host, args.metrics_port or None)
     with deployment.coordinator(certs=args.certs, host=args.host, port=args.port, state=args.state.resolve(),
-                                insecure=args.insecure) as link:
-        print(f"fedistill: coordinator listening on {args.host}:{args.port} (log {link.log_path}); runs go to "
-              f"{args.state.resolve() / 'runs'}\nnext: register each site's key with `fedistill register "
-              f"sites/<name>.pub --coordinator <host>:{args.port} --ca {args.certs or '<ca.crt>'}`, then "
-              "`fedistill submit task=... --coordinator ...`", flush=True)
+                                insecure=args.insecure, metrics=metrics) as link:
+        print(deployment.coordinator_next_steps(args, link.log_path), flush=True)
         return link.process.wait()
 
 
@@ -153,33 +157,25 @@ def run_site(args) -> int:
         print(f"fedistill: site {policy.name} connecting to {policy.supernode.superlink} (log {node.log_path}); "
               f"metrics on {policy.metrics_host}:{policy.metrics_port}; ledger {policy.ledger_root / policy.name}\n"
               f"check it with `fedistill site-check --config {args.config}`", flush=True)
-        return node.process.wait()
-
-
-def _link(args) -> deployment.Link:
-    if args.insecure:
-        print(deployment.INSECURE_WARNING, file=sys.stderr)
-    return deployment.Link(args.coordinator, args.ca, args.insecure)
-
-
-def run_register(args) -> int:
-    done = deployment.register(args.public_key, _link(args))
-    print(done.stdout + done.stderr, end="")
-    if done.returncode == 0:
-        print(f"fedistill: {args.public_key.name} registered; that site can now start `fedistill site --config ...`")
-    return done.returncode
+        code = node.process.wait()
+    if code != 0:
+        print(f"fedistill site: the SuperNode stopped (exit code {code}): "
+              f"{deployment.supernode_exit_cause(node.log_text())}\nrun `fedistill site-check --config {args.config}`; "
+              f"the whole log is {node.log_path}", file=sys.stderr)
+    return code
 
 
 def run_submit(args) -> int:
     overrides = args.overrides if any(o.startswith("federation=") for o in args.overrides) else \
         ["federation=deployment", *args.overrides]
     load_config(overrides)  # refuse a bad config here, not in the ServerApp
+    app = app_folder(args.app)
     with tempfile.TemporaryDirectory(prefix="fedistill-submit-") as home:
         home = Path(home)
-        _link(args).write_flwr_home(home / "flwr")
+        deployment.link_of(args).write_flwr_home(home / "flwr")
         run_config = write_run_config(home, overrides)
-        with staged_app(args.app) as app:
-            command = [console_script("flwr"), "run", str(app), deployment.CONNECTION, "--stream",
+        with staged_app(app) as staged:
+            command = [console_script("flwr"), "run", str(staged), deployment.CONNECTION, "--stream",
                        "--run-config", str(run_config)]
             code = run_streaming(command, env=deployment.flwr_env(home / "flwr"), log=home / "flower.log",
                                  echo=ProgressOnly())

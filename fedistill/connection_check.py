@@ -31,7 +31,13 @@ def check_certificates_and_coordinator(policy: SitePolicy) -> list[Check]:
         return [transport, Check("certificates", WARN, "not checked: supernode.insecure is true"),
                 check_coordinator(policy, tls=False)]
     ca = check_ca_certificate(policy)
-    return [transport, ca, check_site_key(policy), check_coordinator(policy, tls=ca.status != FAIL)]
+    key = check_site_key(policy)
+    coordinator = check_coordinator(policy, tls=ca.status != FAIL)
+    if key.status == FAIL or coordinator.status == FAIL or ca.status == FAIL:
+        registration = Check("registration", WARN, "not checked: the key, CA certificate or coordinator failed (above)")
+    else:
+        registration = check_registration(policy)
+    return [transport, ca, key, coordinator, registration]
 
 
 def check_transport(policy: SitePolicy) -> Check:
@@ -137,12 +143,28 @@ def check_coordinator(policy: SitePolicy, *, tls: bool) -> Check:
         return Check("coordinator", FAIL, f"{address} does not answer ({message(err)})", unreachable_fix)
     with connection:
         if policy.supernode.insecure:
-            return Check("coordinator", OK, f"{address} answers (plain text)")
+            return check_plain_text(connection, host, address)
         if not tls:
             return Check("coordinator", WARN, f"{address} answers; TLS not checked (the CA certificate above failed)",
                          "fix the CA certificate, then run site-check again")
         ca = Path(str(policy.supernode.root_certificates)).expanduser()
         return check_tls(connection, host, address, ca, unreachable_fix)
+
+
+def check_plain_text(connection: socket.socket, host: str, address: str) -> Check:
+    """A site file that says insecure against a coordinator that serves TLS: its SuperNode would retry
+    forever and the coordinator would log nothing, so a TLS handshake is tried (verifying nothing)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        with context.wrap_socket(connection, server_hostname=host):
+            pass
+    except (ssl.SSLError, OSError):
+        return Check("coordinator", OK, f"{address} answers (plain text)")
+    return Check("coordinator", FAIL, f"{address} serves TLS, but the site file says supernode.insecure: true: the "
+                                      "site would retry forever and the coordinator would log nothing",
+                 "set supernode.insecure: false, with root_certificates (ca.crt) and private_key (the site's key) "
+                 "from the coordinator's `fedistill certs`")
 
 
 def check_tls(connection: socket.socket, host: str, address: str, ca: Path, unreachable_fix: str) -> Check:
@@ -151,6 +173,8 @@ def check_tls(connection: socket.socket, host: str, address: str, ca: Path, unre
     try:
         with context.wrap_socket(connection, server_hostname=host) as tls:
             version = tls.version()
+            expires = datetime.datetime.fromtimestamp(ssl.cert_time_to_seconds(tls.getpeercert()["notAfter"]),
+                                                      datetime.timezone.utc)
     except ssl.SSLCertVerificationError as err:
         return Check("coordinator", FAIL, f"{address} answers, but its certificate does not verify against {ca}: "
                                           f"{err.verify_message}",
@@ -159,7 +183,52 @@ def check_tls(connection: socket.socket, host: str, address: str, ca: Path, unre
     except (ssl.SSLError, OSError) as err:
         return Check("coordinator", FAIL, f"{address} answers, but the TLS handshake fails ({message(err)})",
                      f"{unreachable_fix}; the port must be the SuperLink's, served with TLS")
-    return Check("coordinator", OK, f"{address} answers, {version} verified against {ca}")
+    verified = f"{address} answers, {version} verified against {ca}; its certificate is valid until {expires:%Y-%m-%d}"
+    if expires - datetime.datetime.now(datetime.timezone.utc) < EXPIRY_WARNING:
+        return Check("coordinator", WARN, f"{verified}: it expires within {EXPIRY_WARNING.days} days",
+                     "ask the coordinator to renew it (`fedistill certs --renew-server` there) before then")
+    return Check("coordinator", OK, verified)
+
+
+def check_registration(policy: SitePolicy) -> Check:
+    """Join with the site's key, as its SuperNode will, and leave at once: whether the coordinator has
+    the key registered. A key that is registered and online already (the site runs) is left as it is."""
+    from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL
+    from flwr.proto.fleet_pb2 import ActivateNodeRequest, DeactivateNodeRequest  # pylint: disable=E0611
+    from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+    from flwr.supercore.error import FlowerError
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+    import httpx
+
+    link = policy.supernode
+    key = load_ssh_private_key(Path(str(link.private_key)).expanduser().read_bytes(), password=None)
+    ca = str(Path(str(link.root_certificates)).expanduser())
+    request = ActivateNodeRequest(public_key=public_key_to_bytes(key.public_key()),
+                                  heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL)
+    try:
+        with FleetHttpClient.from_server_address(link.superlink, False, ca, [
+                NodeAuthHttpInterceptor(key, key.public_key())]) as client:
+            node_id = client.ActivateNode(request).node_id
+            client.DeactivateNode(DeactivateNodeRequest(node=Node(node_id=node_id)))
+    except httpx.HTTPStatusError as err:
+        error = FlowerError.from_json(err.response.text)
+        said = error.message if error else err.response.text[:200]
+        if "No SuperNode found" in said:
+            return Check("registration", FAIL, "the coordinator has not registered this site's key: the site "
+                                               "would be refused (Flower code 2004)",
+                         "send the site's .pub file to the coordinator, who runs `fedistill register "
+                         "sites/<this site>.pub ...`; then run site-check again")
+        if "could not be activated" in said:
+            return Check("registration", OK, "the key is registered, and a SuperNode with it is online now "
+                                             "(this site's `fedistill site` runs)")
+        return Check("registration", FAIL, f"the coordinator refused the site's key: {said}",
+                     "ask the coordinator to register the site's key again (`fedistill register`)")
+    except httpx.HTTPError as err:
+        return Check("registration", FAIL, f"joining failed: {message(err)}",
+                     "check supernode.superlink and that the coordinator runs `fedistill coordinator`")
+    return Check("registration", OK, f"the key is registered as node {node_id} (joined and left again)")
 
 
 # -- pins and metrics -----------------------------------------------------------------

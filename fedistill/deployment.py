@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -18,13 +19,17 @@ from pathlib import Path
 import tomli_w
 from prometheus_client import CollectorRegistry, start_http_server
 
-from common.config import RUNS_ENV
+from common.config import CONF_DIR, METRICS_ENV, RUNS_ENV
 from common.policy import POLICY_NODE_KEY, SitePolicy
+from common.site_registry import SITES_ENV, SITES_FILE
 from fedistill import app_gate
-from fedistill.app_bundle import staged_app
+from fedistill.app_bundle import app_folder, staged_app
+from fedistill.certs import dial_host, load_certificate
+from fedistill.pki import subject_alt_names
 from fedistill.processes import Child, console_script, free_port
 
 CONNECTION = "fedistill"
+DEFAULT_METRICS_HOST, DEFAULT_METRICS_PORT = "127.0.0.1", 9400  # a run's metrics name sites: loopback unless told
 INSECURE_WARNING = ("WARNING: insecure mode: plain text and no node authentication; anyone who reaches the port can "
                     "read the traffic and join as a site. Use it on 127.0.0.1 for trials only")
 
@@ -51,6 +56,21 @@ class Link:
         (flwr_home / "config.toml").write_bytes(tomli_w.dumps(config).encode())
 
 
+def link_of(args) -> Link:
+    """The Link of a command's --coordinator, --ca and --insecure; --ca may name the folder holding ca.crt."""
+    if args.insecure:
+        print(INSECURE_WARNING, file=sys.stderr)
+    ca = args.ca
+    if ca is not None and ca.is_dir():
+        if not (ca / "ca.crt").is_file():
+            raise ValueError(f"--ca {ca} is a folder without ca.crt: give the deployment's CA certificate, "
+                             "--ca <the folder of `fedistill certs`>/ca.crt")
+        ca = ca / "ca.crt"
+    if ca is not None and not ca.is_file():
+        raise ValueError(f"--ca {ca} does not exist: give the deployment's CA certificate (ca.crt from `fedistill certs`)")
+    return Link(args.coordinator, ca, args.insecure)
+
+
 def flwr_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {**os.environ, **(extra or {}), "FLWR_HOME": str(flwr_home)}
     # Flower's own processes (flower-superexec, flwr-serverapp, flwr-clientapp) come from this environment
@@ -74,12 +94,55 @@ def superlink_command(*, certs: Path | None, host: str, port: int, state: Path, 
                       "--ssl-keyfile", str(files["server.key"]), "--enable-supernode-auth"]
 
 
-def coordinator(*, certs: Path | None, host: str, port: int, state: Path, insecure: bool) -> Child:
-    """The coordinator's SuperLink as a child process; runs' folders go under `state`/runs."""
+def coordinator(*, certs: Path | None, host: str, port: int, state: Path, insecure: bool,
+                metrics: tuple[str, int | None] = (DEFAULT_METRICS_HOST, None)) -> Child:
+    """The coordinator's SuperLink as a child process; runs' folders go under `state`/runs, its
+    register of sites is `state`/sites.json, and a run serves its metrics on `metrics` (host, port)."""
     state.mkdir(parents=True, exist_ok=True)
     command = superlink_command(certs=certs, host=host, port=port, state=state, insecure=insecure)
-    env = flwr_env(state / "flwr", {RUNS_ENV: str(state / "runs")})
+    extra = {RUNS_ENV: str(state / "runs"), SITES_ENV: str(state / SITES_FILE)}
+    metrics_host, metrics_port = metrics
+    if metrics_port is not None:
+        refuse_taken(metrics_host, metrics_port)
+        extra[METRICS_ENV] = f"{metrics_host}:{metrics_port}"
+    env = flwr_env(state / "flwr", extra)
     return Child(command, env=env, log=state / "superlink.log", port=port, flwr_home=state / "flwr")
+
+
+def coordinator_next_steps(args, log_path: Path) -> str:
+    """What `fedistill coordinator` prints once it listens: where things go, and the exact commands that
+    register each site key found next to its certificates, show the sites and submit a run."""
+    state = args.state.resolve()
+    metrics = f"{args.metrics_host}:{args.metrics_port}" if args.metrics_port else "none"
+    lines = [f"fedistill: coordinator listening on {args.host}:{args.port} (log {log_path}); runs go to "
+             f"{state / 'runs'}; a run's metrics on {metrics}", "next, in this folder:"]
+    if args.insecure:
+        host, link = ("127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host), "--insecure"
+    else:
+        host = args.host if args.host not in ("0.0.0.0", "::") else \
+            dial_host(subject_alt_names(load_certificate(args.certs / "server.crt")))
+        link = f"--ca {args.certs / 'ca.crt'}"
+    link = f"--coordinator {host}:{args.port} {link}" + ("" if args.state == Path("coordinator") else f" --state {args.state}")
+    keys = sorted((args.certs / "sites").glob("*.pub")) if args.certs else []
+    lines += [f"  fedistill register {key} {link}" for key in keys] or \
+        [f"  fedistill register <a site's key, sites/NAME.pub from `fedistill certs`> {link}"]
+    try:
+        app = app_folder(Path.cwd()) and ""
+    except ValueError:
+        app = f" --app {CONF_DIR.parent}"  # the app this fedistill was installed from
+    lines += [f"  fedistill status {link}", f"  fedistill submit task=digits {link}{app}"]
+    return "\n".join(lines)
+
+
+def refuse_taken(host: str, port: int) -> None:
+    """Refuse a metrics address another process holds now, rather than find out in the first run."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise ValueError(f"--metrics-host {host} --metrics-port {port}: cannot listen there ({err.strerror}): "
+                             "another process holds the port, or the address is not this machine's. Choose a free "
+                             "--metrics-port, or --metrics-port 0 for none") from None
 
 
 def supernode_command(policy: SitePolicy, policy_file: Path, runtime_port: int) -> list[str]:
@@ -104,9 +167,19 @@ def site(policy: SitePolicy, policy_file: Path, state: Path) -> Child:
     env = flwr_env(state / "flwr")
     if policy.app_sha256:
         gate = app_gate.install_launcher(state / "bin").parent
-        env |= {app_gate.APP_SHA256_ENV: " ".join(policy.app_sha256), "PATH": f"{gate}{os.pathsep}{env['PATH']}"}
+        env |= {app_gate.APP_SHA256_ENV: " ".join(policy.app_sha256), "PATH": f"{gate}{os.pathsep}{env['PATH']}",
+                app_gate.ACTIVITY_ENV: str(policy.ledger_root / policy.name)}
     command = supernode_command(policy, policy_file, free_port())
     return Child(command, env=env, log=state / "supernode.log", flwr_home=state / "flwr")
+
+
+def supernode_exit_cause(log: str) -> str:
+    """Why a SuperNode stopped, from its log, in the site's terms."""
+    if "[code: 2004]" in log and "No SuperNode found" in log:
+        return ("the coordinator does not know this site's key (Flower code 2004): send the site's .pub file to the "
+                "coordinator, who runs `fedistill register`")
+    failures = [line.strip() for line in log.splitlines() if "ERROR" in line or "Failed" in line or "code:" in line]
+    return failures[-1] if failures else "its log says no more"
 
 
 def refuse_unpinned(policy: SitePolicy, policy_file: Path) -> None:
@@ -134,14 +207,6 @@ def serve_site_metrics(policy: SitePolicy) -> None:
     except OSError as err:
         raise ValueError(f"metrics {policy.metrics_host}:{policy.metrics_port}: cannot listen ({err}); choose a free "
                          "port (metrics_port) or address (metrics_host) in the site file, or metrics_port: null") from None
-
-
-def register(public_key: Path, link: Link) -> subprocess.CompletedProcess:
-    """`flwr supernode register` a site's public key on the coordinator."""
-    with tempfile.TemporaryDirectory(prefix="fedistill-flwr-") as home:
-        link.write_flwr_home(Path(home))
-        return subprocess.run([console_script("flwr"), "supernode", "register", str(public_key), CONNECTION],
-                              env=flwr_env(Path(home)), capture_output=True, text=True)
 
 
 def app_hash(app_dir: Path) -> str:

@@ -27,8 +27,9 @@ def command_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(APP_DIR)}
 
 
-def fedistill(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*FEDISTILL, *args], env=command_env(), capture_output=True, text=True, timeout=timeout)
+def fedistill(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*FEDISTILL, *args], env=command_env(), capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd)
 
 
 class LoopbackDeployment:
@@ -46,12 +47,13 @@ class LoopbackDeployment:
         self.certs = root / "certs"
         self.ca = self.certs / "ca.crt"
         self.policies = sites
+        self.link = ["--coordinator", self.address, "--ca", str(self.ca), "--state", str(root / "coordinator")]
         self.site_files: dict[str, Path] = {}
         self.metrics_ports: dict[str, int] = {}
         self.sites: dict[str, Child] = {}  # each site's `fedistill site` process
         self.coordinator = Child(
             [*FEDISTILL, "coordinator", "--certs", str(self.certs), "--host", "127.0.0.1",
-             "--port", str(self.port), "--state", str(root / "coordinator")],
+             "--port", str(self.port), "--state", str(root / "coordinator"), "--metrics-port", str(free_port())],
             env=command_env(), log=root / "coordinator.out", port=self.port, flwr_home=root / "coordinator" / "flwr")
         self._stack = contextlib.ExitStack()
 
@@ -60,18 +62,33 @@ class LoopbackDeployment:
             make_deployment(self.certs, sites=list(self.policies), overwrite=True)
             stack.enter_context(self.coordinator)
             for name, policy in self.policies.items():
-                done = fedistill("register", str(self.certs / "sites" / f"{name}.pub"), "--coordinator", self.address,
-                                 "--ca", str(self.ca))
-                if done.returncode != 0:
-                    raise RuntimeError(f"registering {name} failed: {done.stdout}{done.stderr}")
-                self.site_files[name] = self._write_site(name, policy)
-                state = self.root / name / "node"
-                self.sites[name] = stack.enter_context(Child(
-                    [*FEDISTILL, "site", "--config", str(self.site_files[name]), "--state", str(state)],
-                    env=command_env(), log=self.root / name / "site.out", port=self.metrics_ports[name],
-                    flwr_home=state / "flwr", start_timeout=SITE_START_TIMEOUT_S))
+                self.add_site(name, policy, stack=stack)
             self._stack = stack.pop_all()
         return self
+
+    def add_site(self, name: str, policy: dict, *, registered: bool = False,
+                 stack: contextlib.ExitStack | None = None) -> Child:
+        """Register site `name` (unless `registered`) and start its `fedistill site` with `policy`; it is
+        stopped with the deployment."""
+        if not registered:
+            done = fedistill("register", str(self.certs / "sites" / f"{name}.pub"), *self.link)
+            if done.returncode != 0:
+                raise RuntimeError(f"registering {name} failed: {done.stdout}{done.stderr}")
+        self.policies[name] = policy
+        self.site_files[name] = self._write_site(name, policy)
+        state = self.root / name / "node"
+        self.sites[name] = (stack or self._stack).enter_context(Child(
+            [*FEDISTILL, "site", "--config", str(self.site_files[name]), "--state", str(state)],
+            env=command_env(), log=self.root / name / "site.out", port=self.metrics_ports[name],
+            flwr_home=state / "flwr", start_timeout=SITE_START_TIMEOUT_S))
+        return self.sites[name]
+
+    def restart_site(self, name: str, **changes) -> None:
+        """Stop site `name`, change its site file (e.g. app_sha256=[old, new]) and start it again."""
+        self.sites[name].stop()
+        self.policies[name] = {**self.policies[name], **changes}
+        self.site_files[name] = self._write_site(name, self.policies[name])
+        self.sites[name].__enter__()
 
     def __exit__(self, *exc) -> None:
         self._stack.close()
@@ -86,7 +103,7 @@ class LoopbackDeployment:
         self.coordinator.__enter__()
 
     def _write_site(self, name: str, policy: dict) -> Path:
-        self.metrics_ports[name] = free_port()
+        self.metrics_ports.setdefault(name, free_port())
         values = {"name": name, "ledger_dir": str(self.root / "ledgers"), "metrics_port": self.metrics_ports[name],
                   **policy,
                   "supernode": {"superlink": self.address, "root_certificates": str(self.ca),
@@ -101,7 +118,7 @@ class LoopbackDeployment:
                          timeout=timeout)
 
     def submit_command(self, *overrides: str) -> list[str]:
-        return [*FEDISTILL, "submit", *overrides, "--coordinator", self.address, "--ca", str(self.ca)]
+        return [*FEDISTILL, "submit", *overrides, "--coordinator", self.address, "--ca", str(self.ca), "--app", str(APP_DIR)]
 
     def runs(self) -> list[Path]:
         return sorted((self.root / "coordinator" / "runs").glob("*"))

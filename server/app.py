@@ -15,7 +15,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from common import payload as P
-from common.config import RUNS_ENV, Config, ConfigError, load_config
+from common.config import METRICS_ENV, RUNS_ENV, Config, ConfigError, load_config
 from common.models.inference import describe, quantize_int8
 from common.public_distill import initial_student
 from common.tasks import build_task
@@ -44,6 +44,14 @@ def main(grid: Grid, context: Context) -> None:
         saved.check_rounds_left(config.rounds)
     run(grid, dataclasses.replace(config, run_dir=str(run_directory(config, context.run_id))),
         overrides=overrides, run_id=context.run_id, saved=saved)
+
+
+def metrics_address(config: Config) -> tuple[int | None, str]:
+    """(port, host) of the run's metrics: the run's federation.metrics_port, else the coordinator's."""
+    if config.federation.metrics_port is not None or not os.environ.get(METRICS_ENV):
+        return config.federation.metrics_port, config.federation.metrics_host
+    host, _, port = os.environ[METRICS_ENV].rpartition(":")
+    return int(port), host
 
 
 def run_directory(config: Config, run_id: int) -> Path:
@@ -86,7 +94,7 @@ def run(grid: Grid, config: Config, *, overrides: list[str], run_id: int, saved:
         resume.save(run_dir.path, done, overrides=overrides, engine=engine, progress=progress)
     strategy = DistillStrategy(engine=engine, wait_s=config.federation.round_timeout, rounds_done=done)
     metrics = ServerMetrics(tuple(m.name for m in evaluator.metrics))
-    metrics.serve(config.federation.metrics_port, config.federation.metrics_host)
+    metrics.serve(*metrics_address(config))
 
     def evaluate(flower_round: int, arrays: ArrayRecord) -> MetricRecord:
         eval_start = time.perf_counter()
@@ -130,7 +138,7 @@ def run(grid: Grid, config: Config, *, overrides: list[str], run_id: int, saved:
     summary = {
         "task": config.task.name,
         "exchange": config.exchange.mode,
-        "sites": config.sites,
+        "sites": len(engine.nodes_seen),  # connected at some round (a deployment's, not `sites=`)
         "rounds_planned": config.rounds,
         "flower_runs": progress.runs,  # more than one: the run was resumed
         "rounds_completed": sum(not r["round_failed"] for r in rounds),

@@ -35,15 +35,15 @@ class ServerMetrics:
         self.epsilon = Gauge("fedistill_server_site_epsilon", "Epsilon each site reports spent", ["site"], registry=r)
         self.quality_metrics = quality_metrics
 
-    def serve(self, port: int | None, host: str = "0.0.0.0") -> None:
-        """Expose the metrics on `port`; a port that cannot be bound is reported, never fatal to the run."""
+    def serve(self, port: int | None, host: str = "127.0.0.1") -> None:
+        """Expose the metrics on `host`:`port`; a port that cannot be bound is reported, never fatal to the run."""
         if port is None:
             return
         try:
             start_http_server(port, addr=host, registry=self.registry)
         except OSError as err:
-            log(WARNING, f"monitoring.server_port={port}: cannot serve metrics ({err}); the run goes on without "
-                         "them. Choose a free port, or monitoring.server_port=null")
+            log(WARNING, f"metrics on {host}:{port}: cannot listen ({err}); the run goes on without them. Choose a "
+                         "free port (federation.metrics_port, or `fedistill coordinator --metrics-port`), or none")
 
     def observe_round(self, record: dict) -> None:
         """Count one finished round from its metrics.jsonl record (server.report.round_record)."""

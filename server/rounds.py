@@ -27,6 +27,7 @@ from torch import nn
 from common import payload as P
 from common.config import Config
 from common.request import encode, request_of
+from common.site_registry import SiteRegistry
 from common.tasks import Task
 from server.exchange import Exchange, build_exchange
 
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 TRAINED, REFUSED, FAILED, INVALID = "trained", "refused", "failed", "invalid"
 NO_REPLY = "no reply before the round's timeout (federation.round_timeout)"
+APP_REFUSED = "the site runs only apps it pinned (app_sha256), and this app is not one of them"
 
 
 @dataclass
@@ -101,12 +103,13 @@ class RoundEngine:
 
     `allowed_items` is everything a site's reply may hold (common.payload's release lists). A round
     is combined only from at least `min_replies` valid replies; after `max_failed_rounds` failed
-    rounds in a row (0: never) no more rounds are run.
+    rounds in a row (0: never) no more rounds are run. With a `registry`, a site is named by the
+    name the coordinator registered its node under, whatever its reply says.
     """
 
     def __init__(self, *, exchange: Exchange, global_student: nn.Module, plan: ParticipationPlan,
                  allowed_items: set[str], assets: dict[str, int | str], request: str,
-                 min_replies: int = 1, max_failed_rounds: int = 0):
+                 min_replies: int = 1, max_failed_rounds: int = 0, registry: SiteRegistry | None = None):
         self.min_replies, self.max_failed_rounds = min_replies, max_failed_rounds
         self.exchange = exchange
         self.global_student = global_student
@@ -114,7 +117,9 @@ class RoundEngine:
         self.allowed_items = allowed_items
         self.assets = assets  # the teacher and public set every site must hold (common.payload.asset_manifest)
         self.request = request  # the run request every site gets (common.request.encode)
+        self.registry = registry
         self.rounds: dict[int, RoundOutcome] = {}
+        self.nodes_seen: set[int] = set()  # every node connected at some round: the sites of this run
 
     @classmethod
     def for_run(cls, config: Config, task: Task, global_student: nn.Module) -> RoundEngine:
@@ -131,6 +136,7 @@ class RoundEngine:
             request=encode(request_of(config)),
             min_replies=config.federation.min_replies,
             max_failed_rounds=config.federation.max_failed_rounds,
+            registry=SiteRegistry.from_environment(),
         )
 
     def configure(self, server_round: int, connected: list[int]) -> dict[int, RecordDict]:
@@ -139,6 +145,7 @@ class RoundEngine:
             self.rounds[server_round] = RoundOutcome(ran=False, failed=f"not run: the {self.max_failed_rounds} rounds "
                                                                             "before it failed (federation.max_failed_rounds)")
             return {}
+        self.nodes_seen.update(connected)
         sampled = self.plan.sample(server_round, connected)
         content = round_request(self.exchange, self.global_student, server_round, self.assets, self.request)
         self.rounds[server_round] = RoundOutcome(sampled=len(sampled), nodes=sorted(sampled),
@@ -165,9 +172,11 @@ class RoundEngine:
         replied = {node_id for node_id, _ in replies}
         replies = [*replies, *((node, NO_REPLY) for node in outcome.nodes if node not in replied)]
         accepted, nodes = [], []
+        names = self.registry.names() if self.registry else {}
         for node_id, reply in replies:
-            site = (SiteOutcome(f"node-{node_id}", node_id, FAILED, reason=first_line(reply)) if isinstance(reply, str)
+            site = (error_outcome(reply, node_id) if isinstance(reply, str)
                     else read_content(reply, node_id, self.exchange, self.allowed_items))
+            site.site = names.get(node_id, site.site)
             outcome.sites.append(site)
             if site.status == TRAINED:
                 outcome.bytes_up += self.exchange.reply_bytes(reply)
@@ -196,6 +205,13 @@ class RoundEngine:
             outcome.aggregation_seconds = time.perf_counter() - combine_start
         outcome.seconds = time.perf_counter() - outcome.started
         return len(accepted)
+
+
+def error_outcome(error: str, node_id: int) -> SiteOutcome:
+    """A node whose app sent an error: a site that refused to run an app it had not pinned, or a failure."""
+    if P.APP_NOT_PINNED in error:
+        return SiteOutcome(f"node-{node_id}", node_id, REFUSED, reason=APP_REFUSED, code=P.REFUSAL_APP)
+    return SiteOutcome(f"node-{node_id}", node_id, FAILED, reason=first_line(error))
 
 
 def first_line(error: str, limit: int = 200) -> str:

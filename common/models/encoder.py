@@ -12,7 +12,7 @@ and DP noise are spent on the layers that learn. Saved and loaded in Hugging Fac
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
 import torch
@@ -83,8 +83,8 @@ class StudentEncoder(nn.Module, PyTorchModelHubMixin):
 
     def __init__(self, config: EncoderConfig | dict):
         super().__init__()
-        if isinstance(config, dict):  # from_pretrained passes config.json's contents
-            config = EncoderConfig(**config)
+        if isinstance(config, dict):  # from_pretrained passes config.json's contents (with Hugging Face's keys)
+            config = EncoderConfig(**{f.name: config[f.name] for f in fields(EncoderConfig) if f.name in config})
         if config.arch not in ARCHS:
             raise ValueError(f"student.arch must be one of {', '.join(ARCHS)}, got {config.arch!r}")
         self.config = config

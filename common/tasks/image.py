@@ -203,9 +203,13 @@ class ImageTask:
         return ClassifierEvaluator(self)
 
     def export(self, student: nn.Module, folder: Path) -> None:
+        from common.models.hf_export import export_mlp_student  # transformers, only when a run ends
+
+        described = {"task": self.name, "input_shape": list(self.input_shape), "num_classes": self.num_classes,
+                     "hidden": student_hidden(student)}
         save_model(folder / "student.safetensors", student)
-        write_json(folder / "student.json", {"task": self.name, "input_shape": list(self.input_shape),
-                                             "num_classes": self.num_classes, "hidden": student_hidden(student)})
+        write_json(folder / "student.json", described)
+        export_mlp_student(folder / "student", student, described)
 
     def teacher(self) -> nn.Module:
         if self._teacher is None:

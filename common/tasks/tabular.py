@@ -215,10 +215,13 @@ class TabularTask:
         return ClassifierEvaluator(self)
 
     def export(self, student: nn.Module, folder: Path) -> None:
+        from common.models.hf_export import export_mlp_student  # transformers, only when a run ends
+
+        described = {"task": self.name, "num_features": self.encoding.width, "num_classes": self.num_classes,
+                     "hidden": student_hidden(student), "encoding": asdict(self.encoding)}
         save_model(folder / "student.safetensors", student)
-        write_json(folder / "student.json", {"task": self.name, "num_features": self.encoding.width,
-                                             "num_classes": self.num_classes, "hidden": student_hidden(student),
-                                             "encoding": asdict(self.encoding)})
+        write_json(folder / "student.json", described)
+        export_mlp_student(folder / "student", student, described | {"input_shape": [self.encoding.width]})
 
     def teacher(self) -> nn.Module:
         if self._teacher is None:

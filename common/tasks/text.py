@@ -402,7 +402,11 @@ class TextTask:
         return ClassifierEvaluator(self)
 
     def export(self, student: nn.Module, folder: Path) -> None:
-        """Hugging Face format: config.json + model.safetensors + the teacher's tokenizer."""
+        """Hugging Face format: config.json + model.safetensors + the teacher's tokenizer, and the model's code
+        (common.models.hf_export), so that transformers alone loads it."""
+        from common.models.hf_export import export_text_student  # transformers, only when a run ends
+
         target = folder / "student"
         student.save_pretrained(target)
         self.tokenizer.save_pretrained(target)
+        export_text_student(target, self.label_names)

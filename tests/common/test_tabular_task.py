@@ -13,6 +13,7 @@ import torch
 from common.config import ConfigError, load_config
 from common.tasks import build_task
 from common.tasks.table_encoding import Encoding, TableConfig
+from tests.hf_loading import predict_without_fedistill
 
 
 def table(rows: int = 600, seed: int = 0) -> pd.DataFrame:
@@ -127,6 +128,19 @@ def test_the_export_holds_the_student_and_the_encoding(survey, tmp_path, cache_d
     assert saved["encoding"]["categorical"]["region"] == ["east", "north", "south", "west"]
     assert saved["encoding"]["classes"] == ["high", "low", "mid"] and saved["num_features"] == task.encoding.width
     assert (tmp_path / "student.safetensors").exists()
+
+
+def test_the_exported_student_loads_with_transformers_alone(survey, tmp_path, cache_dir):
+    config = load_config(overrides(survey, tmp_path, cache_dir))
+    task = build_task(config)
+    student = task.student(config.student).eval()
+    task.export(student, tmp_path)
+    rows = task.test_data().tensors[0][:3]
+    answer = predict_without_fedistill(tmp_path / "student", "AutoModel", inputs=rows.tolist())
+    with torch.no_grad():
+        assert torch.allclose(torch.tensor(answer["logits"]), student(rows), atol=1e-5)
+    saved = json.loads((tmp_path / "student" / "config.json").read_text())
+    assert saved["encoding"]["classes"] == ["high", "low", "mid"]  # how to encode a row, for its users
 
 
 def test_parquet_tables_are_read_like_csv_ones(survey, tmp_path, cache_dir):

@@ -13,6 +13,7 @@ from common.models.encoder import StudentEncoder
 from common.models.inference import quantize_int8
 from common.tasks import build_task
 from common.tasks.text_files import DataFileError
+from tests.hf_loading import predict_without_fedistill
 
 
 @pytest.fixture
@@ -188,3 +189,22 @@ def test_frozen_embeddings_never_travel_and_records_must_fit(text_overrides):
     full["token_embedding.weight"] = Array(sender.token_embedding.weight.detach().numpy())
     with pytest.raises(RuntimeError, match="unexpected"):
         P.load_record(receiver, full)
+
+
+
+def test_the_exported_student_loads_with_transformers_alone(text_overrides, tmp_path):
+    from transformers import AutoTokenizer
+
+    config = load_config(text_overrides)
+    task = build_task(config)
+    student = task.student(config.student).eval()
+    task.export(student, tmp_path)
+    texts = ["the coach says the striker scored a goal", "shares fell as the bank cut its forecast"]
+    answer = predict_without_fedistill(tmp_path / "student", "AutoModelForSequenceClassification", texts=texts,
+                                       max_length=16)
+    ids = AutoTokenizer.from_pretrained(tmp_path / "student")(texts, padding="max_length", max_length=16,
+                                                               truncation=True, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = student(ids)
+    assert torch.allclose(torch.tensor(answer["logits"]), expected, atol=1e-5)
+    assert answer["labels"] == [task.label_names[i] for i in expected.argmax(-1).tolist()]

@@ -24,6 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from fedistill import certs
 from fedistill.certs import make_deployment
+from fedistill.pki import subject_alt_names
 
 HOSTS = ["coordinator.example.org", "localhost"]
 IPS = ["127.0.0.1", "10.1.2.3", "::1"]
@@ -227,10 +228,44 @@ def test_command_writes_and_says_who_gets_what(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "DNS:localhost, IP:127.0.0.1" in printed  # the defaults
     assert f"site-a: {out / 'ca.crt'}, {out / 'sites' / 'site-a.key'}" in printed
-    assert f"fedistill register {out / 'sites' / 'site-b.pub'}" in printed
+    assert (f"fedistill register {out / 'sites' / 'site-b.pub'} --coordinator localhost:8000 --ca {out / 'ca.crt'}"
+            in printed)  # a command that works as shown against `fedistill coordinator --certs OUT`
+    assert f"fedistill coordinator --certs {out}" in printed
     assert f"Keep {out / 'ca.key'} offline" in printed
     coordinator_line = next(line for line in printed.splitlines() if "To the coordinator" in line)
     assert "server.key" in coordinator_line and "ca.key" not in coordinator_line
+
+
+def test_renewing_the_server_certificate_keeps_its_names_its_ca_and_every_site_file(tmp_path, capsys):
+    out = tmp_path / "certs"
+    make_deployment(out, hosts=["coordinator.example.org"], ips=["10.0.0.5"], sites=["site-a"], days=20)
+    kept = {p: p.read_bytes() for p in (out / "ca.crt", out / "sites" / "site-a.key", out / "sites" / "site-a.pub")}
+    old = x509.load_pem_x509_certificate((out / "server.crt").read_bytes())
+    args = parse(["certs", "--out", str(out), "--renew-server", "--days", "400"])
+    assert args.handler(args) == 0
+    printed = capsys.readouterr().out
+    assert "restart the coordinator" in printed
+    new = x509.load_pem_x509_certificate((out / "server.crt").read_bytes())
+    ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+    new.verify_directly_issued_by(ca)
+    assert subject_alt_names(new) == subject_alt_names(old) == ("DNS:coordinator.example.org", "IP:10.0.0.5")
+    assert new.public_key() != old.public_key()
+    assert new.not_valid_after_utc == ca.not_valid_after_utc  # 400 days asked, but never beyond its CA
+    assert "capped at the CA's expiry" in printed and "--overwrite" in printed
+    assert all(path.read_bytes() == data for path, data in kept.items())
+    assert stat.S_IMODE((out / "server.key").stat().st_mode) == 0o600
+
+
+def test_renewing_without_the_ca_key_is_refused_and_changes_nothing(tmp_path, capsys):
+    out = tmp_path / "certs"
+    make_deployment(out, sites=[])
+    (out / "ca.key").unlink()  # kept offline
+    before = (out / "server.crt").read_bytes()
+    args = parse(["certs", "--out", str(out), "--renew-server"])
+    assert args.handler(args) == 2
+    error = capsys.readouterr().err
+    assert "ca.key is missing" in error and "bring it back from where it is kept offline" in error
+    assert (out / "server.crt").read_bytes() == before
 
 
 def test_command_error_goes_to_stderr_with_exit_code_2(tmp_path, capsys):

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
+import ssl
 import subprocess
 import time
 import urllib.parse
@@ -25,9 +27,9 @@ from sklearn.datasets import load_digits
 
 from common.privacy import LEDGER_FILE, Budget, PrivacyLedger
 from fedistill import deployment as D
-from fedistill.certs import make_deployment
-from fedistill.loopback import APP_DIR, LoopbackDeployment, command_env
+from fedistill.loopback import APP_DIR, LoopbackDeployment, command_env, fedistill
 from fedistill.processes import Child, free_port
+from server.rounds import APP_REFUSED
 
 pytestmark = pytest.mark.e2e  # real SuperLink and SuperNode processes
 
@@ -111,29 +113,95 @@ def test_a_site_refuses_a_run_asking_for_more_epsilon_or_a_larger_delta_than_its
         assert 'fedistill_site_refusals_total{code="policy",site="' + name + '"} 1.0' in scrape(deployed.metrics_ports[name])
 
 
-def test_a_site_that_pins_the_app_runs_no_code_from_a_changed_one(deployed, tmp_path):
-    changed = tmp_path / "app"
+@pytest.fixture(scope="module")
+def changed_app(tmp_path_factory) -> Path:
+    """A release of the app with one change the sites have not vetted."""
+    changed = tmp_path_factory.mktemp("release") / "app"
     shutil.copytree(ROOT, changed, ignore=shutil.ignore_patterns(".venv", ".git", "outputs", "__pycache__", "bench",
                                                                  "tests", "deploy", "docs"))
     with open(changed / "client" / "app.py", "a") as app:
         app.write("\n# a change the site has not vetted\n")
-    before = ledger(deployed, "site-a")
-    done = deployed.submit(*RUN, "rounds=1", one_more_epsilon(deployed), app=changed)
+    return changed
+
+
+def status(deployed: LoopbackDeployment) -> dict[str, list[str]]:
+    """`fedistill status`'s rows by site name."""
+    done = fedistill("status", *deployed.link)
     assert done.returncode == 0, done.stdout + done.stderr
-    [round_record] = [json.loads(line) for line in (deployed.runs()[-1] / "metrics.jsonl").read_text().splitlines()]
-    assert round_record["sites_trained"] == 1 and len(round_record["problems"]) == 1, round_record["problems"]
-    [problem] = round_record["problems"]  # site-b trained; site-a's app failed before it ran
-    assert problem["status"] == "failed" and "AppNotVetted" in problem["reason"], problem
+    rows = done.stdout.splitlines()[1:]
+    return {line.split()[0]: line.split() for line in rows if not line.startswith(("last run", "no run", "nodes "))}
+
+
+def test_a_site_that_pins_the_app_refuses_a_changed_one_and_every_report_names_it(deployed, changed_app):
+    before = ledger(deployed, "site-a")
+    done = deployed.submit(*RUN, "rounds=1", one_more_epsilon(deployed), app=changed_app)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 refused" in done.stdout
+    run = deployed.runs()[-1]
+    [round_record] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert round_record["sites_trained"] == 1  # site-b (unpinned) trained; site-a ran no code of the app
+    assert round_record["problems"] == [{"site": "site-a", "status": "refused", "code": "app", "reason": APP_REFUSED}]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["sites"] == 2
+    [refusal] = {s["site"]: s for s in summary["privacy"]["sites"]}["site-a"]["refusals"]
+    assert refusal["code"] == "app"
+    assert f"- round 1, site-a (app): {APP_REFUSED}" in (run / "privacy.md").read_text()
     assert ledger(deployed, "site-a") == before
+    assert 'fedistill_site_refusals_total{code="app",site="site-a"} 1.0' in scrape(deployed.metrics_ports["site-a"])
+    rows = status(deployed)
+    assert rows["site-a"][2] == "online" and "(app)" in " ".join(rows["site-a"]) and rows["site-b"][2] == "online"
 
 
-def test_a_supernode_with_an_unregistered_key_is_refused(deployed):
-    log = deployed.root / "stranger.log"
-    make_deployment(deployed.certs, sites=["stranger"])  # a key from the same CA that was never registered
-    command = [D.console_script("flower-supernode"), "--superlink", deployed.address, "--port", str(free_port()),
-               "--root-certificates", str(deployed.ca), "--max-retries", "2", "--max-wait-time", "20",
-               "--auth-supernode-private-key", str(deployed.certs / "sites" / "stranger.key")]
-    assert_refused(command, deployed.root / "stranger-home", log)
+def test_an_app_upgrade_with_both_pins_side_by_side_and_a_site_added_to_the_running_federation(deployed, changed_app):
+    new = fedistill("app-hash", str(changed_app)).stdout.strip()
+    assert new == D.app_hash(changed_app) and new not in deployed.policies["site-a"]["app_sha256"]
+    deployed.restart_site("site-a", app_sha256=[*deployed.policies["site-a"]["app_sha256"], new])  # old and new
+    # the coordinator adds site-c with the commands `fedistill certs` prints, run as shown in its folder
+    made = fedistill("certs", "--out", "certs", "--site", "site-c", "--port", str(deployed.port), cwd=deployed.root)
+    assert made.returncode == 0, made.stderr
+    [register] = [line.strip() for line in made.stdout.splitlines() if line.strip().startswith("fedistill register")]
+    registered = fedistill(*shlex.split(register)[1:], cwd=deployed.root)
+    assert registered.returncode == 0 and "site-c registered as node" in registered.stdout, registered.stderr
+    deployed.add_site("site-c", {**deployed.policies["site-b"], "app_sha256": [new], "allow_unpinned_apps": False,
+                                 "data_path": str(site_records(deployed.root, "site-c", 0))}, registered=True)
+    # the round waits until all three are connected (site-c's SuperNode connects after `fedistill site` listens)
+    done = deployed.submit(*RUN, "rounds=1", "federation.min_sites=3", one_more_epsilon(deployed), app=changed_app)
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = deployed.runs()[-1]
+    [round_record] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert round_record["sites_trained"] == 3 and not round_record["problems"], round_record
+    assert set(round_record["epsilon"]) == {"site-a", "site-b", "site-c"}
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["sites"] == 3 and [s["site"] for s in summary["privacy"]["sites"]] == ["site-a", "site-b", "site-c"]
+    assert "| site-c |" in (run / "privacy.md").read_text()
+    assert {name: row[3] for name, row in status(deployed).items()} == {"site-a": "1", "site-b": "1", "site-c": "1"}
+
+
+def test_an_unregistered_key_fails_the_preflight_and_the_site_says_why_it_stopped(deployed):
+    deployed.sites["site-c"].stop()
+    done = fedistill("unregister", "site-c", *deployed.link)
+    assert done.returncode == 0 and "site-c" in done.stdout, done.stdout + done.stderr
+    assert "site-c" not in status(deployed)
+    check = fedistill("site-check", "--config", str(deployed.site_files["site-c"]), "--task", "digits")
+    assert check.returncode == 1
+    assert "the coordinator has not registered this site's key" in check.stdout, check.stdout
+    assert "fedistill register" in check.stdout
+    site = fedistill("site", "--config", str(deployed.site_files["site-c"]), "--state",
+                     str(deployed.root / "site-c" / "node"), timeout=600)
+    assert site.returncode != 0
+    assert "the coordinator does not know this site's key" in site.stderr, site.stdout + site.stderr
+
+
+def test_the_preflight_of_a_running_site_and_of_a_plain_text_site_file(deployed, tmp_path):
+    check = fedistill("site-check", "--config", str(deployed.site_files["site-a"]), "--task", "digits")
+    assert "the key is registered, and a SuperNode with it is online now" in check.stdout, check.stdout
+    assert check.returncode == 0
+    plain = yaml.safe_load(deployed.site_files["site-a"].read_text())
+    plain["supernode"] = {**plain["supernode"], "insecure": True}
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump(plain))
+    check = fedistill("site-check", "--config", str(tmp_path / "plain.yaml"), "--task", "digits")
+    assert check.returncode == 1
+    assert "serves TLS, but the site file says supernode.insecure: true" in check.stdout, check.stdout
 
 
 def test_a_plain_text_supernode_cannot_join_the_tls_coordinator(deployed):
@@ -217,3 +285,15 @@ def query(port: int, expression: str, *, until, timeout: float = 30) -> list:
         if until(answer["data"]["result"]) or time.monotonic() > deadline:
             return answer["data"]["result"]
         time.sleep(1)
+
+
+def test_a_renewed_server_certificate_is_served_after_a_restart_and_the_sites_keep_their_files(deployed):
+    site_files = {p: p.read_bytes() for p in (deployed.ca, deployed.certs / "sites" / "site-a.key")}
+    old = (deployed.certs / "server.crt").read_text().strip()
+    done = fedistill("certs", "--out", "certs", "--renew-server", cwd=deployed.root)
+    assert done.returncode == 0 and "restart the coordinator" in done.stdout, done.stderr
+    deployed.restart_coordinator()
+    served = ssl.get_server_certificate(("127.0.0.1", deployed.port)).strip()
+    assert served == (deployed.certs / "server.crt").read_text().strip() != old
+    assert all(path.read_bytes() == data for path, data in site_files.items())
+    assert set(status(deployed)) == {"site-a", "site-b"}  # `flwr` verifies the new certificate with the same ca.crt

@@ -1,4 +1,8 @@
-"""`fedistill site-check`: a healthy site passes; each broken part fails with its fix."""
+"""`fedistill site-check`: a healthy site passes; each broken part fails with its fix.
+
+The coordinator here is a TLS stand-in; joining a real SuperLink with the site's key (registered or
+not) is checked in tests/deploy/test_deployment.py.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from common.payload import public_manifest
 from common.privacy import Budget, PrivacyLedger, file_records
 from common.tasks import build_task
 from fedistill import cli
+from fedistill import connection_check
 from fedistill import sitecheck as S
 
 TASK = "digits"
@@ -87,6 +92,36 @@ def coordinator(pki) -> str:
                     pass  # the handshake is all a site check does
             except (ssl.SSLError, OSError):
                 pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    listener.close()
+
+
+@pytest.fixture(autouse=True)
+def registered(monkeypatch):
+    """The stand-in speaks TLS but not Flower: the join with the site's key is taken as admitted."""
+    monkeypatch.setattr(connection_check, "check_registration",
+                        lambda policy: S.Check("registration", S.OK, "admitted by the stand-in"))
+
+
+@pytest.fixture(scope="module")
+def plain_coordinator() -> str:
+    """A plain-text TCP server on a free loopback port: 127.0.0.1:PORT."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            connection.close()
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -174,9 +209,10 @@ def test_a_healthy_site_is_ready(site, capsys):
     assert "verified against" in report
 
 
-def test_unpinned_and_insecure_settings_are_warnings(site, digests):
+def test_unpinned_and_insecure_settings_are_warnings(site, digests, plain_coordinator):
     checks = by_name(S.check_site(site(teacher_sha256=None, public_sha256=None, app_sha256=[], metrics_port=None,
-                                       allow_unpinned_apps=True, reply_after_s=0, supernode={"insecure": True}), TASK))
+                                       allow_unpinned_apps=True, reply_after_s=0,
+                                       supernode={"insecure": True, "superlink": plain_coordinator}), TASK))
     assert not failed(list(checks.values()))
     warned = {name for name, c in checks.items() if c.status == S.WARN}
     assert warned == {"teacher", "public set", "app", "metrics", "supernode", "certificates", "timing"}
@@ -184,6 +220,19 @@ def test_unpinned_and_insecure_settings_are_warnings(site, digests):
     assert "app_sha256" in checks["app"].detail
     assert checks["supernode"].detail == "insecure: plain text, no node authentication"
     assert checks["coordinator"].status == S.OK
+
+
+def test_an_insecure_site_file_against_a_tls_coordinator_fails(site):
+    check = failed(S.check_site(site(supernode={"insecure": True}), TASK))["coordinator"]
+    assert "serves TLS, but the site file says supernode.insecure: true" in check.detail
+    assert "supernode.insecure: false" in check.fix
+
+
+def test_the_coordinator_certificate_expiring_within_30_days_warns(site, monkeypatch):
+    monkeypatch.setattr(connection_check, "EXPIRY_WARNING", datetime.timedelta(days=400))  # the stand-in's: 365 days
+    check = by_name(S.check_site(site(), TASK))["coordinator"]
+    assert check.status == S.WARN and "expires within 400 days" in check.detail
+    assert "fedistill certs --renew-server" in check.fix
 
 
 def test_a_ledger_with_spending_reports_what_is_left(site, site_ledger):
@@ -311,7 +360,7 @@ def test_a_coordinator_that_does_not_answer_fails(site, closed_port, capsys):
     assert f"{closed_port} does not answer" in check.detail
     assert "firewall" in check.fix and "outbound TCP" in check.fix and "`fedistill coordinator`" in check.fix
     assert "FAIL  coordinator" in report and "fix: check supernode.superlink" in report
-    assert report.rstrip().endswith("1 failed, 0 warning(s): not ready")
+    assert report.rstrip().endswith("1 failed, 1 warning(s): not ready")  # the join is not tried
 
 
 def test_the_report_reads_line_by_line():

@@ -10,6 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common import payload as P
 from common.config import load_config
+from common.site_registry import SiteRegistry
 from common.tasks import build_task
 from server.exchange import WeightsExchange
 from server.rounds import FAILED, INVALID, NO_REPLY, REFUSED, TRAINED, ParticipationPlan, RoundEngine
@@ -98,6 +99,25 @@ def test_only_valid_replies_are_combined_and_every_reply_is_recorded_by_what_it_
                                                            ("site-c", REFUSED), ("site-d", INVALID)]
     assert outcome.sites[1].reason == "the node went away" and outcome.bytes_up > 0
     assert all(np.allclose(weights_of(engine)[name], moved[name]) for name in start)
+
+
+def test_sites_are_named_by_the_coordinators_register_and_an_unpinned_app_is_a_refusal_with_code_app(
+        make_engine, tmp_path):
+    registry = SiteRegistry(tmp_path / "sites.json")
+    registry.add(1, "hospital-a")
+    registry.add(2, "hospital-b")
+    engine = make_engine(registry=registry)
+    engine.configure(1, [1, 2, 3])
+    start = weights_of(engine)
+    app_error = ("Error: ClientApp exited: fedistill.app_gate.AppNotVetted: the coordinator sent app 1f2e, which is "
+                 "not one this site pinned")
+    engine.aggregate(1, [(1, trained({n: v + 1 for n, v in start.items()}, "claims-to-be-c")), (2, app_error),
+                         (3, "the node went away")])
+    sites = engine.rounds[1].sites
+    assert [(s.site, s.status, s.code) for s in sites] == [("hospital-a", TRAINED, ""), ("hospital-b", REFUSED, "app"),
+                                                           ("node-3", FAILED, "")]
+    assert "pinned" in sites[1].reason and "1f2e" not in sites[1].reason
+    assert engine.nodes_seen == {1, 2, 3}
 
 
 def test_a_round_without_a_valid_reply_leaves_the_global_student_as_it_was(engine):
