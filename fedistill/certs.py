@@ -116,7 +116,7 @@ def make_deployment(
         if not overwrite:
             _refuse_existing([paths.ca_key, paths.server_cert, paths.server_key])
     if not overwrite:
-        _refuse_existing([p for name in site_names for p in _site_paths(out, name)],
+        _refuse_existing([p for name in site_names for p in site_paths(out, name)],
                          "choose another site name, or pass --overwrite to replace it (that also re-issues "
                          "the CA and server certificate)" if reuse else None)
 
@@ -177,7 +177,7 @@ def _write_site_keys(out: Path, site_names: list[str], overwrite: bool) -> tuple
     if site_names:
         _make_private_dir(out / "sites")
     for name in site_names:
-        key_path, pub_path = _site_paths(out, name)
+        key_path, pub_path = site_paths(out, name)
         private_openssh, public_openssh = make_site_key(name)
         _write_file(key_path, private_openssh, PRIVATE_FILE_MODE, overwrite)
         _write_file(pub_path, public_openssh, PUBLIC_FILE_MODE, overwrite)
@@ -302,7 +302,7 @@ def _deployment_paths(out: Path) -> Deployment:
                       server_cert=out / "server.crt", server_key=out / "server.key")
 
 
-def _site_paths(out: Path, name: str) -> tuple[Path, Path]:
+def site_paths(out: Path, name: str) -> tuple[Path, Path]:
     return out / "sites" / f"{name}.key", out / "sites" / f"{name}.pub"
 
 

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from common.config import CONF_DIR, Config, ConfigError, load_config
 from common.policy import load_policy
 from common.request import request_of
-from fedistill import audit, certs, deployment, frontier, site_admin
+from fedistill import audit, certs, deployment, frontier, kit, site_admin
 from fedistill.app_bundle import app_folder, staged_app
 from fedistill.console import INTERRUPTED, ProgressOnly
 from fedistill.processes import console_script, interrupt_on_sigterm, run_streaming
@@ -66,6 +66,7 @@ def parser() -> argparse.ArgumentParser:
     audit.add_parser(commands)
     add_deployment_commands(commands)
     certs.add_parser(commands)
+    kit.add_parser(commands)
     add_site_check_command(commands)
     return parser
 

@@ -104,10 +104,10 @@ class LoopbackDeployment:
 
     def _write_site(self, name: str, policy: dict) -> Path:
         self.metrics_ports.setdefault(name, free_port())
-        values = {"name": name, "ledger_dir": str(self.root / "ledgers"), "metrics_port": self.metrics_ports[name],
-                  **policy,
+        values = {"name": name, "ledger_dir": str(self.root / "ledgers"),
                   "supernode": {"superlink": self.address, "root_certificates": str(self.ca),
-                                "private_key": str(self.certs / "sites" / f"{name}.key")}}
+                                "private_key": str(self.certs / "sites" / f"{name}.key")},
+                  **policy, "metrics_port": self.metrics_ports[name]}
         path = self.root / name / "site.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(values))

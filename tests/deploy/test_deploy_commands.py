@@ -81,3 +81,47 @@ def test_a_site_says_why_its_supernode_stopped():
     assert "`fedistill register`" in deployment.supernode_exit_cause(refused)
     other = "INFO : starting\nERROR : Connection refused\nINFO : bye"
     assert deployment.supernode_exit_cause(other) == "ERROR : Connection refused"
+
+
+def test_a_startup_kit_holds_what_its_site_needs_filled_in_and_nothing_of_others(tmp_path, monkeypatch, cache_dir):
+    import configparser
+    import stat
+
+    import jsonschema
+    import yaml
+    from check_jsonschema.builtin_schemas import get_builtin_schema
+
+    from common.policy import load_policy
+
+    monkeypatch.chdir(tmp_path)
+    make_deployment(Path("certs"), sites=["site-a", "site-b"])
+    args = parsed("kit", "site-a", "task=digits", f"cache_dir={cache_dir}", "--coordinator", "fl.example.org:8000",
+                  "--app", str(ROOT))
+    assert args.handler(args) == 0
+    kit = tmp_path / "kits" / "site-a"
+    assert sorted(p.name for p in kit.iterdir()) == ["README.md", "ca.crt", "compose.yaml", "fedistill-site.service",
+                                                     "site.key", "site.yaml"]
+    assert stat.S_IMODE(kit.stat().st_mode) == 0o700 and stat.S_IMODE((kit / "site.key").stat().st_mode) == 0o600
+    assert (kit / "site.key").read_bytes() == (tmp_path / "certs" / "sites" / "site-a.key").read_bytes()
+    policy = load_policy(kit / "site.yaml")  # a valid site file of every key
+    assert policy.name == "site-a" and policy.supernode.superlink == "fl.example.org:8000"
+    assert policy.supernode.private_key == "/etc/fedistill/site.key" and policy.data_path is None
+    assert policy.app_sha256 == [deployment.app_hash(ROOT)] and policy.task_sources == ["digits"]
+    assert policy.teacher_sha256 and policy.public_sha256 and policy.metrics_host == "127.0.0.1"
+    unit = configparser.ConfigParser(interpolation=None)
+    unit.read_string((kit / "fedistill-site.service").read_text())
+    assert unit["Service"]["ExecStart"].endswith("fedistill site --config /etc/fedistill/site.yaml")
+    compose = yaml.safe_load((kit / "compose.yaml").read_text())
+    schema = get_builtin_schema("vendor.compose-spec")
+    assert not list(jsonschema.validators.validator_for(schema)(schema).iter_errors(compose))
+    assert "./site.key:/etc/fedistill/site.key:ro" in compose["services"]["site"]["volumes"]
+    readme = (kit / "README.md").read_text()
+    assert "fedistill site-check --config /etc/fedistill/site.yaml --task digits" in readme
+    assert "site-b" not in " ".join(p.read_text() for p in kit.iterdir() if p.name != "site.key")
+    again = parsed("kit", "site-a", "--coordinator", "fl.example.org:8000", "--app", str(ROOT))
+    with pytest.raises(ValueError, match="already exists"):
+        again.handler(again)
+    missing = parsed("kit", "site-z", "--coordinator", "fl.example.org:8000", "--app", str(ROOT))
+    with pytest.raises(ValueError, match=r"site-z.key does not exist: make it with `fedistill certs --out certs "
+                                          r"--site site-z` first"):
+        missing.handler(missing)

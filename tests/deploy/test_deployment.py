@@ -38,13 +38,14 @@ SITES = ("site-a", "site-b")
 RUN = ["task=digits", "rounds=2", "federation.min_sites=2", "distill.local_epochs=1"]
 
 
-def site_records(root: Path, name: str, index: int) -> Path:
-    """Site `name`'s records: half of scikit-learn's digits."""
+def site_records(root: Path, name: str, index: int, *, mirrored: bool = False) -> Path:
+    """Site `name`'s records: half of scikit-learn's digits (mirrored left to right: records of their own)."""
     digits = load_digits()
     half = slice(index, None, 2)
+    images = digits.images[half][:, :, ::-1] if mirrored else digits.images[half]
     path = root / "records" / f"{name}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, images=(digits.images[half] / 16).astype(np.float32), labels=digits.target[half])
+    np.savez(path, images=(images / 16).astype(np.float32), labels=digits.target[half])
     return path
 
 
@@ -156,14 +157,23 @@ def test_an_app_upgrade_with_both_pins_side_by_side_and_a_site_added_to_the_runn
     new = fedistill("app-hash", str(changed_app)).stdout.strip()
     assert new == D.app_hash(changed_app) and new not in deployed.policies["site-a"]["app_sha256"]
     deployed.restart_site("site-a", app_sha256=[*deployed.policies["site-a"]["app_sha256"], new])  # old and new
-    # the coordinator adds site-c with the commands `fedistill certs` prints, run as shown in its folder
+    # the coordinator adds site-c with the commands `fedistill certs` prints, run as shown in its folder, and
+    # hands it a startup kit pinning the new release; site-c runs the kit's site file with its own records
     made = fedistill("certs", "--out", "certs", "--site", "site-c", "--port", str(deployed.port), cwd=deployed.root)
     assert made.returncode == 0, made.stderr
     [register] = [line.strip() for line in made.stdout.splitlines() if line.strip().startswith("fedistill register")]
     registered = fedistill(*shlex.split(register)[1:], cwd=deployed.root)
     assert registered.returncode == 0 and "site-c registered as node" in registered.stdout, registered.stderr
-    deployed.add_site("site-c", {**deployed.policies["site-b"], "app_sha256": [new], "allow_unpinned_apps": False,
-                                 "data_path": str(site_records(deployed.root, "site-c", 0))}, registered=True)
+    kit = deployed.root / "kits" / "site-c"
+    made = fedistill("kit", "site-c", "task=digits", f"cache_dir={deployed.policies['site-b']['cache_dir']}",
+                     "--coordinator", deployed.address, "--install-dir", str(kit), "--app", str(changed_app),
+                     cwd=deployed.root)
+    assert made.returncode == 0, made.stderr
+    site_file = yaml.safe_load((kit / "site.yaml").read_text())
+    assert site_file["app_sha256"] == [new] and site_file["supernode"]["superlink"] == deployed.address
+    deployed.add_site("site-c", {**site_file, "data_path": str(site_records(deployed.root, "site-c", 0, mirrored=True)),
+                                 "ledger_dir": str(deployed.root / "ledgers"), "cache_dir": deployed.policies["site-b"]["cache_dir"],
+                                 "reply_after_s": 0}, registered=True)
     # the round waits until all three are connected (site-c's SuperNode connects after `fedistill site` listens)
     done = deployed.submit(*RUN, "rounds=1", "federation.min_sites=3", one_more_epsilon(deployed), app=changed_app)
     assert done.returncode == 0, done.stdout + done.stderr
