@@ -7,6 +7,7 @@ import datetime
 import socket
 import ssl
 import stat
+import urllib.request
 from pathlib import Path
 
 from cryptography import x509
@@ -20,6 +21,7 @@ from fedistill.check_report import FAIL, OK, WARN, Check, message
 CONNECT_TIMEOUT_S = 5.0
 NIST_CURVES = ("secp256r1", "secp384r1", "secp521r1")
 EXPIRY_WARNING = datetime.timedelta(days=30)
+NODE_ACTIVATION_FAILED = 2004  # Flower's ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED
 CERTS_FIX = "copy ca.crt again from the coordinator's `fedistill certs` output (the whole file)"
 
 
@@ -190,6 +192,18 @@ def check_tls(connection: socket.socket, host: str, address: str, ca: Path, unre
     return Check("coordinator", OK, verified)
 
 
+def site_is_running(policy: SitePolicy) -> bool:
+    """Whether this site's `fedistill site` serves its metrics now (a metrics endpoint naming this site)."""
+    if policy.metrics_port is None or policy.name is None:
+        return False
+    try:
+        with urllib.request.urlopen(f"http://{policy.metrics_host}:{policy.metrics_port}/metrics",
+                                    timeout=CONNECT_TIMEOUT_S) as response:
+            return f'site="{policy.name}"' in response.read().decode(errors="replace")
+    except OSError:
+        return False
+
+
 def check_registration(policy: SitePolicy) -> Check:
     """Join with the site's key, as its SuperNode will, and leave at once: whether the coordinator has
     the key registered. A key that is registered and online already (the site runs) is left as it is."""
@@ -214,17 +228,19 @@ def check_registration(policy: SitePolicy) -> Check:
             client.DeactivateNode(DeactivateNodeRequest(node=Node(node_id=node_id)))
     except httpx.HTTPStatusError as err:
         error = FlowerError.from_json(err.response.text)
-        said = error.message if error else err.response.text[:200]
-        if "No SuperNode found" in said:
-            return Check("registration", FAIL, "the coordinator has not registered this site's key: the site "
-                                               "would be refused (Flower code 2004)",
-                         "send the site's .pub file to the coordinator, who runs `fedistill register "
-                         "sites/<this site>.pub ...`; then run site-check again")
-        if "could not be activated" in said:
+        if error is None or error.code != NODE_ACTIVATION_FAILED:
+            return Check("registration", FAIL, f"the coordinator refused the site's key: "
+                                               f"{error.message if error else err.response.text[:200]}",
+                         "ask the coordinator to register the site's key again (`fedistill register`)")
+        # Flower says the same (code 2004) for a key it does not know and for one whose SuperNode is
+        # connected: this site's own metrics endpoint tells the second case.
+        if site_is_running(policy):
             return Check("registration", OK, "the key is registered, and a SuperNode with it is online now "
                                              "(this site's `fedistill site` runs)")
-        return Check("registration", FAIL, f"the coordinator refused the site's key: {said}",
-                     "ask the coordinator to register the site's key again (`fedistill register`)")
+        return Check("registration", FAIL, "the coordinator has not registered this site's key: the site would be "
+                                           "refused (Flower code 2004; or a SuperNode with this key runs elsewhere)",
+                     "send the site's .pub file to the coordinator, who runs `fedistill register "
+                     "sites/<this site>.pub ...`; then run site-check again")
     except httpx.HTTPError as err:
         return Check("registration", FAIL, f"joining failed: {message(err)}",
                      "check supernode.superlink and that the coordinator runs `fedistill coordinator`")

@@ -175,9 +175,10 @@ def site(policy: SitePolicy, policy_file: Path, state: Path) -> Child:
 
 def supernode_exit_cause(log: str) -> str:
     """Why a SuperNode stopped, from its log, in the site's terms."""
-    if "[code: 2004]" in log and "No SuperNode found" in log:
+    if "[code: 2004]" in log:
         return ("the coordinator does not know this site's key (Flower code 2004): send the site's .pub file to the "
-                "coordinator, who runs `fedistill register`")
+                "coordinator, who runs `fedistill register`; or another SuperNode with this key is connected now "
+                "(is this site running twice?)")
     failures = [line.strip() for line in log.splitlines() if "ERROR" in line or "Failed" in line or "code:" in line]
     return failures[-1] if failures else "its log says no more"
 

@@ -75,8 +75,7 @@ def test_the_coordinator_prints_register_commands_for_the_keys_beside_its_certif
 
 
 def test_a_site_says_why_its_supernode_stopped():
-    refused = ("Failed to initialize the connection to the SuperLink.\n[code: 2004] Attempted to register SuperNode "
-               "with public key: b'...', exception: No SuperNode found with the given public key.")
+    refused = "Failed to initialize the connection to the SuperLink.\n[code: 2004] Failed to activate SuperNode."
     assert "the coordinator does not know this site's key" in deployment.supernode_exit_cause(refused)
     assert "`fedistill register`" in deployment.supernode_exit_cause(refused)
     other = "INFO : starting\nERROR : Connection refused\nINFO : bye"
