@@ -170,7 +170,7 @@ def mean(values: list[float | None]) -> float | None:
 def progress_line(record: dict, config: Config, metrics: tuple[Metric, ...]) -> str:
     eps = [e for e in record["epsilon"].values() if e is not None and math.isfinite(e)]
     privacy = f"max eps {max(eps):.2f}/{config.privacy.epsilon:g}" if eps else "no DP"
-    refused = f", {record['sites_refused']} refused" if record["sites_refused"] else ""
+    refused = f", {record['sites_refused']} refused ({named(record, REFUSED)})" if record["sites_refused"] else ""
     failed = record["sites_failed"] + record["sites_invalid"]
     failed = f", {failed} failed" if failed else ""
     unchanged = f" | round failed, global student unchanged: {record['round_failed']}" if record["round_failed"] else ""
@@ -179,6 +179,13 @@ def progress_line(record: dict, config: Config, metrics: tuple[Metric, ...]) -> 
         f"{', '.join(f'{m.name} {record[m.name]:.3f}' for m in metrics[:2])} | {privacy} | "
         f"{record['elapsed_s']:.0f}s{unchanged}"
     )
+
+
+def named(record: dict, status: str, shown: int = 3) -> str:
+    """'site-a: app, site-c: budget': the sites of a round record's problems with `status`, and their codes."""
+    sites = [f"{p['site']}: {p['code']}" if p["code"] else p["site"] for p in record["problems"] if p["status"] == status]
+    more = f" and {len(sites) - shown} more" if len(sites) > shown else ""
+    return ", ".join(sites[:shown]) + more
 
 
 def privacy_report(privacy: dict) -> str:

@@ -22,8 +22,8 @@ import transformers
 model = getattr(transformers, spec["auto_class"]).from_pretrained(spec["folder"], trust_remote_code=True).eval()
 if "texts" in spec:  # the tokenizer saved beside it; config.json names the model's code, so say it is trusted
     tokenizer = transformers.AutoTokenizer.from_pretrained(spec["folder"], trust_remote_code=True)
-    inputs = tokenizer(spec["texts"], padding="max_length", max_length=spec["max_length"], truncation=True,
-                       return_tensors="pt")["input_ids"]
+    inputs = tokenizer(spec["texts"], padding="max_length", max_length=model.config.max_length, truncation=True,
+                       return_tensors="pt")["input_ids"]  # as the README shows it
 else:
     inputs = torch.tensor(spec["inputs"], dtype=torch.float32)
 with torch.no_grad():
@@ -34,8 +34,8 @@ print(json.dumps({"logits": logits.tolist(), "labels": [labels.get(int(i)) for i
 
 
 def predict_without_fedistill(folder: Path, auto_class: str, **inputs) -> dict:
-    """{"logits": [[...]], "labels": [...]} of the student in `folder` on `inputs` (texts=[...] and max_length=N,
-    or inputs=nested lists)."""
+    """{"logits": [[...]], "labels": [...]} of the student in `folder` on `inputs` (texts=[...], or
+    inputs=nested lists)."""
     spec = {"root": str(ROOT), "folder": str(folder), "auto_class": auto_class, **inputs}
     done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(spec)], capture_output=True, text=True,
                           cwd=folder, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})

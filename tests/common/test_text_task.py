@@ -200,8 +200,7 @@ def test_the_exported_student_loads_with_transformers_alone(text_overrides, tmp_
     student = task.student(config.student).eval()
     task.export(student, tmp_path)
     texts = ["the coach says the striker scored a goal", "shares fell as the bank cut its forecast"]
-    answer = predict_without_fedistill(tmp_path / "student", "AutoModelForSequenceClassification", texts=texts,
-                                       max_length=16)
+    answer = predict_without_fedistill(tmp_path / "student", "AutoModelForSequenceClassification", texts=texts)
     ids = AutoTokenizer.from_pretrained(tmp_path / "student")(texts, padding="max_length", max_length=16,
                                                                truncation=True, return_tensors="pt")["input_ids"]
     with torch.no_grad():

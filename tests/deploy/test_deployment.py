@@ -137,7 +137,7 @@ def test_a_site_that_pins_the_app_refuses_a_changed_one_and_every_report_names_i
     before = ledger(deployed, "site-a")
     done = deployed.submit(*RUN, "rounds=1", one_more_epsilon(deployed), app=changed_app)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "1 refused" in done.stdout
+    assert "1 refused (site-a: app)" in done.stdout
     run = deployed.runs()[-1]
     [round_record] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert round_record["sites_trained"] == 1  # site-b (unpinned) trained; site-a ran no code of the app

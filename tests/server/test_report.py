@@ -1,5 +1,6 @@
 from common import payload as P
 from common.config import load_config
+from common.evaluation import Metric
 from server.report import PrivacyView, privacy_report
 from server.rounds import REFUSED, TRAINED, RoundOutcome, SiteOutcome
 
@@ -40,3 +41,16 @@ def test_report_of_sites_sharing_records_states_what_a_record_may_compose_to():
     shared = _view().summary(load_config(["task.sites_per_record=4"]))
     assert "held by 4 sites" in privacy_report(shared) and "(4 x 3 = 12)" in privacy_report(shared)
     assert "held by" not in privacy_report(_view().summary(load_config([])))
+
+
+def test_the_progress_line_names_the_sites_that_refused_and_why():
+    from server.report import progress_line
+
+    config = load_config(["task=digits", "rounds=2"])
+    problems = [{"site": f"site-{i}", "status": REFUSED, "code": code, "reason": ""}
+                for i, code in enumerate(["app", "budget", "policy", "ledger"])]
+    record = {"round": 1, "sites_trained": 1, "sites_refused": 4, "sites_failed": 0, "sites_invalid": 0, "problems": problems,
+              "accuracy": 0.5, "agreement": 0.5, "epsilon": {}, "elapsed_s": 3.0, "round_failed": None}
+    metrics = (Metric("accuracy", "test accuracy"), Metric("agreement", "agreement with teacher"))
+    assert ", 4 refused (site-0: app, site-1: budget, site-2: policy and 1 more) |" in progress_line(record, config, metrics)
+
