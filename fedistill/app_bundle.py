@@ -33,7 +33,8 @@ def app_folder(path: Path) -> Path:
         is_app = False
     if not is_app:
         raise ValueError(f"{path.resolve()} is not a Flower app's folder (no pyproject.toml with [tool.flwr.app]): run "
-                         "this in the folder of the app release you vetted, or give that folder (--app DIR)")
+                         "this in the folder of the app release you vetted, or name that folder (`fedistill app-hash DIR`, "
+                         "`--app DIR` for submit and kit)")
     return path
 
 

@@ -38,7 +38,7 @@ def test_app_hash_and_submit_take_the_folder_they_run_in_and_refuse_one_that_is_
     assert app_folder(ROOT) == ROOT
     monkeypatch.chdir(tmp_path)
     args = parsed("app-hash")
-    with pytest.raises(ValueError, match=r"is not a Flower app's folder .* give that folder \(--app DIR\)"):
+    with pytest.raises(ValueError, match=r"is not a Flower app's folder .* name that folder \(`fedistill app-hash DIR`"):
         args.handler(args)
 
 

@@ -126,8 +126,11 @@ def changed_app(tmp_path_factory) -> Path:
 
 
 def status(deployed: LoopbackDeployment) -> dict[str, list[str]]:
-    """`fedistill status`'s rows by site name."""
-    done = fedistill("status", *deployed.link)
+    """The rows, by site name, of the `fedistill status` command the coordinator printed when it started, run
+    as printed."""
+    printed = (deployed.root / "coordinator.out").read_text().splitlines()
+    [*_, command] = [line.strip() for line in printed if line.strip().startswith("fedistill status ")]
+    done = fedistill(*shlex.split(command)[1:], cwd=deployed.root)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = done.stdout.splitlines()[1:]
     return {line.split()[0]: line.split() for line in rows if not line.startswith(("last run", "no run", "nodes "))}
