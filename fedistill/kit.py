@@ -30,6 +30,7 @@ from fedistill.deployment import DEFAULT_METRICS_HOST, app_hash
 
 DEFAULT_OUT = Path("kits")
 DEFAULT_INSTALL = Path("/etc/fedistill")
+DEFAULT_VENV = Path("/opt/fedistill")  # where deploy/SITE_GUIDE.md installs fedistill
 LEDGER_DIR, CACHE_DIR = "/var/lib/fedistill/ledger", "/var/cache/fedistill"
 SITE_METRICS_PORT = 9401
 
@@ -48,6 +49,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     kit.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"where kits go (default: {DEFAULT_OUT})")
     kit.add_argument("--install-dir", type=Path, default=DEFAULT_INSTALL,
                      help=f"where the site will put the kit's files (default: {DEFAULT_INSTALL})")
+    kit.add_argument("--venv", type=Path, default=DEFAULT_VENV,
+                     help=f"the site's Python environment with fedistill, for the systemd unit (default: {DEFAULT_VENV})")
     kit.add_argument("--app", type=Path, default=Path("."), help="the app release the sites pin (default: this folder)")
     kit.set_defaults(handler=run)
 
@@ -69,9 +72,9 @@ def run(args: argparse.Namespace) -> int:
     (folder / "site.key").chmod(PRIVATE_FILE_MODE)
     install = args.install_dir
     (folder / "site.yaml").write_text(site_file(args.site, args.coordinator, install, pins))
-    (folder / "fedistill-site.service").write_text(systemd_unit(args.site, install))
+    (folder / "fedistill-site.service").write_text(systemd_unit(args.site, install, args.venv))
     (folder / "compose.yaml").write_text(compose_file(args.site, install))
-    (folder / "README.md").write_text(site_readme(args.site, args.coordinator, install, pins))
+    (folder / "README.md").write_text(site_readme(args.site, args.coordinator, install, args.venv, pins))
     print(f"Wrote {folder}/: ca.crt, site.key, site.yaml, fedistill-site.service, compose.yaml, README.md\n"
           f"Next:\n  1. Send {folder}/ to {args.site} over a private channel (site.key is its secret); its "
           f"README.md says what to do there.\n"
@@ -108,7 +111,7 @@ def site_file(site: str, coordinator: str, install: Path, pins: dict) -> str:
     return header + yaml.safe_dump(values, sort_keys=False)
 
 
-def systemd_unit(site: str, install: Path) -> str:
+def systemd_unit(site: str, install: Path, venv: Path) -> str:
     return f"""# {site}: `fedistill site` as a service. Install: copy to /etc/systemd/system/, then
 #   systemctl daemon-reload && systemctl enable --now fedistill-site
 [Unit]
@@ -119,7 +122,7 @@ Wants=network-online.target
 [Service]
 User=fedistill
 Group=fedistill
-ExecStart=/opt/fedistill/bin/fedistill site --config {install / "site.yaml"}
+ExecStart={venv / "bin" / "fedistill"} site --config {install / "site.yaml"}
 Restart=on-failure
 RestartSec=30
 # the ledger and the cache: created for the service's user, kept across restarts and upgrades
@@ -154,7 +157,7 @@ def compose_file(site: str, install: Path) -> str:
                                     "volumes": {"ledger": None, "cache": None}}, sort_keys=False)
 
 
-def site_readme(site: str, coordinator: str, install: Path, pins: dict) -> str:
+def site_readme(site: str, coordinator: str, install: Path, venv: Path, pins: dict) -> str:
     task = (pins.get("task_sources") or ["<the task the coordinator names>"])[0]
     return f"""# Startup kit of site {site}
 
@@ -169,7 +172,8 @@ From the coordinator of a fedistill federation. The full guide is the release's
 | `fedistill-site.service` | no | a systemd unit that runs `fedistill site` |
 | `compose.yaml` | no | the same as a container |
 
-1. Install the fedistill release the coordinator names (SITE_GUIDE.md, step 1), in `/opt/fedistill`.
+1. Install the fedistill release the coordinator names (SITE_GUIDE.md, step 1), in the Python
+   environment the systemd unit names (`{venv}`).
 2. Copy `site.yaml`, `ca.crt` and `site.key` to `{install}/` (`chmod 600 {install / "site.key"}`,
    owned by the user that runs the site).
 3. In `{install / "site.yaml"}`, set `data_path` to your records, and read `epsilon`, `delta`,

@@ -109,7 +109,7 @@ def test_a_startup_kit_holds_what_its_site_needs_filled_in_and_nothing_of_others
     assert policy.teacher_sha256 and policy.public_sha256 and policy.metrics_host == "127.0.0.1"
     unit = configparser.ConfigParser(interpolation=None)
     unit.read_string((kit / "fedistill-site.service").read_text())
-    assert unit["Service"]["ExecStart"].endswith("fedistill site --config /etc/fedistill/site.yaml")
+    assert unit["Service"]["ExecStart"] == "/opt/fedistill/bin/fedistill site --config /etc/fedistill/site.yaml"
     compose = yaml.safe_load((kit / "compose.yaml").read_text())
     schema = get_builtin_schema("vendor.compose-spec")
     assert not list(jsonschema.validators.validator_for(schema)(schema).iter_errors(compose))
@@ -124,3 +124,20 @@ def test_a_startup_kit_holds_what_its_site_needs_filled_in_and_nothing_of_others
     with pytest.raises(ValueError, match=r"site-z.key does not exist: make it with `fedistill certs --out certs "
                                           r"--site site-z` first"):
         missing.handler(missing)
+
+
+def test_a_kits_systemd_unit_passes_systemds_own_check(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("no systemd-analyze on this machine (Debian: the systemd package)")
+    monkeypatch.chdir(tmp_path)
+    make_deployment(Path("certs"), sites=["site-a"])
+    venv = Path(sys.executable).parent.parent  # this environment, which has the `fedistill` command
+    args = parsed("kit", "site-a", "--coordinator", "fl.example.org:8000", "--app", str(ROOT), "--venv", str(venv))
+    assert args.handler(args) == 0
+    done = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "kits" / "site-a" / "fedistill-site.service")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
