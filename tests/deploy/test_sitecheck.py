@@ -6,12 +6,14 @@ not) is checked in tests/deploy/test_deployment.py.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import socket
 import ssl
 import threading
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -72,11 +74,9 @@ def pki(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-@pytest.fixture(scope="module")
-def coordinator(pki) -> str:
-    """A TLS server on a free loopback port with the coordinator's certificate: 127.0.0.1:PORT."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(pki["server"], pki["server_key"])
+@contextlib.contextmanager
+def serving(handle) -> Iterator[str]:
+    """A server on a free loopback port that hands each connection to `handle`: yields 127.0.0.1:PORT."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.2)
     stop = threading.Event()
@@ -87,18 +87,38 @@ def coordinator(pki) -> str:
                 connection, _ = listener.accept()
             except TimeoutError:
                 continue
-            try:
-                with context.wrap_socket(connection, server_side=True):
-                    pass  # the handshake is all a site check does
-            except (ssl.SSLError, OSError):
-                pass
+            with connection, contextlib.suppress(ssl.SSLError, OSError):
+                handle(connection)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    yield f"127.0.0.1:{listener.getsockname()[1]}"
-    stop.set()
-    thread.join()
-    listener.close()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+
+
+@pytest.fixture(scope="module")
+def coordinator(pki) -> str:
+    """A TLS server with the coordinator's certificate: the handshake is all a site check does."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki["server"], pki["server_key"])
+
+    def handshake(connection: socket.socket) -> None:
+        with context.wrap_socket(connection, server_side=True):
+            pass
+
+    with serving(handshake) as address:
+        yield address
+
+
+@pytest.fixture(scope="module")
+def plain_coordinator() -> str:
+    """A plain-text TCP server."""
+    with serving(lambda connection: None) as address:  # closed at once
+        yield address
 
 
 @pytest.fixture(autouse=True)
@@ -106,29 +126,6 @@ def registered(monkeypatch):
     """The stand-in speaks TLS but not Flower: the join with the site's key is taken as admitted."""
     monkeypatch.setattr(connection_check, "check_registration",
                         lambda policy: S.Check("registration", S.OK, "admitted by the stand-in"))
-
-
-@pytest.fixture(scope="module")
-def plain_coordinator() -> str:
-    """A plain-text TCP server on a free loopback port: 127.0.0.1:PORT."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                connection, _ = listener.accept()
-            except TimeoutError:
-                continue
-            connection.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield f"127.0.0.1:{listener.getsockname()[1]}"
-    stop.set()
-    thread.join()
-    listener.close()
 
 
 @pytest.fixture
