@@ -95,40 +95,43 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def last_run(runs: Path) -> tuple[str, dict[str, dict]] | None:
-    """(the newest run's folder name, its per-site privacy entries by name), from its summary or,
-    for a run still going, its progress; None before the first run."""
+    """(the newest run's folder name, each site's last round trained, rounds trained and refusals in it),
+    from its metrics.jsonl (so a run still going counts too); None before the first run."""
     folders = sorted((p for p in runs.glob("*") if (p / "metrics.jsonl").exists()), key=lambda p: p.stat().st_mtime)
     if not folders:
         return None
     run = folders[-1]
-    summary = run / "summary.json"
-    if summary.exists():
-        sites = json.loads(summary.read_text())["privacy"]["sites"]
-        return run.name, {s["site"]: {"rounds_trained": s["rounds_trained"], "refusals": s["refusals"]} for s in sites}
-    per_site: dict[str, dict] = {}
+    sites: dict[str, dict] = {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
-        for name in record["epsilon"]:
-            per_site.setdefault(name, {"rounds_trained": 0, "refusals": []})
+        for name in record["trained"]:
+            entry = sites.setdefault(name, {"last_round": None, "rounds_trained": 0, "refusals": []})
+            entry["last_round"], entry["rounds_trained"] = record["round"], entry["rounds_trained"] + 1
         for problem in record["problems"]:
-            entry = per_site.setdefault(problem["site"], {"rounds_trained": 0, "refusals": []})
+            entry = sites.setdefault(problem["site"], {"last_round": None, "rounds_trained": 0, "refusals": []})
             if problem["status"] == "refused":
                 entry["refusals"].append({"round": record["round"], "code": problem["code"]})
-    return run.name + " (running)", per_site
+    finished = "" if (run / "summary.json").exists() else " (running)"
+    return run.name + finished, sites
 
 
 def format_status(names: dict[int, str], nodes: dict[int, dict], run: tuple[str, dict[str, dict]] | None) -> str:
-    rows = [("site", "node", "status", "rounds trained", "refusals (code)")]
+    rows = [("site", "node", "status", "rounds trained", "last round", "refusals (code)")]
     sites = run[1] if run else {}
     for node_id, name in sorted(names.items(), key=lambda kv: kv[1]):
         state = nodes.get(node_id, {}).get("status", "unknown to the SuperLink")
-        entry = sites.get(name)
-        refusals = ", ".join(f"round {r['round']} ({r['code']})" for r in entry["refusals"]) if entry else ""
-        rows.append((name, str(node_id), state, str(entry["rounds_trained"]) if entry else "-", refusals or "-"))
+        entry = sites.get(name, {"last_round": None, "rounds_trained": None, "refusals": []})
+        refusals = ", ".join(f"round {r['round']} ({r['code']})" for r in entry["refusals"])
+        rows.append((name, str(node_id), state, _shown(entry["rounds_trained"]), _shown(entry["last_round"]),
+                     refusals or "-"))
     unnamed = sorted(n for n in set(nodes) - set(names) if nodes[n]["status"] not in GONE)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    lines.append(f"last run: {run[0]}" if run else "no run yet")
+    lines.append(f"last run (the rounds above): {run[0]}" if run else "no run yet")
     if unnamed:
         lines.append(f"nodes registered without `fedistill register` (no name): {', '.join(map(str, unnamed))}")
     return "\n".join(lines)
+
+
+def _shown(value: int | None) -> str:
+    return "-" if value is None else str(value)

@@ -125,6 +125,7 @@ def round_record(server_round: int, outcome: RoundOutcome, scores: Scores, ledge
         **scores,
         "sites_sampled": outcome.sampled,
         "sites_trained": outcome.count(TRAINED),
+        "trained": sorted((s.site for s in outcome.sites if s.status == TRAINED), key=_site_order),
         "sites_refused": outcome.count(REFUSED),
         "sites_failed": outcome.count(FAILED),
         "sites_invalid": outcome.count(INVALID),

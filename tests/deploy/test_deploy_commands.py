@@ -141,3 +141,21 @@ def test_a_kits_systemd_unit_passes_systemds_own_check(tmp_path, monkeypatch):
     done = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "kits" / "site-a" / "fedistill-site.service")],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_status_shows_each_registered_site_by_name_with_its_last_round_and_refusals(tmp_path):
+    from fedistill.site_admin import format_status, last_run
+
+    run = tmp_path / "runs" / "2026-12-04_10-00-00_run-7"
+    run.mkdir(parents=True)
+    records = [{"round": 1, "trained": ["site-a", "site-b"], "problems": []},
+               {"round": 2, "trained": ["site-b"], "problems": [{"site": "site-a", "status": "refused", "code": "app"}]}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    seen = last_run(tmp_path / "runs")
+    assert seen[0] == "2026-12-04_10-00-00_run-7 (running)"  # no summary.json yet
+    nodes = {11: {"status": "online"}, 22: {"status": "offline"}, 33: {"status": "online"}, 44: {"status": "unregistered"}}
+    table = format_status({11: "site-a", 22: "site-b", 55: "site-c"}, nodes, seen).splitlines()
+    assert table[1].split() == ["site-a", "11", "online", "1", "1", "round", "2", "(app)"]
+    assert table[2].split() == ["site-b", "22", "offline", "2", "2", "-"]
+    assert table[3].split()[:3] == ["site-c", "55", "unknown"] and table[3].split()[-3:] == ["-", "-", "-"]
+    assert table[-1] == "nodes registered without `fedistill register` (no name): 33"  # 44 is gone
