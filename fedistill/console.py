@@ -49,7 +49,7 @@ def final_table(summary: dict) -> str:
         rows.append(("CPU tokens/s, 1 thread", *(f"{m['tokens_per_s']:,.0f}" for m in models)))
     lines = [f"\n{summary['task']}: {summary['exchange']} exchange, "
              f"{summary['rounds_completed']}/{summary['rounds_planned']} rounds completed"]
-    lines += _table(rows)
+    lines += table(rows)
     comm = summary["communication"]
     lines.append(f"communication: {_kib(comm['bytes_up'])} up, {_kib(comm['bytes_down'])} down in all")
     for title, counts in (("replies dropped (failed or invalid)", summary.get("dropped_replies")),
@@ -63,7 +63,7 @@ def final_table(summary: dict) -> str:
     site_rows = [("site", "epsilon spent", "budget", "rounds trained", "rounds refused")]
     for s in privacy["sites"]:
         site_rows.append((s["site"], _eps(s["epsilon"]), _eps(s["budget"]), str(s["rounds_trained"]), str(s["refused_rounds"])))
-    lines += _table(site_rows)
+    lines += table(site_rows)
     refusals = [(s["site"], r) for s in privacy["sites"] for r in s["refusals"]]
     if refusals:
         site, first = refusals[0]
@@ -72,7 +72,7 @@ def final_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _table(rows: list[tuple[str, ...]]) -> list[str]:
+def table(rows: list[tuple[str, ...]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
 

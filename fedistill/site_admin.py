@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import defaultdict
 import subprocess
 import tempfile
 from pathlib import Path
 
 from common.site_registry import SITES_FILE, SiteRegistry, site_name_of_key
 from fedistill import deployment
+from fedistill.console import table
 from fedistill.processes import console_script
 
 DEFAULT_STATE = Path("coordinator")  # `fedistill coordinator --state`'s default
@@ -101,18 +103,18 @@ def last_run(runs: Path) -> tuple[str, dict[str, dict]] | None:
     if not folders:
         return None
     run = folders[-1]
-    sites: dict[str, dict] = {}
+    sites: dict[str, dict] = defaultdict(lambda: {"last_round": None, "rounds_trained": 0, "refusals": []})
     for line in (run / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         for name in record["trained"]:
-            entry = sites.setdefault(name, {"last_round": None, "rounds_trained": 0, "refusals": []})
-            entry["last_round"], entry["rounds_trained"] = record["round"], entry["rounds_trained"] + 1
+            sites[name]["last_round"] = record["round"]
+            sites[name]["rounds_trained"] += 1
         for problem in record["problems"]:
-            entry = sites.setdefault(problem["site"], {"last_round": None, "rounds_trained": 0, "refusals": []})
+            refusals = sites[problem["site"]]["refusals"]
             if problem["status"] == "refused":
-                entry["refusals"].append({"round": record["round"], "code": problem["code"]})
+                refusals.append({"round": record["round"], "code": problem["code"]})
     finished = "" if (run / "summary.json").exists() else " (running)"
-    return run.name + finished, sites
+    return run.name + finished, dict(sites)
 
 
 def format_status(names: dict[int, str], nodes: dict[int, dict], run: tuple[str, dict[str, dict]] | None) -> str:
@@ -120,18 +122,17 @@ def format_status(names: dict[int, str], nodes: dict[int, dict], run: tuple[str,
     sites = run[1] if run else {}
     for node_id, name in sorted(names.items(), key=lambda kv: kv[1]):
         state = nodes.get(node_id, {}).get("status", "unknown to the SuperLink")
-        entry = sites.get(name, {"last_round": None, "rounds_trained": None, "refusals": []})
+        if name not in sites:  # not in the last run
+            rows.append((name, str(node_id), state, "-", "-", "-"))
+            continue
+        entry = sites[name]
         refusals = ", ".join(f"round {r['round']} ({r['code']})" for r in entry["refusals"])
-        rows.append((name, str(node_id), state, _shown(entry["rounds_trained"]), _shown(entry["last_round"]),
-                     refusals or "-"))
+        last = "-" if entry["last_round"] is None else str(entry["last_round"])
+        rows.append((name, str(node_id), state, str(entry["rounds_trained"]), last, refusals or "-"))
     unnamed = sorted(n for n in set(nodes) - set(names) if nodes[n]["status"] not in GONE)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines = table(rows)
     lines.append(f"last run (the rounds above): {run[0]}" if run else "no run yet")
     if unnamed:
         lines.append(f"nodes registered without `fedistill register` (no name): {', '.join(map(str, unnamed))}")
     return "\n".join(lines)
 
-
-def _shown(value: int | None) -> str:
-    return "-" if value is None else str(value)
