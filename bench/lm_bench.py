@@ -4,12 +4,13 @@ Side by side in one run, over several seeds: the teacher; the student warm-start
 public corpus alone (what the server has before any site joins); the DP federation with
 the teacher at several epsilons and without DP; the same federation on next-token
 cross-entropy only (no teacher anywhere, the warm start included); the federation in the
-logits exchange. Each row: perplexity on the sites' held-out files and on unseen domains,
-top-1 agreement with the teacher, bytes per site per round. Then teacher, student and int8
-student cost (parameters, size on disk, tokens per second on one CPU thread) and the
+logits exchange; the student pruned from the teacher (student=pruned), warm-started alone
+and in the DP federation. Each row: perplexity on the sites' held-out files and on unseen domains,
+top-1 agreement with the teacher, bytes per site per round. Then teacher, student, int8
+student and pruned student cost (parameters, size on disk, tokens per second on one CPU thread) and the
 issue's targets, each with its margin. Prints tables and writes bench/results/bench-lm.json.
 
-    python -m bench.lm_bench [--seeds 3] [--epsilons 3 8] [--only PREFIX] [overrides ...]
+    python -m bench.lm_bench [--seeds 3] [--epsilons 3 8] [--only PREFIX] [--pruned student.X=...] [overrides ...]
 """
 
 from __future__ import annotations
@@ -31,12 +32,15 @@ from common.config import ConfigError, load_config
 from common.device import CPU, describe_device, placed
 from common.models.inference import describe, quantize_int8
 from common.models.lm_teacher import default_teacher_path
+from common.models.pruned_lm import non_embedding_params
 
 EPSILONS = ["3", "8"]
 TEACHER = "DP federation, with teacher"
 CROSS_ENTROPY = "next-token cross-entropy only (no teacher)"
 LOGITS = "DP federation, logits exchange"
 PUBLIC = "public corpus only (warm-started student)"
+PRUNED = "DP federation, pruned student"
+PRUNED_PUBLIC = "public corpus only (pruned student)"
 SCORES = ("perplexity", "perplexity_unseen", "agreement")
 
 
@@ -47,7 +51,16 @@ def lm_settings(epsilons: list[str]) -> list[tuple[str, str, list[str]]]:
         settings += [(name, eps, extra + privacy) for eps, privacy in levels]
     if "8" in epsilons:
         settings.append((LOGITS, "8", ["exchange=logits", "privacy.epsilon=8"]))
-    return settings
+    settings.append((PRUNED_PUBLIC, "-", ["student=pruned"]))
+    return settings + [(PRUNED, eps, ["student=pruned", *privacy]) for eps, privacy in levels]
+
+
+def setting_overrides(overrides: list[str], extra: list[str], pruned: list[str]) -> list[str]:
+    """A setting's overrides: the run's, then its own. The pruned student's settings take the
+    `--pruned` overrides in place of the run's student.* ones (those describe the from-scratch student)."""
+    if "student=pruned" in extra:
+        overrides = [o for o in overrides if not o.startswith("student.")] + pruned
+    return [*overrides, *extra]
 
 
 def rows_for(settings: list[tuple[str, str, list[str]]], overrides: list[str], cache: str, args, save) -> list[dict]:
@@ -57,10 +70,10 @@ def rows_for(settings: list[tuple[str, str, list[str]]], overrides: list[str], c
             continue
         scores, wires, start = [], [], time.perf_counter()
         for seed in range(args.seeds):
-            config = compose([*overrides, *extra, f"seed={seed}"], cache)
+            config = compose([*setting_overrides(overrides, extra, args.pruned), f"seed={seed}"], cache)
             if name == "teacher":
                 scores.append(evaluator(task_of(config)).teacher)
-            elif name == PUBLIC:
+            elif name in (PUBLIC, PRUNED_PUBLIC):
                 scores.append(evaluator(task_of(config))(start_of(config)[0]))
             else:
                 score, wire = federate(config)
@@ -85,21 +98,28 @@ def summarise(name: str, eps: str, scores: list[dict], bytes_up: float | None) -
     return row
 
 
-def costs(overrides: list[str], cache: str) -> dict:
-    """Teacher, student and int8 student: parameters, size on disk, tokens per second on one CPU
-    thread; on an accelerator (the run's device), also teacher and student there."""
+def costs(overrides: list[str], cache: str, pruned: list[str]) -> dict:
+    """Teacher, student, int8 student and pruned student: parameters (also without the token
+    embeddings and head), size on disk, tokens per second on one CPU thread; on an accelerator
+    (the run's device), also teacher and students there."""
     config = compose([*overrides, "seed=0"], cache)
     task = task_of(config)
     example, tokens = task.test_data().tensors[0], task.tokens_per_example
     student = copy.deepcopy(start_of(config)[0])
+    pruned = copy.deepcopy(start_of(compose([*setting_overrides(overrides, ["student=pruned"], pruned), "seed=0"],
+                                            cache))[0])
     teacher = task.teacher()  # on the run's device, in the dtype fastest there
     on_cpu = teacher if task.device.type == "cpu" else copy.deepcopy(teacher).to(CPU, torch.float32)
     cost = {"teacher": describe(on_cpu, example, tokens), "student": describe(student, example, tokens),
-            "int8 student": describe(quantize_int8(student), example, tokens)}
+            "int8 student": describe(quantize_int8(student), example, tokens),
+            "pruned student": describe(pruned, example, tokens)}
+    for name, model in (("teacher", on_cpu.model), ("student", student.model), ("pruned student", pruned.model)):
+        cost[name]["non_embedding_params"] = non_embedding_params(model)
     if task.device.type != "cpu":
         cost[f"teacher on {task.device.type}"] = describe(teacher, example, tokens)
-        with placed(student, task.device):
-            cost[f"student on {task.device.type}"] = describe(student, example, tokens)
+        for name, model in (("student", student), ("pruned student", pruned)):
+            with placed(model, task.device):
+                cost[f"{name} on {task.device.type}"] = describe(model, example, tokens)
     return cost
 
 
@@ -114,11 +134,24 @@ def targets(rows: list[dict], cost: dict) -> list[dict]:
     speedup = student["tokens_per_s"] / teacher["tokens_per_s"]
     checks.append(("student >= 10x the teacher's tokens/s, 1 thread", speedup, 10.0, speedup - 10.0))
     for better, worse, what in ((row(TEACHER, "8"), row(PUBLIC, "-"), "epsilon 8 federation below public-only"),
-                                (row(TEACHER, "8"), row(CROSS_ENTROPY, "8"), "teacher below cross-entropy only, eps 8")):
+                                (row(TEACHER, "8"), row(CROSS_ENTROPY, "8"), "teacher below cross-entropy only, eps 8"),
+                                (row(PRUNED, "3"), row(PRUNED, "8"), "pruned student: epsilon 3 and 8 differ")):
         if better and worse:
-            gain = worse["perplexity"] - better["perplexity"]
+            gain = abs(worse["perplexity"] - better["perplexity"])
             spread = max(better["perplexity_std"], worse["perplexity_std"])
             checks.append((f"{what}: sites' held-out perplexity lower by > spread", gain, spread, gain - spread))
+    pruned, scratch = row(PRUNED, "3"), row(TEACHER, "3")
+    if pruned and scratch:
+        checks.append(("pruned student at eps 3: perplexity <= half the from-scratch student's", pruned["perplexity"],
+                       scratch["perplexity"] / 2, scratch["perplexity"] / 2 - pruned["perplexity"]))
+    quarter = cost["teacher"]["non_embedding_params"] / 4
+    checks.append(("pruned student: non-embedding parameters <= teacher's / 4",
+                   cost["pruned student"]["non_embedding_params"], quarter,
+                   quarter - cost["pruned student"]["non_embedding_params"]))
+    pruned, teacher_row = row(PRUNED, "8"), row("teacher", "-")
+    if pruned and teacher_row:  # the accelerator target; on a CPU it shows how far the demo's sizes are
+        checks.append(("pruned student at eps 8: perplexity within 2x the teacher's", pruned["perplexity"],
+                       2 * teacher_row["perplexity"], 2 * teacher_row["perplexity"] - pruned["perplexity"]))
     return [{"target": c[0], "value": c[1], "bar": c[2], "margin": c[3], "met": c[3] > 0} for c in checks]
 
 
@@ -156,6 +189,8 @@ def main() -> None:
                         help="run only the rows whose setting starts with PREFIX (repeatable)")
     parser.add_argument("--epsilons", nargs="*", default=EPSILONS,
                         help="the DP budgets of the DP rows (none: only the no-DP rows)")
+    parser.add_argument("--pruned", nargs="*", default=[], metavar="OVERRIDE",
+                        help="student.* overrides of the pruned student's rows, e.g. student.budget=0.25")
     parser.add_argument("--out", default="bench-lm.json", help="file name under bench/results/")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every setting")
     args = parser.parse_args()
@@ -171,7 +206,7 @@ def main() -> None:
     logging.disable(logging.WARNING)
     cache = str(config.cache_path)
     results = ResultsFile(args.out, overrides=overrides, seeds=args.seeds, device=describe_device(config.device))
-    cost = costs(overrides, cache)
+    cost = costs(overrides, cache, args.pruned)
     results["cost"] = cost
     print("Cost, one record (on one CPU thread unless named): " + ", ".join(
         f"{k} {v['params']:,} parameters, {v['size_bytes'] / 2**20:.1f} MiB, {v['tokens_per_s']:,.0f} tokens/s"

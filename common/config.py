@@ -30,7 +30,7 @@ MAX_NOISE_MULTIPLIER = 1000.0
 MAX_COUNT_NOISE = 1e6
 
 
-STUDENT_ARCHS = ("mlp", "transformer", "bag", "llama")
+STUDENT_ARCHS = ("mlp", "transformer", "bag", "llama", "pruned")
 
 
 @dataclass
@@ -38,10 +38,11 @@ class StudentConfig:
     arch: str                 # one of the task kind's students (TaskConfig.students)
     hidden: list[int] = field(default_factory=list)  # mlp: hidden widths
     dim: int = 128            # text: token embedding width (and the transformer's width)
-    layers: int = 2           # transformer blocks
-    heads: int = 4
+    layers: int = 2           # transformer blocks (pruned: the teacher's layers kept)
+    heads: int = 4            # (pruned: query heads kept per layer; 0: all)
     ff: int = 256             # hidden width of each block's MLP (transformer), of the MLP (bag)
     freeze_embeddings: bool = True  # text: token embeddings stay the teacher's, projected
+    budget: float = 0.1       # pruned: non-embedding parameters, as a share of the teacher's
 
     def validate(self) -> None:
         require(self.arch in STUDENT_ARCHS, f"student.arch must be one of {', '.join(STUDENT_ARCHS)}, got {self.arch!r}")
@@ -49,8 +50,13 @@ class StudentConfig:
             all(h > 0 for h in self.hidden),
             f"student.hidden must be a list of positive ints, got {self.hidden}",
         )
-        for key in ("dim", "layers", "heads", "ff"):
+        for key in ("dim", "layers", "ff"):
             require(getattr(self, key) > 0, f"student.{key} must be > 0, got {getattr(self, key)}")
+        if self.arch == "pruned":  # its width is the teacher's; heads are checked against the teacher's
+            require(0 < self.budget <= 1, f"student.budget must be in (0, 1], got {self.budget}")
+            require(self.heads >= 0, f"student.heads must be >= 0 (0: all of the teacher's), got {self.heads}")
+            return
+        require(self.heads > 0, f"student.heads must be > 0, got {self.heads}")
         require(self.dim % self.heads == 0, f"student.dim ({self.dim}) must be a multiple of student.heads ({self.heads})")
 
 

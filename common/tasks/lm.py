@@ -13,6 +13,7 @@ tokens it stands for when the student is scored or generates.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -34,9 +35,10 @@ from common.device import placed, teacher_dtype
 from common.task_config import FrontierSetting, FrontierTarget, TaskConfig, absolute_path
 from common.evaluation import Metric, Scores
 from common.losses import TOPK_IDS, TOPK_LOGPROBS, TokenDistillObjective, attention_mask
-from common.models.causal_lm import StudentLMConfig, build_student
+from common.models.causal_lm import StudentLM, StudentLMConfig, build_student
 from common.models.encoder import project_embeddings
 from common.models.lm_teacher import TeacherLM, default_teacher_path, file_digest, load_teacher
+from common.models.pruned_lm import Importance, PruneConfig, PruneError, measure_importance, prune
 from common.public_outputs import TokenOutputs
 from common.storage import filling, save_tensors
 from common.tasks.lm_corpus import (STDLIB, CorpusConfig, CorpusError, Records, corpus_files, cut_records, held_out,
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 
 TEACHER_BATCH = 8         # records per teacher forward on the CPU
 DEVICE_TEACHER_BATCH = 64  # on an accelerator
+IMPORTANCE_RECORDS = 32    # public records that rank the teacher's layers, heads and channels (student=pruned)
 IGNORE = -100  # no next token to predict (padding, a record's last token)
 
 
@@ -63,7 +66,7 @@ class LMTaskConfig(TaskConfig):
     teacher: LMTeacherConfig = field(default_factory=LMTeacherConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
 
-    students = ("llama",)
+    students = ("llama", "pruned")
     frontiers = (FrontierSetting("lm-logits", ("task=lm", "exchange=logits"), (8.0,), heavy=True),)
     frontier_targets = (
         FrontierTarget("code model: logits exchange below public-only perplexity", ("lm-logits", 8.0),
@@ -306,12 +309,37 @@ class LMTask:
     # --- students, objective, evaluation, export ---
 
     def student(self, config: StudentConfig) -> nn.Module:
+        if config.arch == "pruned":
+            return copy.deepcopy(self._pruned_student(config.budget, config.layers, config.heads))
         tok = self.tokenizer
         return build_student(
             StudentLMConfig(dim=config.dim, layers=config.layers, heads=config.heads, ff=config.ff,
                             max_length=self.corpus.max_length),
             self._student_embeddings(config.dim), self.output_ids,
             bos_id=tok.bos_token_id, eos_id=tok.eos_token_id, pad_id=self.pad_id)
+
+    @functools.cache
+    def _pruned_student(self, budget: float, layers: int, heads: int) -> StudentLM:
+        """The teacher pruned to the budget, once per process (a site builds a student every round)."""
+        try:
+            model = prune(self._teacher[0], self._importance, PruneConfig(budget=budget, layers=layers, heads=heads))
+        except PruneError as err:
+            raise ConfigError(str(err)) from None
+        return StudentLM(model, self.output_ids)
+
+    @cached_property
+    def _importance(self) -> Importance:
+        """The teacher's layer, head and channel importance on the first public records, cached on disk."""
+        inputs = self._public.ids[:IMPORTANCE_RECORDS]
+        key = hashlib.sha256(inputs.numpy().tobytes() + self._teacher[2].encode()).hexdigest()[:24]
+        path = self.cache_dir / f"lm-teacher-importance-{key}.safetensors"
+        with filling(path):
+            if path.exists():
+                return Importance(**load_file(path))
+            log.info("Ranking the teacher's layers, heads and MLP channels on %d public records (once)", len(inputs))
+            importance = measure_importance(self._teacher[0], inputs, self.pad_id)
+            save_tensors(path, importance.as_tensors())
+        return importance
 
     @functools.cache
     def _student_embeddings(self, dim: int) -> torch.Tensor:
