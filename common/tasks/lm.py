@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -37,7 +36,8 @@ from common.evaluation import Metric, Scores
 from common.losses import TOPK_IDS, TOPK_LOGPROBS, TokenDistillObjective, attention_mask
 from common.models.causal_lm import StudentLM, StudentLMConfig, build_student
 from common.models.encoder import project_embeddings
-from common.models.lm_teacher import TeacherLM, default_teacher_path, file_digest, load_teacher
+from common.models.lm_teacher import (CPU_BATCH, DEVICE_BATCH, TeacherLM, default_teacher_path, file_digest, finish_pass,
+                                      load_teacher, top_k_pass)
 from common.models.pruned_lm import Importance, PruneConfig, PruneError, measure_importance, prune
 from common.public_outputs import TokenOutputs
 from common.storage import filling, save_tensors
@@ -46,8 +46,6 @@ from common.tasks.lm_corpus import (STDLIB, CorpusConfig, CorpusError, Records, 
 
 log = logging.getLogger(__name__)
 
-TEACHER_BATCH = 8         # records per teacher forward on the CPU
-DEVICE_TEACHER_BATCH = 64  # on an accelerator
 IMPORTANCE_RECORDS = 32    # public records that rank the teacher's layers, heads and channels (student=pruned)
 IGNORE = -100  # no next token to predict (padding, a record's last token)
 
@@ -271,40 +269,14 @@ class LMTask:
         with filling(path):
             if path.exists():
                 return load_file(path)
-            outputs = self._run_teacher(inputs)
+            outputs = top_k_pass(self._teacher[0], inputs, pad_id=self.pad_id, top_k=self.top_k, path=path)
             save_tensors(path, outputs)
+            finish_pass(path)
         size = sum(t.numel() * t.element_size() for t in outputs.values())
         tokens = int((inputs != self.pad_id).sum())
         log.info("Teacher top-%d for %d records (%d tokens) cached at %s: %.1f MB (%d bytes per token)",
                  self.top_k, len(inputs), tokens, path, size / 1e6, size // max(inputs.numel(), 1))
         return outputs
-
-    @torch.inference_mode()
-    def _run_teacher(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        model = self._teacher[0]
-        values = torch.zeros(*inputs.shape, self.top_k, dtype=torch.float16)
-        ids = torch.zeros(*inputs.shape, self.top_k, dtype=torch.int32)
-        next_nll = torch.zeros(inputs.shape)  # -log p(the actual next token): the teacher's perplexity
-        start, reported = time.perf_counter(), 0.0
-        size = TEACHER_BATCH if self.device.type == "cpu" else DEVICE_TEACHER_BATCH
-        for first in range(0, len(inputs), size):
-            rows = slice(first, first + size)
-            batch = inputs[rows].to(self.device)
-            mask = (batch != self.pad_id).long()
-            mask[:, 0] = 1
-            log_probs = model(input_ids=batch, attention_mask=mask).logits.float().log_softmax(-1)
-            top = log_probs.topk(self.top_k, dim=-1)
-            values[rows] = top.values.half().cpu()
-            ids[rows] = top.indices.int().cpu()
-            next_nll[rows, :-1] = -log_probs[:, :-1].gather(-1, batch[:, 1:, None])[..., 0].cpu()
-            elapsed = time.perf_counter() - start
-            if elapsed - reported > 30:
-                reported = elapsed
-                done = min(first + size, len(inputs))
-                log.info("Teacher on %s: %d/%d records in %.0f s (%.0f tokens/s, about %.0f s left)", self.device,
-                         done, len(inputs), elapsed, done * inputs.shape[1] / elapsed,
-                         elapsed * (len(inputs) - done) / done)
-        return {"values": values, "ids": ids, "next_nll": next_nll}
 
     # --- students, objective, evaluation, export ---
 
@@ -398,7 +370,7 @@ class LMEvaluator:
                 ids, labels = (t.to(where) for t in data.tensors)
                 teacher_top1 = self.cached[name]["ids"][..., 0].long().to(where)
                 nll, agree = 0.0, 0
-                for rows in torch.arange(len(ids)).split(TEACHER_BATCH):
+                for rows in torch.arange(len(ids)).split(CPU_BATCH if where.type == "cpu" else DEVICE_BATCH):
                     batch, mask = labels[rows], labels[rows] != IGNORE
                     log_probs = model(ids[rows], attention_mask=attention_mask(batch)).float().log_softmax(-1)
                     target = batch.clamp(min=0)
