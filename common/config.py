@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from common.config_base import CONF_DIR, ConfigError, require, require_fraction
-from common.device import check_device
+from common.device import check_device, has_accelerator
 from common.task_config import TaskConfig, task_config_type
 
 RUNS_ENV = "FEDISTILL_RUNS_DIR"  # where a ServerApp puts a run's folder when the run sets no run_dir
@@ -391,5 +391,7 @@ def to_config(raw: DictConfig, overrides: list[str], values: Any = None) -> Conf
             f"config key {key!r} is not accepted: {str(err).splitlines()[0]}"
         ) from None
     assert isinstance(config, Config)
+    check_device(config.device, where="device")
+    config.task = config.task.for_device(has_accelerator(config.device))
     config.validate()
     return config

@@ -43,6 +43,14 @@ def torch_device(name: str) -> torch.device:
     return device
 
 
+def has_accelerator(name: str) -> bool:
+    """Whether `name` means an accelerator here (auto: one is present), for defaults by device
+    class; it does not check that a named one exists (torch_device does)."""
+    if name == "auto":
+        return torch.cuda.is_available() or torch.backends.mps.is_available()
+    return name != "cpu"
+
+
 def describe_device(name: str) -> str:
     """The device `name` resolves to, in words, for benchmark results: its kind, model and torch."""
     device = torch_device(name)

@@ -26,7 +26,8 @@ from typing import Any
 from common.config import Config, ConfigError, DistillConfig, ExchangeConfig, PrivacyConfig, StudentConfig
 from common.task_config import TASK_NAME
 
-VERSION = 3  # 2: exchange.choose_teacher_weight; 3: exchange.assumed_hostile, exchange.clip_update_norm
+VERSION = 4  # 2: exchange.choose_teacher_weight; 3: exchange.assumed_hostile, exchange.clip_update_norm;
+             # 4: student.budget (student=pruned)
 MAX_BYTES = 64 * 1024
 MAX_ITEMS = 64  # the longest list any key may hold
 MAX_STRING = 64
@@ -38,8 +39,8 @@ SOURCE = re.compile(rf"[A-Za-z0-9_-]{{1,64}}|{_IDENTIFIER}(\.{_IDENTIFIER}){{0,1
 BIG = 2**20
 BOUNDS: dict[str, tuple[float, float]] = {
     "rounds": (1, 100_000), "seed": (0, 2**32 - 1),
-    "student.hidden": (1, BIG), "student.dim": (1, BIG), "student.layers": (1, 256), "student.heads": (1, 1024),
-    "student.ff": (1, BIG),
+    "student.hidden": (1, BIG), "student.dim": (1, BIG), "student.layers": (1, 256), "student.heads": (0, 1024),
+    "student.ff": (1, BIG), "student.budget": (1e-6, 1.0),
     "distill.temperature": (0, 1000), "distill.alpha": (0, 1), "distill.local_epochs": (1, 1000),
     "distill.sample_rate": (1e-6, 1), "distill.batch_size": (1, BIG), "distill.lr": (0, 1e6),
     "distill.momentum": (0, 1), "distill.feature_weight": (0, 1e6), "distill.attention_weight": (0, 1e6),

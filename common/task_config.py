@@ -113,6 +113,11 @@ class TaskConfig:
                  f"distill.feature_weight and distill.attention_weight need pooled features and attention maps, "
                  f"which task={self.name}'s students do not have (task=text's do)")
 
+    def for_device(self, accelerator: bool) -> TaskConfig:
+        """These settings with the defaults that depend on the run's device class filled in (the
+        coordinator's: the request carries them filled); by default there are none."""
+        return self
+
     def site_settings(self) -> dict[str, Any]:
         """These settings as a site file's `task:` block holds them: every key but name, source and
         kind, with the paths in them made absolute."""

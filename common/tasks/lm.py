@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -46,6 +46,7 @@ from common.tasks.lm_corpus import (STDLIB, CorpusConfig, CorpusError, Records, 
 
 log = logging.getLogger(__name__)
 
+DEVICE_RECORDS = {False: 128, True: 1024}  # task.corpus.max_records by default: CPU, accelerator
 IMPORTANCE_RECORDS = 32    # public records that rank the teacher's layers, heads and channels (student=pruned)
 IGNORE = -100  # no next token to predict (padding, a record's last token)
 
@@ -77,6 +78,11 @@ class LMTaskConfig(TaskConfig):
         self.corpus.validate()
         require(self.sites_per_record == 1, "task=lm gives each simulated site its own corpus (task.corpus.sites): "
                 f"task.sites_per_record must be 1, got {self.sites_per_record}")
+
+    def for_device(self, accelerator: bool) -> LMTaskConfig:
+        if self.corpus.max_records is not None:
+            return self
+        return replace(self, corpus=replace(self.corpus, max_records=DEVICE_RECORDS[accelerator]))
 
     def site_settings(self) -> dict:
         return {**super().site_settings(),

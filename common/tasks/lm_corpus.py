@@ -34,14 +34,17 @@ class CorpusConfig:
     suffixes: list[str] = field(default_factory=lambda: [".py"])
     max_length: int = 128          # tokens per record
     held_out: float = 0.2          # share of each site's files kept for evaluation
-    max_records: int = 0           # > 0: a seeded sample of this many training records per site, and public ones
+    max_records: int | None = 0    # > 0: a seeded sample of this many training records per site, and public
+                                   # ones; None: by the run's device class (common/tasks/lm.py, DEVICE_RECORDS)
     eval_records: int = 0          # > 0: the same for held-out records per site and unseen domain
 
     def validate(self) -> None:
         require(self.max_length >= 4, f"task.corpus.max_length must be >= 4 tokens, got {self.max_length}")
         require_fraction("task.corpus.held_out", self.held_out)
         for key in ("max_records", "eval_records"):
-            require(getattr(self, key) >= 0, f"task.corpus.{key} must be >= 0 (0: no limit), got {getattr(self, key)}")
+            value = getattr(self, key)
+            require(value is None and key == "max_records" or value is not None and value >= 0,
+                    f"task.corpus.{key} must be >= 0 (0: no limit), got {value}")
         require(all(self.sites), f"task.corpus.sites holds an empty corpus: {self.sites}")
         require(bool(self.public), "task.corpus.public is empty: the server's warm start and the logits exchange "
                                    "need a public corpus (folders, globs or stdlib:<package>)")

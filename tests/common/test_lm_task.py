@@ -16,7 +16,7 @@ from common.step_plan import plan_round
 from common.config import load_config
 from common.losses import TOPK_IDS, TOPK_LOGPROBS
 from common.tasks import build_task
-from common.tasks.lm import IGNORE
+from common.tasks.lm import DEVICE_RECORDS, IGNORE
 
 
 def test_sites_public_and_held_out_records_and_their_next_token_labels(lm_overrides):
@@ -113,3 +113,13 @@ def test_training_on_next_tokens_lowers_perplexity_and_the_student_exports(lm_ov
     assert torch.isin(out[0, prompt["input_ids"].shape[1]:], task.output_ids).all()
     outside = set(range(len(tokenizer))) - set(task.output_ids.tolist())
     assert set(model.generation_config.suppress_tokens) == outside and outside
+
+
+def test_records_per_site_default_by_the_device_class_and_travel_filled(monkeypatch):
+    assert load_config(["task=lm", "device=cpu"]).task.corpus.max_records == DEVICE_RECORDS[False] == 128
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with a GPU, as auto sees it
+    config = load_config(["task=lm"])
+    assert config.task.corpus.max_records == DEVICE_RECORDS[True] > 128
+    assert config.task.site_settings()["corpus"]["max_records"] == DEVICE_RECORDS[True]  # the sites get the number
+    assert load_config(["task=lm", "device=cpu"]).task.corpus.max_records == 128
+    assert load_config(["task=lm", "task.corpus.max_records=300"]).task.corpus.max_records == 300

@@ -74,7 +74,7 @@ def _set(document: dict, key: str, value) -> dict:
     ("distill.sample_rate", 0), ("distill.lr", -1), ("exchange.mode", "both"),
     ("exchange.site_students", [{"arch": "mlp"}]), ("exchange.site_students", [{"hidden": "64"}]),
     ("exchange.server.warm_start", "yes"), ("exchange.server", None), ("student", KeyError), ("privacy.delta", KeyError),
-    ("version", 2), ("version", 4), ("version", True),
+    ("version", 3), ("version", 5), ("version", True),
 ])
 def test_a_request_outside_the_schema_is_refused(key, value):
     document = _set(_document(), key, value)
