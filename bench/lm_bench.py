@@ -10,7 +10,8 @@ top-1 agreement with the teacher, bytes per site per round. Then teacher, studen
 student and pruned student cost (parameters, size on disk, tokens per second on one CPU thread) and the
 issue's targets, each with its margin. Prints tables and writes bench/results/bench-lm.json.
 
-    python -m bench.lm_bench [--seeds 3] [--epsilons 3 8] [--only PREFIX] [--pruned student.X=...] [overrides ...]
+    python -m bench.lm_bench [--seeds 3] [--epsilons 3 8] [--only PREFIX] [--pruned student.X=...] [--dp-only]
+                              [overrides ...]
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ PRUNED_PUBLIC = "public corpus only (pruned student)"
 SCORES = ("perplexity", "perplexity_unseen", "agreement")
 
 
-def lm_settings(epsilons: list[str]) -> list[tuple[str, str, list[str]]]:
-    levels = [(eps, [f"privacy.epsilon={eps}"]) for eps in epsilons] + [("no DP", ["privacy=none"])]
+def lm_settings(epsilons: list[str], *, without_dp: bool = True) -> list[tuple[str, str, list[str]]]:
+    levels = [(eps, [f"privacy.epsilon={eps}"]) for eps in epsilons] + [("no DP", ["privacy=none"])] * without_dp
     settings: list[tuple[str, str, list[str]]] = [("teacher", "-", []), (PUBLIC, "-", [])]
     for name, extra in ((TEACHER, []), (CROSS_ENTROPY, ["distill.alpha=0"])):
         settings += [(name, eps, extra + privacy) for eps, privacy in levels]
@@ -191,6 +192,7 @@ def main() -> None:
                         help="the DP budgets of the DP rows (none: only the no-DP rows)")
     parser.add_argument("--pruned", nargs="*", default=[], metavar="OVERRIDE",
                         help="student.* overrides of the pruned student's rows, e.g. student.budget=0.25")
+    parser.add_argument("--dp-only", action="store_true", help="leave out the rows without DP")
     parser.add_argument("--out", default="bench-lm.json", help="file name under bench/results/")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every setting")
     args = parser.parse_args()
@@ -212,7 +214,7 @@ def main() -> None:
         f"{k} {v['params']:,} parameters, {v['size_bytes'] / 2**20:.1f} MiB, {v['tokens_per_s']:,.0f} tokens/s"
         for k, v in cost.items()))
     print(f"Perplexity and agreement with the teacher, mean over {args.seeds} seeds:")
-    rows = rows_for(lm_settings(args.epsilons), overrides, cache, args, results.save_rows)
+    rows = rows_for(lm_settings(args.epsilons, without_dp=not args.dp_only), overrides, cache, args, results.save_rows)
     print_table(rows)
     print_domains(rows, config.task.corpus.sites)
     results["targets"] = targets(rows, cost)

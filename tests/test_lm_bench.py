@@ -20,6 +20,7 @@ def test_every_row_the_issue_asks_for():
     assert [eps for n, eps, _ in settings if n == LOGITS] == ["8"]
     assert [eps for n, eps, _ in settings if n == PRUNED] == ["3", "8", "no DP"]
     assert all("student=pruned" in extra for n, _, extra in settings if n in (PRUNED, PRUNED_PUBLIC))
+    assert "no DP" not in [eps for _, eps, _ in lm_settings(["3"], without_dp=False)]
     for _, _, extra in settings:
         config = load_config(["task=lm", *extra, "seed=1"])
         other = [o.replace("privacy.epsilon=8", "privacy.epsilon=3") for o in extra]
