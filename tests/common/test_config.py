@@ -54,3 +54,12 @@ def test_no_dp_must_be_asked_for_explicitly():
     assert not config.privacy.enabled
     with pytest.raises(ConfigError, match="privacy=none"):
         load_config(["privacy.epsilon=inf"])
+
+
+def test_a_pairing_file_sets_what_a_task_needs_with_one_student_and_overrides_still_win():
+    assert load_config(["task=lm"]).exchange.server.lr == 0.003  # task=lm's own, for its from-scratch student
+    pruned = load_config(["task=lm", "student=pruned"])
+    assert (pruned.exchange.server.lr, pruned.exchange.server.epochs) == (0.001, 10)  # conf/pairing/lm_pruned.yaml
+    assert load_config(["task=lm", "student=pruned", "exchange.server.lr=0.0002"]).exchange.server.lr == 0.0002
+    with pytest.raises(ConfigError, match="task=mnist trains mlp students"):
+        load_config(["student=pruned"])  # no pairing file for mnist: composed, then refused by the task
