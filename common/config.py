@@ -391,7 +391,6 @@ def to_config(raw: DictConfig, overrides: list[str], values: Any = None) -> Conf
             f"config key {key!r} is not accepted: {str(err).splitlines()[0]}"
         ) from None
     assert isinstance(config, Config)
-    check_device(config.device, where="device")
     config.task = config.task.for_device(has_accelerator(config.device))
     config.validate()
     return config

@@ -62,8 +62,7 @@ def measure_importance(teacher: nn.Module, inputs: torch.Tensor, pad_id: int, ba
     """Layer, head and channel importance of `teacher` on the token ids `inputs` [N, T] (padding not counted)."""
     layers = decoder_layers(teacher)
     config = teacher.config
-    heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or head_dim
+    heads, (_, head_dim) = config.num_attention_heads, _head_layout(config)
     device = next(teacher.parameters()).device
     influence = torch.zeros(len(layers))
     head_norm = torch.zeros(len(layers), heads)
@@ -108,6 +107,12 @@ def measure_importance(teacher: nn.Module, inputs: torch.Tensor, pad_id: int, ba
     return Importance(influence / tokens, head_norm / tokens, channel / tokens)
 
 
+def _head_layout(config) -> tuple[int, int]:
+    """(key-value heads, width of a head) of a Llama-family config."""
+    return (config.num_key_value_heads or config.num_attention_heads,
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
 def non_embedding_params(model: nn.Module) -> int:
     """Parameters outside the token embeddings and output head."""
     embeddings = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
@@ -117,8 +122,7 @@ def non_embedding_params(model: nn.Module) -> int:
 def plan_widths(teacher_config, teacher_params: int, config: PruneConfig) -> tuple[int, int]:
     """(query heads, MLP channels) per kept layer, the channels as many as the budget leaves."""
     tc = teacher_config
-    kv_heads = tc.num_key_value_heads or tc.num_attention_heads
-    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    kv_heads, head_dim = _head_layout(tc)
     heads = config.heads or tc.num_attention_heads
     if not 1 <= config.layers <= tc.num_hidden_layers:
         raise PruneError(f"student.layers={config.layers}: the teacher has {tc.num_hidden_layers} layers to keep from")
@@ -148,8 +152,7 @@ def prune(teacher: nn.Module, importance: Importance, config: PruneConfig) -> Ll
     """A LlamaForCausalLM in fp32 on the CPU holding the teacher's most important parts, within the budget."""
     layers = decoder_layers(teacher)
     tc = teacher.config
-    kv_heads = tc.num_key_value_heads or tc.num_attention_heads
-    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    kv_heads, head_dim = _head_layout(tc)
     heads, channels = plan_widths(tc, non_embedding_params(teacher), config)
     settings = {k: v for k, v in tc.to_dict().items() if k in LlamaConfig().to_dict()}
     settings |= {"num_hidden_layers": config.layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
