@@ -1,11 +1,13 @@
-"""What every config block uses: where conf/ is, the error a refused setting raises, and the
-checks that raise it with a message naming the key, the value and what is allowed."""
+"""What every config block uses: where conf/ is, the variable naming a site's policy file, the
+error a refused setting raises, and the checks that raise it with a message naming the key, the
+value and what is allowed. Importing it loads nothing heavy (the simulation runner holds no torch)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+POLICY_ENV = "FEDISTILL_SITE_POLICY"  # the site policy file of processes started without a node config
 
 
 class ConfigError(ValueError):

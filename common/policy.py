@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from common.config import CONF_DIR, ConfigError, HostileConfig, cache_path
+from common.config_base import POLICY_ENV
 from common.device import check_device
 from common.task_config import check_task_settings
 
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 
 POLICY_FILE = CONF_DIR / "site.yaml"
 POLICY_NODE_KEY = "site-policy"
-POLICY_ENV = "FEDISTILL_SITE_POLICY"
 SITE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 

@@ -23,7 +23,7 @@ from typing import Callable, NoReturn
 
 import tomli_w
 
-from common.policy import POLICY_ENV
+from common.config_base import POLICY_ENV
 from fedistill.app_bundle import staged_app
 from fedistill.console import INTERRUPTED, ProgressOnly, final_table
 from fedistill.processes import Child, console_script, free_port, interrupt_on_sigterm, run_streaming
