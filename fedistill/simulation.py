@@ -31,6 +31,10 @@ from fedistill.ray_hook import FORWARD_ENV, HOOK
 
 CONNECTION = "fedistill-sim"
 RAY_HOOK_ENV = "RAY_RUNTIME_ENV_HOOK"
+# Ray gives its node a fixed 30 s to start (ray/_private/node.py). On a busy machine that can run out
+# before any ClientApp exists: no site has trained or spent anything, and the run can be submitted again.
+RAY_START_TIMEOUT = "The current node timed out during startup"
+RAY_START_ATTEMPTS = 2
 
 
 class SimulationSuperLink:
@@ -83,14 +87,29 @@ class SimulationSuperLink:
 
     def run(self, app_dir: Path, run_config: Path, *, num_supernodes: int, cpus_per_site: int,
             echo: Callable[[str], None]) -> int:
-        """`flwr run` the app; every log line goes to flower.log and to `echo`. Returns flwr's exit code."""
+        """`flwr run` the app; every log line goes to flower.log and to `echo`. Returns flwr's exit code.
+        A run whose Ray did not start is submitted once more, and says so."""
         with staged_app(app_dir) as app:
             command = [
                 console_script("flwr"), "run", str(app), CONNECTION, "--stream",
                 "--run-config", str(run_config),
                 "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_site}",
             ]
-            return run_streaming(command, env=self.env(), log=self.workdir / "flower.log", echo=echo)
+            for attempt in range(1, RAY_START_ATTEMPTS + 1):
+                ray_failed = []
+
+                def watch(line: str) -> None:
+                    if RAY_START_TIMEOUT in line:
+                        ray_failed.append(line)
+                    echo(line)
+
+                code = run_streaming(command, env=self.env(), log=self.workdir / "flower.log", echo=watch)
+                if not ray_failed:
+                    return code
+                again = "; submitting the run again" if attempt < RAY_START_ATTEMPTS else ""
+                print(f"fedistill: Ray did not start within its fixed 30 s (the machine is busy), so no site has "
+                      f"trained{again}", file=sys.stderr)
+            return code
 
     def stop(self) -> None:
         self.superlink.stop()
