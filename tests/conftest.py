@@ -143,12 +143,16 @@ def tiny_lm_teacher(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture
-def lm_overrides(tiny_lm_teacher, tmp_path, cache_dir) -> list[str]:
+def lm_settings(teacher: Path, run_dir: Path, cache_dir: str | Path) -> list[str]:
     """task=lm on the tiny teacher and small standard-library corpora, shrunk to run in seconds."""
-    return ["task=lm", f"task.teacher.path={tiny_lm_teacher}", "task.teacher.top_k=4",
+    return ["task=lm", f"task.teacher.path={teacher}", "task.teacher.top_k=4",
             "task.corpus.sites=[[stdlib:json],[stdlib:html]]", "task.corpus.public=[stdlib:logging]",
             "task.corpus.unseen=[stdlib:wsgiref]", "task.corpus.max_length=32",
             "task.corpus.max_records=12", "task.corpus.eval_records=4", "student.dim=16", "student.heads=2",
-            "student.ff=32", "student.layers=1", "sites=2", "rounds=2", f"run_dir={tmp_path / 'run'}",
+            "student.ff=32", "student.layers=1", "sites=2", "rounds=2", f"run_dir={run_dir}",
             f"cache_dir={cache_dir}"]
+
+
+@pytest.fixture
+def lm_overrides(tiny_lm_teacher, tmp_path, cache_dir) -> list[str]:
+    return lm_settings(tiny_lm_teacher, tmp_path / "run", cache_dir)

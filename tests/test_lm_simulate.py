@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.public_outputs import TEACHER_WEIGHTS
+from tests.conftest import lm_settings
 from tests.test_simulate import finished_run, simulate
 
 pytestmark = pytest.mark.e2e  # real Flower simulations
@@ -19,12 +20,19 @@ RUN_FILES = ["config.yaml", "metrics.jsonl", "summary.json", "student/config.jso
              "student/tokenizer.json", "student-int8.pt", "privacy.json", "privacy.md", "progress.png"]
 
 
-@pytest.mark.parametrize("exchange", [["exchange=weights"], ["exchange=logits", "exchange.choose_teacher_weight=true"]],
-                         ids=["weights", "logits"])
-def test_lm_federation_runs_two_rounds_and_exports_a_student_that_generates(lm_overrides, tmp_path, exchange):
-    run_dir = tmp_path / "lm-run"
-    overrides = [o for o in lm_overrides if not o.startswith("run_dir=")] + exchange
-    result = simulate(run_dir, *overrides)
+WEIGHTS, LOGITS = ["exchange=weights"], ["exchange=logits", "exchange.choose_teacher_weight=true"]
+
+
+@pytest.fixture(scope="module")
+def weights_run(tiny_lm_teacher, tmp_path_factory):
+    """The weights-exchange federation on a teacher cache of its own, which it fills: (folder, overrides, result)."""
+    root = tmp_path_factory.mktemp("lm")
+    overrides = [o for o in lm_settings(tiny_lm_teacher, root / "run", root / "cache") if not o.startswith("run_dir=")]
+    return root, overrides, simulate(root / "run", *overrides, *WEIGHTS)
+
+
+def check_federation(run_dir, result, exchange: list[str]) -> None:
+    """Both rounds ran, every run file is there, and the exported student loads with transformers and generates."""
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = finished_run(run_dir, RUN_FILES, rounds=2)
     assert summary["task"] == "lm" and summary["exchange"] == exchange[0].split("=")[1]
@@ -48,13 +56,23 @@ def test_lm_federation_runs_two_rounds_and_exports_a_student_that_generates(lm_o
     assert isinstance(tokenizer.decode(out[0, prompt["input_ids"].shape[1]:]), str)
 
 
-def test_a_second_run_reads_the_teachers_cache_instead_of_recomputing(lm_overrides, tmp_path):
-    overrides = [o for o in lm_overrides if not o.startswith(("run_dir=", "cache_dir="))] + [
-        f"cache_dir={tmp_path / 'cache'}", "rounds=1"]
-    first = simulate(tmp_path / "first", *overrides)
-    cached = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("lm-teacher-topk-*.safetensors")}
+def test_lm_federation_with_the_weights_exchange_exports_a_student_that_generates(weights_run):
+    root, _, result = weights_run
+    check_federation(root / "run", result, WEIGHTS)
+
+
+def test_lm_federation_with_the_logits_exchange_exports_a_student_that_generates(lm_overrides, tmp_path):
+    run_dir = tmp_path / "lm-run"
+    overrides = [o for o in lm_overrides if not o.startswith("run_dir=")] + LOGITS
+    check_federation(run_dir, simulate(run_dir, *overrides), LOGITS)
+
+
+def test_a_second_run_reads_the_teachers_cache_instead_of_recomputing(weights_run):
+    root, overrides, first = weights_run
+    cached = {p.name: p.stat().st_mtime_ns for p in (root / "cache").glob("lm-teacher-topk-*.safetensors")}
     assert len(cached) >= 4  # the sites', the public corpus's and the evaluation's top-k
-    second = simulate(tmp_path / "second", *overrides)
-    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("lm-teacher-topk-*.safetensors")} == cached
+    second = simulate(root / "second", *overrides, "rounds=1")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert {p.name: p.stat().st_mtime_ns for p in (root / "cache").glob("lm-teacher-topk-*.safetensors")} == cached
     assert "Teacher top-" in first.stdout + first.stderr
     assert "Teacher top-" not in second.stdout + second.stderr
