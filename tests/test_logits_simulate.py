@@ -1,5 +1,6 @@
 """End to end: the logits exchange on real Flower processes, with honest sites and with sites
-whose replies are malformed (a ClientApp that corrupts them)."""
+whose replies are malformed (a ClientApp that corrupts them); the float16 wire size in-process
+(the same site round and server exchange, without Flower's processes)."""
 
 from __future__ import annotations
 
@@ -9,35 +10,48 @@ from pathlib import Path
 
 import pytest
 
+from common.config import load_config
+from fedistill.inprocess import federate
 from fedistill.processes import processes_using
 from tests.test_simulate import RUN_FILES, simulate
 
 pytestmark = pytest.mark.e2e  # real Flower simulations
 
 
-@pytest.mark.parametrize(
-    "extra",
-    [
-        ["exchange=logits", "exchange.compression=float16"],
-        ["exchange=logits", "exchange.broadcast=logits", "exchange.compression=topk",
-         "exchange.site_students=[{hidden:[16]},{hidden:[32]},{hidden:[16,16]}]"],
-    ],
-    ids=["logits-broadcast-weights", "logits-broadcast-logits-mixed-students"],
-)
-def test_logits_exchange_runs_end_to_end_with_the_same_run_files(tmp_path, cache_dir, extra):
+LOGITS_TOPK = ["exchange=logits", "exchange.broadcast=logits", "exchange.compression=topk",
+               "exchange.site_students=[{hidden:[16]},{hidden:[32]},{hidden:[16,16]}]"]
+LOGITS_FLOAT16 = ["exchange=logits", "exchange.compression=float16"]
+PUBLIC_ROWS = 90  # 5% of digits' 1,797 images
+
+
+def federation(cache_dir) -> list[str]:
+    return ["task=digits", "sites=3", "rounds=2", f"cache_dir={cache_dir}", "exchange.server.epochs=20"]
+
+
+def check_bytes_up(per_site: float, extra: list[str]) -> None:
+    """Each site sends its public rows' log-probabilities and nothing more: 10 float16 per row, or the
+    top 3 as float16 values and 16-bit indices."""
+    payload, arrays = (PUBLIC_ROWS * 10 * 2, 1) if "exchange.compression=float16" in extra else (PUBLIC_ROWS * 3 * (2 + 2), 2)
+    assert payload <= per_site <= payload + 128 * arrays  # each array also carries a small .npy header
+
+
+def test_logits_exchange_runs_end_to_end_with_the_same_run_files(tmp_path, cache_dir):
+    """Sites of three student shapes, their students kept by Flower between rounds."""
     run_dir = tmp_path / "run"
-    result = simulate(run_dir, "task=digits", "sites=3", "rounds=2", f"cache_dir={cache_dir}",
-                      "exchange.server.epochs=20", *extra)
+    result = simulate(run_dir, *federation(cache_dir), *LOGITS_TOPK)
     assert result.returncode == 0, result.stdout + result.stderr
     for name in RUN_FILES:
         assert (run_dir / name).stat().st_size > 0, name
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["exchange"] == "logits" and summary["rounds_completed"] == 2
-    public_rows = 90  # 5% of digits' 1,797 images
-    per_site = summary["communication"]["bytes_up_per_site_round"]
-    payload, arrays = (public_rows * 10 * 2, 1) if "exchange.compression=float16" in extra else (public_rows * 3 * (2 + 2), 2)
-    assert payload <= per_site <= payload + 128 * arrays  # each array also carries a small .npy header
+    check_bytes_up(summary["communication"]["bytes_up_per_site_round"], LOGITS_TOPK)
     assert "log-probabilities on the public inputs" in (run_dir / "privacy.md").read_text()
+
+
+def test_float16_logits_with_the_weights_broadcast_cost_their_size_on_the_wire(tmp_path, cache_dir):
+    config = load_config([*federation(cache_dir), *LOGITS_FLOAT16, f"run_dir={tmp_path / 'run'}"])
+    _, wire = federate(config, dp_seed=0)
+    check_bytes_up(wire["bytes_up_per_site_round"], LOGITS_FLOAT16)
 
 
 FAULTY_CLIENT = '''

@@ -8,9 +8,6 @@ chooses, including ones the sites must refuse.
 from __future__ import annotations
 
 import json
-import math
-import subprocess
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -55,16 +52,6 @@ def refusals(summary: dict) -> list[dict]:
     return [r for s in summary["privacy"]["sites"] for r in s["refusals"]]
 
 
-def test_an_unlisted_task_source_is_refused_by_every_site(tmp_path, cache_dir):
-    policy = tmp_path / "site.yaml"
-    policy.write_text(f"task_sources: [mnist]\nledger_dir: {tmp_path / 'ledgers'}\ncache_dir: {cache_dir}\n")
-    with sites_with_policy(tmp_path, policy) as link:
-        summary = submit(link, tmp_path / "run", cache_dir)
-    assert summary["rounds_completed"] == 0
-    assert all(r["code"] == "policy" and "task.source is not one of the site's task sources" in r["reason"]
-               for r in refusals(summary))
-
-
 def test_a_round_without_dp_is_recorded_and_later_dp_claims_are_refused(tmp_path, cache_dir):
     policy = tmp_path / "site.yaml"
     policy.write_text(f"require_dp: false\ntask_sources: [digits]\nledger_dir: {tmp_path / 'ledgers'}\n"
@@ -79,24 +66,3 @@ def test_a_round_without_dp_is_recorded_and_later_dp_claims_are_refused(tmp_path
     assert later["rounds_completed"] == 0
     assert {r["code"] for r in refusals(later)} == {"budget"}
     assert "released without DP" in (tmp_path / "link" / "flower.log").read_text()  # the sites' own log says why
-
-
-def test_with_half_the_sites_sampled_each_participating_site_spends_its_budget(tmp_path, cache_dir):
-    run_dir = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "fedistill.cli", "simulate", "task=digits", "sites=4", "rounds=4",
-         "federation.fraction_train=0.5", f"cache_dir={cache_dir}", f"run_dir={run_dir}"],
-        capture_output=True, text=True, timeout=900)
-    leftovers = processes_using(run_dir)
-    for proc in leftovers:
-        proc.kill()
-    assert result.returncode == 0 and not leftovers, result.stdout + result.stderr
-    summary = json.loads((run_dir / "summary.json").read_text())
-    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["sites_sampled"] == 2 for r in rounds)
-    joined = [s for s in summary["privacy"]["sites"] if s["rounds_trained"] > 0]
-    assert sum(s["rounds_trained"] for s in joined) == 8
-    assert min(s["rounds_trained"] for s in joined) < 4  # some sites sat rounds out
-    for s in joined:
-        assert 0.9 * s["budget"] <= s["epsilon"] <= s["budget"], s
-        assert math.isfinite(s["epsilon"])

@@ -15,10 +15,11 @@ import client.round as client_round
 from client.admission import starting_student
 from client.round import train_round
 from common import payload as P
-from common.config import ConfigError
+from common.config import ConfigError, load_config
 from common.monitoring import ACTIVITY_FILE, record_activity
 from common.policy import policy_from
 from common.privacy import LEDGER_FILE, Budget, PrivacyLedger
+from fedistill.inprocess import federate
 
 
 def _seeded(seed=0):
@@ -78,6 +79,27 @@ def test_noise_is_calibrated_for_the_rounds_the_site_has_left(site, round_conten
     reply = _train(site, round_content(site, rounds_left=1))
     assert reply[P.METRICS][P.EPSILON_SPENT] == pytest.approx(site.config.privacy.epsilon, rel=1e-3)
     assert reply[P.METRICS][P.EPSILON_SPENT] <= site.config.privacy.epsilon
+
+
+def test_with_half_the_sites_sampled_each_participating_site_spends_its_budget(tmp_path, cache_dir):
+    """Four sites, four rounds, two sampled per round by the server's round engine: a site sits rounds
+    out, and since it is told the rounds it has left, it still ends close to its whole budget."""
+    config = load_config(["task=digits", "sites=4", "rounds=4", "federation.fraction_train=0.5",
+                          f"cache_dir={cache_dir}", f"run_dir={tmp_path / 'run'}"])
+    trained: dict[int, list[int]] = {}  # round -> nodes that trained it
+
+    def note(node, content, reply):
+        if reply[P.CONFIG][P.STATUS] == P.STATUS_OK:
+            trained.setdefault(content[P.CONFIG][P.SERVER_ROUND], []).append(node)
+
+    _, wire = federate(config, dp_seed=0, on_reply=note)
+    assert sorted(trained) == [1, 2, 3, 4] and all(len(nodes) == 2 for nodes in trained.values())
+    per_site = [sum(node in nodes for nodes in trained.values()) for node in range(4)]
+    assert min(per_site) < 4  # some sites sat rounds out
+    joined = {f"site-{node}" for node, count in enumerate(per_site) if count}
+    assert joined <= set(wire["epsilon_by_site"])
+    for site_name in joined:
+        assert 0.9 * config.privacy.epsilon <= wire["epsilon_by_site"][site_name] <= config.privacy.epsilon, wire
 
 
 def test_a_site_whose_budget_is_spent_refuses_without_telling_its_spend(site, round_content):
