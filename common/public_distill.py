@@ -5,23 +5,29 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from safetensors.torch import load_model
 from torch.utils.data import TensorDataset
 
 from common.config import Config, DistillConfig, ServerDistillConfig
 from common.device import CPU, placed
 from common.losses import LOGITS
+from common.payload import asset_manifest
+from common.storage import atomic_write, filling, save_model
 
 
 @dataclass(frozen=True)
 class DistillReport:
     epochs: int             # epochs run before early stopping
     holdout_loss: float     # best loss on the held-out slice of the public records
+    cached: bool = False    # read from the cache, as an earlier run fitted it
 
 
 def soft_kl(student_logits: torch.Tensor, target_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -122,12 +128,39 @@ class TeacherTransfer:
             self.config, seed=seed, held_out_from=self.public, device=self.device)
 
 
+# The distillation settings the warm start depends on (it uses the local objective, not the DP step).
+OBJECTIVE_SETTINGS = ("temperature", "alpha", "feature_weight", "attention_weight", "attention_layers")
+
+
 def initial_student(task, config: Config) -> tuple[nn.Module, DistillReport | None]:
     """The global student before round 1: initialised from `config.seed`, then warm-started on
-    the public (and transfer) inputs where exchange.server.warm_start says so (with that report)."""
+    the public (and transfer) inputs where exchange.server.warm_start says so (with that report).
+
+    The warm start is the same for the same teacher, public set and settings, and costs every run
+    as much as a round, so it is cached in `config.cache_path`, under a key of all it depends on."""
     torch.manual_seed(config.seed)
     student = task.student(config.student)
     if not config.exchange.server.warm_start:
         return student, None
-    transfer = TeacherTransfer(task, config.distill, config.exchange.server, seed=config.seed)
-    return student, transfer.fit(student, seed=config.seed)
+    path = config.cache_path / f"warm-start-{warm_start_key(task, config)}.safetensors"
+    with filling(path):
+        if path.exists():
+            load_model(student, path)
+            student.eval()
+            return student, DistillReport(**json.loads(path.with_suffix(".json").read_text()), cached=True)
+        report = TeacherTransfer(task, config.distill, config.exchange.server, seed=config.seed).fit(student, seed=config.seed)
+        atomic_write(path.with_suffix(".json"), json.dumps({"epochs": report.epochs,
+                                                            "holdout_loss": report.holdout_loss}).encode())
+        save_model(path, student)
+    return student, report
+
+
+def warm_start_key(task, config: Config) -> str:
+    """What the warm-started student depends on: the teacher and public set by their digests (a file
+    changed in place is another key), the task, student, objective and server-distillation settings,
+    the seed, the device type and torch's version."""
+    parts = {"assets": asset_manifest(task), "task": repr(config.task), "student": repr(config.student),
+             "objective": [repr(getattr(config.distill, key)) for key in OBJECTIVE_SETTINGS],
+             "server": repr(config.exchange.server), "seed": config.seed, "device": task.device.type,
+             "torch": torch.__version__}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]

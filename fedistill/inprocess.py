@@ -20,14 +20,11 @@ from client.round import train_round
 from client.site import Site, load_site
 from common.config import Config
 from common.evaluation import Evaluator, Scores
-from common.public_distill import DistillReport, initial_student
+from common.public_distill import OBJECTIVE_SETTINGS, DistillReport, initial_student
 from common.request import request_of
 from common.site_config import simulated_site_policy, site_config
 from common.tasks import Task, build_task
 from server.rounds import TRAINED, RoundEngine
-
-# The distillation settings the warm start depends on (it uses the local objective, not the DP step).
-OBJECTIVE_SETTINGS = ("temperature", "alpha", "feature_weight", "attention_weight", "attention_layers")
 
 
 def sites_of(config: Config) -> list[Site]:

@@ -80,7 +80,8 @@ def run(grid: Grid, config: Config, *, overrides: list[str], run_id: int, saved:
     if saved is None:
         student, report = initial_student(task, config)
         if report is not None:
-            log(INFO, f"warm start on the public inputs: {report.epochs} epochs, held-out loss {report.holdout_loss:.3f}")
+            log(INFO, f"warm start on the public inputs: {report.epochs} epochs, held-out loss {report.holdout_loss:.3f}"
+                      f"{' (cached by an earlier run)' if report.cached else ''}")
         engine, progress, done = RoundEngine.for_run(config, task, student), Progress(), 0
     else:
         student = task.student(config.student)
