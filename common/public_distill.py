@@ -130,6 +130,7 @@ class TeacherTransfer:
 
 # The distillation settings the warm start depends on (it uses the local objective, not the DP step).
 OBJECTIVE_SETTINGS = ("temperature", "alpha", "feature_weight", "attention_weight", "attention_layers")
+WARM_START_VERSION = 1  # part of the cache key: raise it when the fit itself changes, so no older entry is read
 
 
 def initial_student(task, config: Config) -> tuple[nn.Module, DistillReport | None]:
@@ -158,8 +159,8 @@ def initial_student(task, config: Config) -> tuple[nn.Module, DistillReport | No
 def warm_start_key(task, config: Config) -> str:
     """What the warm-started student depends on: the teacher and public set by their digests (a file
     changed in place is another key), the task, student, objective and server-distillation settings,
-    the seed, the device type and torch's version."""
-    parts = {"assets": asset_manifest(task), "task": repr(config.task), "student": repr(config.student),
+    the seed, the device type, torch's version and the fit's own version."""
+    parts = {"version": WARM_START_VERSION, "assets": asset_manifest(task), "task": repr(config.task), "student": repr(config.student),
              "objective": [repr(getattr(config.distill, key)) for key in OBJECTIVE_SETTINGS],
              "server": repr(config.exchange.server), "seed": config.seed, "device": task.device.type,
              "torch": torch.__version__}

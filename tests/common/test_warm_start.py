@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from common import public_distill
 from common.config import load_config
 from common.public_distill import TeacherTransfer, initial_student, warm_start_key
 from common.tasks import build_task
@@ -58,5 +59,8 @@ def test_the_cache_key_follows_what_the_warm_start_depends_on_and_nothing_else(t
         assert warm_start_key(task, load_config(base + changed)) != key, changed
     for unrelated in (["sites=7"], ["rounds=9"], ["distill.lr=0.5"], ["privacy.epsilon=1"]):
         assert warm_start_key(task, load_config(base + unrelated)) == key, unrelated
+    monkeypatch.setattr(public_distill, "WARM_START_VERSION", public_distill.WARM_START_VERSION + 1)
+    assert warm_start_key(task, config) != key
+    monkeypatch.undo()
     monkeypatch.setattr(type(task), "teacher_digest", lambda self: "another teacher at the same path")
     assert warm_start_key(task, config) != key
