@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from safetensors.torch import load_model
 from torch import nn
 from torch.nn import functional as F
-from safetensors.torch import load_model
 from torch.utils.data import TensorDataset
 
 from common.config import Config, DistillConfig, ServerDistillConfig
@@ -160,8 +160,8 @@ def warm_start_key(task, config: Config) -> str:
     """What the warm-started student depends on: the teacher and public set by their digests (a file
     changed in place is another key), the task, student, objective and server-distillation settings,
     the seed, the device type, torch's version and the fit's own version."""
-    parts = {"version": WARM_START_VERSION, "assets": asset_manifest(task), "task": repr(config.task), "student": repr(config.student),
-             "objective": [repr(getattr(config.distill, key)) for key in OBJECTIVE_SETTINGS],
+    parts = {"version": WARM_START_VERSION, "assets": asset_manifest(task), "task": repr(config.task),
+             "student": repr(config.student), "objective": [repr(getattr(config.distill, key)) for key in OBJECTIVE_SETTINGS],
              "server": repr(config.exchange.server), "seed": config.seed, "device": task.device.type,
              "torch": torch.__version__}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]

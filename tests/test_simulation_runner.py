@@ -1,14 +1,17 @@
-"""The process that runs Flower for `fedistill simulate` holds no model stack while the sites train."""
+"""The process that runs Flower for `fedistill simulate` holds no model stack while the sites train, and
+a run whose Ray node did not start is submitted once more, and once only."""
 
 import subprocess
 import sys
+
+import fedistill.simulation as simulation
+from fedistill.cli import APP_DIR
 
 
 def test_the_simulation_runner_imports_no_torch():
     check = "import sys, fedistill.simulation; sys.exit('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, "fedistill.simulation imports torch" + result.stderr
-
 
 
 def flower_that_prints(outputs: list[str]):
@@ -28,9 +31,6 @@ RAY_LINE = ("An exception occured!! The current node timed out during startup. T
 
 
 def submit(tmp_path, monkeypatch, outputs: list[str]) -> list:
-    import fedistill.simulation as simulation
-    from fedistill.cli import APP_DIR
-
     fake, runs = flower_that_prints(outputs)
     monkeypatch.setattr(simulation, "run_streaming", fake)
     link = simulation.SimulationSuperLink(tmp_path)  # not entered: no SuperLink process is needed here
@@ -48,8 +48,6 @@ def test_a_run_whose_ray_did_not_start_is_submitted_once_more_and_says_so(tmp_pa
 
 
 def test_ray_is_given_two_starts_at_most_and_other_failures_none_more(tmp_path, monkeypatch, capsys):
-    import fedistill.simulation as simulation
-
     assert len(submit(tmp_path, monkeypatch, [RAY_LINE] * 5)) == simulation.RAY_START_ATTEMPTS == 2
     assert "submitting the run again" in capsys.readouterr().err
     assert len(submit(tmp_path, monkeypatch, ["ERROR the ServerApp raised", "never reached"])) == 1
