@@ -1,10 +1,12 @@
 import json
 import math
 
+import numpy as np
 import pytest
 from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 
-from common.accounting import epsilon_of
+from common.accounting import ORDERS, _rdp_per_step, epsilon_of
 from common.privacy import (LEDGER_FILE, Budget, BudgetExhausted, DataFingerprint, LedgerError, PrivacyLedger,
                             RoundAlreadyTrained, RoundLimit)
 
@@ -26,6 +28,14 @@ def test_epsilon_equals_opacus_rdp_accountant():
     accountant = RDPAccountant()
     accountant.history = list(blocks)
     assert epsilon_of(blocks, delta=DELTA) == pytest.approx(accountant.get_epsilon(delta=DELTA), rel=1e-9)
+
+
+@pytest.mark.parametrize("sigma, rate", [(0.5, 0.25), (1.0, 0.1), (0.8, 0.01), (3.0, 0.05), (50.0, 1e-4),
+                                         (0.3, 0.9), (1.7, 0.999), (1.0, 1.0), (0.0, 0.1), (2.0, 0.0)])
+def test_the_rdp_of_a_step_is_opacus_compute_rdp_to_the_bit(sigma, rate):
+    """The terms are computed in blocks, but summed as Opacus sums them: the same floats, not close ones."""
+    expected = rdp_analysis.compute_rdp(q=rate, noise_multiplier=sigma, steps=1, orders=ORDERS)
+    assert np.array_equal(_rdp_per_step(sigma, rate), expected)
 
 
 @pytest.mark.parametrize("budget, rate, steps", [(1.0, 1 / 8, 80), (3.0, 1 / 10, 100), (8.0, 0.05, 400)])
