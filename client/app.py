@@ -8,6 +8,9 @@ message as a typed request (common/request.py), and everything else is the site'
 
 from __future__ import annotations
 
+# Before anything else: see common/preload.py for the two-thread import race this prevents.
+import common.preload  # noqa: F401, I001
+
 import logging
 import time
 from collections.abc import Callable

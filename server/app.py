@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+# Before anything else: see common/preload.py for the two-thread import race this prevents.
+import common.preload  # noqa: F401, I001
+
 import dataclasses
 import os
 import time
