@@ -16,8 +16,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from common.config_base import CONF_DIR, ConfigError, require, require_fraction
-from common.device import check_device, has_accelerator
+from common.config_base import CONF_DIR, ConfigError, check_device, require, require_fraction
 from common.task_config import TaskConfig, task_config_type
 
 RUNS_ENV = "FEDISTILL_RUNS_DIR"  # where a ServerApp puts a run's folder when the run sets no run_dir
@@ -391,6 +390,10 @@ def to_config(raw: DictConfig, overrides: list[str], values: Any = None) -> Conf
             f"config key {key!r} is not accepted: {str(err).splitlines()[0]}"
         ) from None
     assert isinstance(config, Config)
+    # torch is imported here, not with this module: commands that only read files (status, certs,
+    # register) import the config types without it
+    from common.device import has_accelerator
+
     config.task = config.task.for_device(has_accelerator(config.device))
     config.validate()
     return config

@@ -4,6 +4,7 @@ value and what is allowed. Importing it loads nothing heavy (the simulation runn
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -12,6 +13,15 @@ POLICY_ENV = "FEDISTILL_SITE_POLICY"  # the site policy file of processes starte
 
 class ConfigError(ValueError):
     """A configuration key or value that fedistill refuses, with what is allowed."""
+
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check_device(name: str, *, where: str) -> None:
+    """ConfigError naming `where` unless `name` is a device this setting takes (common/device.py resolves it)."""
+    if not isinstance(name, str) or not DEVICE.fullmatch(name):
+        raise ConfigError(f"{where} must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
 
 
 def require(ok: bool, message: str) -> None:

@@ -9,22 +9,14 @@ each batch as it is used.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from common.config_base import ConfigError
+from common.config_base import ConfigError, check_device
 
-DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 CPU = torch.device("cpu")
-
-
-def check_device(name: str, *, where: str) -> None:
-    """ConfigError naming `where` unless `name` is a device this setting takes."""
-    if not isinstance(name, str) or not DEVICE.fullmatch(name):
-        raise ConfigError(f"{where} must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
 
 
 def torch_device(name: str) -> torch.device:

@@ -33,8 +33,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from common.config import CONF_DIR, ConfigError, HostileConfig, cache_path
-from common.config_base import POLICY_ENV
-from common.device import check_device
+from common.config_base import POLICY_ENV, check_device
 from common.task_config import check_task_settings
 
 if TYPE_CHECKING:

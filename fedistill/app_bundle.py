@@ -17,8 +17,6 @@ import tomllib
 from pathlib import Path
 from typing import Iterator
 
-from flwr.cli.utils import build_pathspec
-
 GLOB_CHARACTERS = set("*?[")
 ALWAYS_STAGED = ("pyproject.toml", ".gitignore")
 STAGED_NAME = "app"
@@ -59,6 +57,8 @@ def _walk_roots(patterns: list[str]) -> set[str]:
 
 def included_files(app_dir: Path, patterns: list[str]) -> list[str]:
     """The app's files (relative POSIX paths, no symlinks, as Flower skips them) that `patterns` match."""
+    from flwr.cli.utils import build_pathspec  # here: it imports Flower's CLI and fastapi (a second per command)
+
     spec = build_pathspec(patterns)
     found = set()
     for root in _walk_roots(patterns):

@@ -33,7 +33,6 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-from scipy import optimize, special, stats
 
 from common.config import Config, ConfigError, load_config
 
@@ -75,10 +74,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 # --- the bound ---
+# scipy is imported where it is used: `fedistill` builds every command's parser from this module,
+# and `fedistill status` should not wait a second for scipy.
 
 def p_value(m: int, guesses: int, correct: int, epsilon: float, delta: float) -> float:
     """The chance that an (epsilon, delta)-DP run lets `guesses` guesses about m canaries get at
     least `correct` right (Steinke et al. 2023, Theorem 3.3 with its delta term)."""
+    from scipy import special, stats
+
     q = special.expit(epsilon)
     beta = stats.binom.sf(correct - 1, guesses, q)
     if delta == 0:
@@ -98,6 +101,8 @@ def epsilon_lower_bound(planted: np.ndarray, held_back: np.ndarray, *, delta: fl
                         significance: float = SIGNIFICANCE) -> float:
     """The largest epsilon that guessing "planted" for the r top-scoring canaries rejects at
     `significance`, over the cut-offs r (Bonferroni: each tested at significance / their number)."""
+    from scipy import optimize, special
+
     m = len(planted) + len(held_back)
     is_planted = np.concatenate([np.ones(len(planted), bool), np.zeros(len(held_back), bool)])
     order = np.argsort(-np.concatenate([planted, held_back]), kind="stable")
@@ -117,6 +122,8 @@ def epsilon_lower_bound(planted: np.ndarray, held_back: np.ndarray, *, delta: fl
 
 def auc(planted: np.ndarray, held_back: np.ndarray) -> float:
     """The chance a planted canary scores above a held-back one (ties count half)."""
+    from scipy import stats
+
     return float(stats.mannwhitneyu(planted, held_back).statistic / (len(planted) * len(held_back)))
 
 

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 from fedistill.cli import pin
 from fedistill.console import ProgressOnly
 
@@ -16,3 +19,13 @@ def test_progress_shows_tagged_lines_and_errors_once(capsys):
 
 def test_pin_replaces_what_the_user_gave():
     assert pin(["sites=3", "run_dir=rel", "+run_dir=x"], "run_dir", "/abs/run") == ["sites=3", 'run_dir="/abs/run"']
+
+
+def test_the_command_imports_no_model_stack_before_a_handler_needs_it():
+    """`fedistill status`, `register` or `--help` start in about a second, not seven: torch, Opacus,
+    scipy and Flower's CLI (with fastapi) are imported only by the handlers that use them."""
+    heavy = ("torch", "opacus", "scipy", "fastapi", "transformers")
+    done = subprocess.run([sys.executable, "-c", "import sys, fedistill.cli; "
+                           f"print(' '.join(m for m in {heavy!r} if m in sys.modules))"],
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.split() == []
