@@ -1,6 +1,6 @@
 """End to end: `fedistill simulate task=lm` on real Flower processes, with a tiny Llama teacher
-built in the test, in both exchange modes; the teacher's cache is read by a second run, and
-the exported student loads with transformers and generates."""
+built in the test, in both exchange modes; the second (the logits exchange) reads the teacher's
+cache the first filled, and the exported students load with transformers and generate."""
 
 from __future__ import annotations
 
@@ -29,6 +29,15 @@ def weights_run(tiny_lm_teacher, tmp_path_factory):
     root = tmp_path_factory.mktemp("lm")
     overrides = [o for o in lm_settings(tiny_lm_teacher, root / "run", root / "cache") if not o.startswith("run_dir=")]
     return root, overrides, simulate(root / "run", *overrides, *WEIGHTS)
+
+
+@pytest.fixture(scope="module")
+def logits_run(weights_run):
+    """The logits-exchange federation, a second run on the first's teacher cache: (folder, result,
+    the cache's top-k files before it, by name and modification time)."""
+    root, overrides, _ = weights_run
+    cached = {p.name: p.stat().st_mtime_ns for p in (root / "cache").glob("lm-teacher-topk-*.safetensors")}
+    return root / "logits-run", simulate(root / "logits-run", *overrides, *LOGITS), cached
 
 
 def check_federation(run_dir, result, exchange: list[str]) -> None:
@@ -61,17 +70,15 @@ def test_lm_federation_with_the_weights_exchange_exports_a_student_that_generate
     check_federation(root / "run", result, WEIGHTS)
 
 
-def test_lm_federation_with_the_logits_exchange_exports_a_student_that_generates(lm_overrides, tmp_path):
-    run_dir = tmp_path / "lm-run"
-    overrides = [o for o in lm_overrides if not o.startswith("run_dir=")] + LOGITS
-    check_federation(run_dir, simulate(run_dir, *overrides), LOGITS)
+def test_lm_federation_with_the_logits_exchange_exports_a_student_that_generates(logits_run):
+    run_dir, result, _ = logits_run
+    check_federation(run_dir, result, LOGITS)
 
 
-def test_a_second_run_reads_the_teachers_cache_instead_of_recomputing(weights_run):
-    root, overrides, first = weights_run
-    cached = {p.name: p.stat().st_mtime_ns for p in (root / "cache").glob("lm-teacher-topk-*.safetensors")}
+def test_a_second_run_reads_the_teachers_cache_instead_of_recomputing(weights_run, logits_run):
+    root, _, first = weights_run
+    _, second, cached = logits_run
     assert len(cached) >= 4  # the sites', the public corpus's and the evaluation's top-k
-    second = simulate(root / "second", *overrides, "rounds=1")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert {p.name: p.stat().st_mtime_ns for p in (root / "cache").glob("lm-teacher-topk-*.safetensors")} == cached
     assert "Teacher top-" in first.stdout + first.stderr

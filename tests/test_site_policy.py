@@ -41,7 +41,8 @@ def submit(link: SimulationSuperLink, run_dir: Path, cache_dir: str, *overrides:
     overrides, _ = resolve_paths(["task=digits", f"sites={sites}", "rounds=1", f"cache_dir={cache_dir}",
                                   f"run_dir={run_dir}", *overrides])
     run_dir.mkdir(parents=True)
-    code = link.run(APP_DIR, write_run_config(run_dir, overrides), num_supernodes=sites, cpus_per_site=1,
+    # federation.cpus_per_site's default: on two cores one Ray actor plays every site, loading the ClientApp once
+    code = link.run(APP_DIR, write_run_config(run_dir, overrides), num_supernodes=sites, cpus_per_site=2,
                     echo=lambda line: None)
     log = link.workdir / "flower.log"
     assert code == 0 and (run_dir / "summary.json").exists(), log.read_text()[-4000:]  # flwr exits 0 on a failed run
