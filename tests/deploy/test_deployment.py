@@ -18,6 +18,7 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -79,15 +80,60 @@ def scrape(port: int) -> str:
         return response.read().decode()
 
 
-def test_a_two_site_tls_federation_runs_to_completion_and_each_site_keeps_its_ledger(deployed):
-    done = deployed.submit(*RUN, one_more_epsilon(deployed))
-    assert done.returncode == 0, done.stdout + done.stderr
-    run = deployed.runs()[-1]
+@dataclass
+class FirstRun:
+    """The module's first run, submitted while a real Prometheus scrapes both sides (where it is installed)."""
+
+    output: str
+    run: Path
+    server_metrics: str  # the coordinator's endpoint once round 1 was complete
+    prometheus: dict[str, list] | None  # Prometheus's answers, None without the binary
+
+
+@pytest.fixture(scope="module")
+def first_run(deployed, tmp_path_factory) -> FirstRun:
+    """One Prometheus plays the coordinator's (deploy/prometheus.yml) and site-b's own (site-prometheus.yml)."""
+    folder = tmp_path_factory.mktemp("prometheus")
+    server_port, prometheus_port = free_port(), free_port()
+    binary = shutil.which("prometheus")
+    with contextlib.ExitStack() as stack:
+        if binary is not None:
+            config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+            config["global"]["scrape_interval"] = "1s"
+            config["scrape_configs"] += yaml.safe_load((ROOT / "deploy" / "site-prometheus.yml").read_text())["scrape_configs"]
+            targets = {"fedistill-coordinator": [f"127.0.0.1:{server_port}"],
+                       "fedistill-site": [f"127.0.0.1:{deployed.metrics_ports['site-b']}"]}
+            for job in config["scrape_configs"]:
+                job["scrape_interval"] = "1s"
+                job["static_configs"][0]["targets"] = targets[job["job_name"]]
+            (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
+            command = [binary, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
+                       f"--web.listen-address=127.0.0.1:{prometheus_port}"]
+            stack.enter_context(Child(command, env=dict(os.environ), log=folder / "prometheus.log", port=prometheus_port))
+        with subprocess.Popen(deployed.submit_command(*RUN, one_more_epsilon(deployed), f"federation.metrics_port={server_port}"),
+                              env=command_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) as submitted:
+            try:
+                server_metrics = wait_for_round(server_port, submitted)
+                output, _ = submitted.communicate(timeout=600)
+            finally:
+                if submitted.poll() is None:
+                    submitted.kill()
+        assert submitted.returncode == 0, output
+        answers = None if binary is None else {
+            "epsilon": query(prometheus_port, 'fedistill_site_epsilon_spent{site="site-b"}', until=lambda r: r),
+            "rounds": query(prometheus_port, "max_over_time(fedistill_server_rounds_completed_total[10m])",
+                            until=lambda r: r)}
+    return FirstRun(output, deployed.runs()[-1], server_metrics, answers)
+
+
+def test_a_two_site_tls_federation_runs_to_completion_and_each_site_keeps_its_ledger(deployed, first_run):
+    run = first_run.run
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rounds_completed"] == 2
     assert {s["site"]: s["rounds_trained"] for s in summary["privacy"]["sites"]} == {"site-a": 2, "site-b": 2}
     assert (run / "metrics.jsonl").read_text().count("\n") == 2
-    assert "run directory" in done.stdout and str(run) in done.stdout
+    assert "run directory" in first_run.output and str(run) in first_run.output
     for name in SITES:  # each site's own disk, outside the run directory, holds its two rounds
         kept = ledger(deployed, name)
         this_run = [e for e in kept["entries"] if e["run"] == run.name.rsplit("_run-", 1)[1]]
@@ -97,6 +143,17 @@ def test_a_two_site_tls_federation_runs_to_completion_and_each_site_keeps_its_le
         assert f'fedistill_site_rounds_trained_total{{site="{name}"}} 2.0' in metrics
         spent = float(metrics.split(f'fedistill_site_epsilon_spent{{site="{name}"}} ')[1].split()[0])
         assert 0 < spent <= 8.0
+
+
+def test_prometheus_scrapes_the_coordinator_and_a_site_with_the_deploy_scrape_configurations(first_run):
+    for name in ("fedistill_server_rounds_completed_total", "fedistill_server_replies_received_total",
+                 'fedistill_server_bytes_total{direction="up"}', "fedistill_server_aggregation_seconds_bucket",
+                 'fedistill_server_site_epsilon{site="site-a"}', 'fedistill_server_student_metric{metric="accuracy"}'):
+        assert name in first_run.server_metrics
+    if first_run.prometheus is None:
+        pytest.skip("no `prometheus` binary (Debian: apt-get install prometheus); .ci/run installs it")
+    assert 0 < float(first_run.prometheus["epsilon"][0]["value"][1]) <= 8.0
+    assert float(first_run.prometheus["rounds"][0]["value"][1]) >= 1
 
 
 def test_a_site_refuses_a_run_asking_for_more_epsilon_or_a_larger_delta_than_its_policy(deployed):
@@ -234,46 +291,6 @@ def assert_refused(command: list[str], flwr_home: Path, log: Path) -> None:
             pytest.fail(f"the SuperNode was not refused within 120 s; its log:\n{node.log_text()}")
         assert node.process.returncode != 0, node.log_text()
         assert "Node registered" not in node.log_text() and "Heartbeat" not in node.log_text()
-
-
-def test_prometheus_scrapes_the_coordinator_and_a_site_with_the_deploy_scrape_configurations(deployed, tmp_path):
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip("no `prometheus` binary (Debian: apt-get install prometheus); .ci/run installs it")
-    server_port, prometheus_port = free_port(), free_port()
-    config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
-    config["global"]["scrape_interval"] = "1s"
-    # one Prometheus here plays the coordinator's (deploy/prometheus.yml) and site-b's own (site-prometheus.yml)
-    config["scrape_configs"] += yaml.safe_load((ROOT / "deploy" / "site-prometheus.yml").read_text())["scrape_configs"]
-    targets = {"fedistill-coordinator": [f"127.0.0.1:{server_port}"],
-               "fedistill-site": [f"127.0.0.1:{deployed.metrics_ports['site-b']}"]}
-    for job in config["scrape_configs"]:
-        job["scrape_interval"] = "1s"
-        job["static_configs"][0]["targets"] = targets[job["job_name"]]
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    command = [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-               f"--web.listen-address=127.0.0.1:{prometheus_port}"]
-    with Child(command, env=dict(os.environ), log=tmp_path / "prometheus.log", port=prometheus_port):
-        with subprocess.Popen(deployed.submit_command(*RUN, "rounds=3", one_more_epsilon(deployed),
-                                                      f"federation.metrics_port={server_port}"),
-                              env=command_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True) as submitted:
-            try:
-                server_metrics = wait_for_round(server_port, submitted)
-                output, _ = submitted.communicate(timeout=600)
-            finally:
-                if submitted.poll() is None:
-                    submitted.kill()
-        assert submitted.returncode == 0, output
-        for name in ("fedistill_server_rounds_completed_total", "fedistill_server_replies_received_total",
-                     'fedistill_server_bytes_total{direction="up"}', "fedistill_server_aggregation_seconds_bucket",
-                     'fedistill_server_site_epsilon{site="site-a"}', 'fedistill_server_student_metric{metric="accuracy"}'):
-            assert name in server_metrics
-        epsilon = query(prometheus_port, 'fedistill_site_epsilon_spent{site="site-b"}', until=lambda r: r)
-        assert 0 < float(epsilon[0]["value"][1]) <= 8.0
-        rounds = query(prometheus_port, "max_over_time(fedistill_server_rounds_completed_total[10m])",
-                       until=lambda r: r)
-        assert float(rounds[0]["value"][1]) >= 1
 
 
 def wait_for_round(port: int, submitted: subprocess.Popen) -> str:
