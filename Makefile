@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # CPU build of torch; a GPU user installs their own torch into .venv first (see README).
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test bench bench-text bench-lm bench-deploy bench-privacy bench-scale bench-attack install clean
+.PHONY: demo test bench bench-text bench-lm bench-deploy bench-privacy bench-scale bench-attack bench-accounting install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,9 @@ bench-scale: install
 
 bench-attack: install
 	$(BIN)/python -m bench.attack_bench
+
+bench-accounting: install
+	$(BIN)/python -m bench.accounting_bench
 
 clean:
 	rm -rf $(VENV) outputs

@@ -34,6 +34,7 @@ class Mutation:
 
 APP, ROUND, ADMISSION, DP = "client/app.py", "client/round.py", "client/admission.py", "client/dp_train.py"
 LEDGER, POLICY, REQUEST = "common/privacy.py", "common/policy.py", "common/request.py"
+ACCOUNTING = "common/accounting.py"
 T_APP, T_ROUND, T_DP = "tests/client/test_app.py", "tests/client/test_round.py", "tests/client/test_dp_train.py"
 T_LEDGER, T_EXCHANGE, T_POLICY = "tests/common/test_privacy.py", "tests/server/test_exchange.py", "tests/common/test_policy.py"
 T_REQUEST, T_DIFFERENTIAL = "tests/common/test_request.py", "tests/client/test_differential.py"
@@ -56,6 +57,8 @@ MUTATIONS = [
     Mutation("release without DP recorded", LEDGER,
              "self._append(LedgerEntry(0.0, sample_rate, steps, run, round, time.time(), dp=False))", "return None",
              (f"{T_ROUND}::test_a_round_without_dp_is_recorded_and_later_dp_claims_are_refused",)),
+    Mutation("RDP series summed to Opacus's last term", ACCOUNTING, "if max(log_s0, log_s1) < _STOP:", "if True:",
+             (f"{T_LEDGER}::test_the_rdp_of_a_step_is_opacus_compute_rdp_to_the_bit",)),
     Mutation("budget checked at reservation", LEDGER, "if any(eps > b.epsilon for eps, b in zip(after, limits)):",
              "if False:", (f"{T_LEDGER}::test_reserve_refuses_past_the_budget_and_records_nothing",)),
     Mutation("ledger refuses other records", LEDGER, "if recorded != self.data:", "if False:",
