@@ -17,10 +17,6 @@ _STOP = -30.0  # where Opacus's series for a fractional order stops: both terms 
 _BLOCK = 64  # terms of that series computed together, before they are summed one by one
 
 
-def _log_erfc(x: np.ndarray) -> np.ndarray:
-    return math.log(2) + special.log_ndtr(-x * 2**0.5)
-
-
 def _log_a_fractional(q: float, sigma: float, alpha: float) -> float:
     """Opacus's `_compute_log_a_for_frac_alpha`, to the bit: the same terms, summed in the same
     order with Opacus's own `_log_add` and `_log_sub`, up to the same last term. The terms'
@@ -31,11 +27,11 @@ def _log_a_fractional(q: float, sigma: float, alpha: float) -> float:
     log_q, log_1q, twice_variance = math.log(q), math.log(1 - q), 2 * (sigma**2)
     first = 0
     while True:
-        i = np.arange(first, first + _BLOCK)
-        coefs = special.binom(alpha, i)
-        log_e0s = math.log(0.5) + _log_erfc((i - z0) / (math.sqrt(2) * sigma))
-        log_e1s = math.log(0.5) + _log_erfc((z0 - (alpha - i)) / (math.sqrt(2) * sigma))
-        for i, coef, log_e0, log_e1 in zip(range(first, first + _BLOCK), coefs.tolist(), log_e0s.tolist(), log_e1s.tolist()):
+        block = np.arange(first, first + _BLOCK)  # Opacus's `_log_erfc` works on arrays as on numbers
+        coefs = special.binom(alpha, block)
+        log_e0s = math.log(0.5) + rdp_analysis._log_erfc((block - z0) / (math.sqrt(2) * sigma))
+        log_e1s = math.log(0.5) + rdp_analysis._log_erfc((z0 - (alpha - block)) / (math.sqrt(2) * sigma))
+        for i, coef, log_e0, log_e1 in zip(block.tolist(), coefs.tolist(), log_e0s.tolist(), log_e1s.tolist()):
             log_coef = math.log(abs(coef))
             j = alpha - i
             log_s0 = log_coef + i * log_q + j * log_1q + (i * i - i) / twice_variance + log_e0
