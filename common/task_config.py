@@ -144,26 +144,33 @@ def task_config_type(kind: Any) -> type[TaskConfig]:
 
 
 @functools.cache
-def task_kinds() -> dict[str, type[TaskConfig]]:
-    """The settings class of every task kind this app's conf/task/*.yaml use, by kind: read once
-    per process (conf/ is the app's code)."""
-    kinds = {}
+def task_kind_names() -> tuple[str, ...]:
+    """The task kinds this app's conf/task/*.yaml use, in file order, without importing them:
+    read once per process (conf/ is the app's code)."""
+    kinds = []
     for path in sorted((CONF_DIR / "task").glob("*.yaml")):
         raw = OmegaConf.load(path)
         kind = OmegaConf.select(raw, "task.kind") or OmegaConf.select(raw, "kind")  # `@package _global_` or not
-        kinds[kind] = task_config_type(kind)
-    return kinds
+        if kind not in kinds:
+            kinds.append(kind)
+    return tuple(kinds)
+
+
+def task_kinds() -> dict[str, type[TaskConfig]]:
+    """The settings class of every task kind this app's conf/task/*.yaml use, by kind."""
+    return {kind: task_config_type(kind) for kind in task_kind_names()}
 
 
 def check_task_settings(settings: Any, *, where: str) -> None:
     """ConfigError unless `settings` (a site file's `task:` block) are settings of one of the
-    app's task kinds, naming the key that fits none."""
+    app's task kinds, naming the key that fits none. Kinds are imported one at a time, up to the
+    first that fits: a site of the image task never imports the language models' stack."""
     if not (isinstance(settings, Mapping) or OmegaConf.is_dict(settings)):
         raise ConfigError(f"{where} must be a mapping of task settings (keys of conf/task/*.yaml), got {settings!r}")
     problems = []
-    for kind, config_type in task_kinds().items():
+    for kind in task_kind_names():
         try:
-            OmegaConf.merge(OmegaConf.structured(config_type), settings)
+            OmegaConf.merge(OmegaConf.structured(task_config_type(kind)), settings)
             return
         except (OmegaConfBaseException, ValueError) as err:
             problems.append(f"{kind}: key {getattr(err, 'full_key', None)!r} is not a task setting "

@@ -1,10 +1,16 @@
 """The site policy: read on the site's side, and a request outside it is named."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from common.config import ConfigError, load_config
 from common.policy import POLICY_ENV, POLICY_NODE_KEY, load_policy, policy_from, site_policy
 from common.request import request_of
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _request(*overrides):
@@ -124,3 +130,19 @@ def test_the_node_config_wins_over_the_environment_which_wins_over_the_defaults(
 def test_the_default_ledger_lives_on_the_site_outside_any_run(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
     assert policy_from().ledger_root == tmp_path / "fedistill" / "ledgers"
+
+
+def test_validating_an_image_sites_task_settings_imports_no_language_model_stack():
+    """Every ClientApp message validates the site's policy: its task block must not cost the
+    import of transformers (seconds per message) where the kind that fits needs none."""
+    check = ("import sys; from common.policy import policy_from; "
+             "policy_from({'task_sources': ['digits'], 'task': {'dirichlet_alpha': 2.0, 'teacher': {'epochs': 3}}}); "
+             "print('transformers' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            check=True)
+    assert result.stdout.split() == ["False"]
+
+
+def test_task_settings_that_fit_no_kind_name_each_kind_tried():
+    with pytest.raises(ConfigError, match=r"site.task fits no task of this app \(image: key .*; lm: .*; tabular: .*; text: "):
+        policy_from({"task": {"no_such_setting": 1}})
