@@ -32,7 +32,7 @@ APP_DIR = CONF_DIR.parent  # the folder with pyproject.toml, server/, client/, c
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse(argv)
     # force: importing Opacus (through the privacy ledger) already gave the root logger a handler
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     interrupt_on_sigterm()
@@ -46,6 +46,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
         return 130
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with Hydra overrides allowed after options too (`audit task=lm --canaries
+    200 seed=1`): argparse takes only the first run of positionals, and its intermixed parsing
+    does not work with subcommands."""
+    commands = parser()
+    args, rest = commands.parse_known_args(argv)
+    if rest and hasattr(args, "overrides") and all("=" in r and not r.startswith("-") for r in rest):
+        args.overrides = [*args.overrides, *rest]
+    elif rest:
+        commands.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
 
 
 def parser() -> argparse.ArgumentParser:

@@ -29,3 +29,18 @@ def test_the_command_imports_no_model_stack_before_a_handler_needs_it():
                            f"print(' '.join(m for m in {heavy!r} if m in sys.modules))"],
                           capture_output=True, text=True, check=True)
     assert done.stdout.split() == []
+
+
+def test_overrides_may_follow_options_in_their_order_and_anything_else_is_refused(capsys):
+    import pytest
+
+    from fedistill.cli import parse
+
+    args = parse(["audit", "task=lm", "--canaries", "200", "seed=1", "task=digits"])
+    assert args.overrides == ["task=lm", "seed=1", "task=digits"] and args.canaries == 200  # the last task= wins
+    assert parse(["frontier", "--seeds", "2", "rounds=3"]).overrides == ["rounds=3"]
+    with pytest.raises(SystemExit):
+        parse(["audit", "task=lm", "--canaries", "200", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse(["status", "seed=1"])  # a command without overrides takes none
