@@ -1,13 +1,14 @@
 """`fedistill audit`: check the accountant's epsilon from outside, with canaries and one run each
 with and without DP (Steinke, Nasr and Jagielski, "Privacy auditing with one (1) training run", 2023).
 
-Canaries are held-out records with a wrong label (the task's kind of canary for a classifier:
-mislabelled images, texts or rows). Each is planted in site 0's private records with
+Canaries are the task's kind: for a classifier, held-out records with a wrong label
+(mislabelled images, texts or rows); for a causal LM (task=lm), generated code lines, each
+unique by a random secret in it. Each is planted in site 0's private records with
 probability 1/2 (a seeded draw); the others are held back. The same federation then runs twice
 on the same seed, with the run's DP and without DP (`fedistill.inprocess`: the apps' own round
 and exchange). An observer scores every canary on what it sees: the final global student and,
 in the weights exchange, every student site 0 sent. The score is how much more likely the
-canary's wrong label is under the observed student than under the warm-start student, which no
+canary's wrong label (a code line's tokens) is under the observed student than under the warm-start student, which no
 site's record touched (for the site's replies: than under the student it was sent that round,
 summed over rounds); and, white-box, how far the step from the one to the other goes down the
 gradient of the site's training loss on the canary (gradient alignment). From the planted and held-back scores: attack AUC,
@@ -28,6 +29,8 @@ import argparse
 import dataclasses
 import json
 import math
+import random
+import string
 import time
 from functools import cached_property
 from pathlib import Path
@@ -35,9 +38,15 @@ from pathlib import Path
 import numpy as np
 
 from common.config import Config, ConfigError, load_config
+from fedistill import step_audit
 
 CANARIES = 200
-CANARY_KINDS = ("mislabelled", "shuffled")
+CANARY_KINDS = {"classifier": ("mislabelled", "shuffled"), "lm": ("unique-lines",)}  # the first: the task's default
+SECRET = string.ascii_letters + string.digits
+SECRET_LENGTH = 24
+NAMES = ("cache", "token", "session", "user", "config", "buffer", "queue", "socket", "record", "parser", "handler",
+         "client", "account", "backup", "device", "service")
+SCORED_AT_ONCE = 16  # canaries per forward pass: a causal LM's logits for many records at once fill the memory
 SIGNIFICANCE = 0.05
 AUDITED_SITE = 0
 FPR = 0.01
@@ -49,17 +58,25 @@ GLOBAL_STEP, REPLIES_STEP = "global student, gradient alignment", f"site {AUDITE
 def add_parser(commands) -> None:
     parser = commands.add_parser(
         "audit", help="plant canaries at one site and check the accountant's epsilon from outside",
-        description="Plant mislabelled canary records in site 0's private data, run the federation with and without "
+        description="Plant canary records in site 0's private data, run the federation with and without "
                     "DP on the same seed, and attack the released students with a membership score. Reports "
                     "attack AUC, TPR at 1%% FPR and a one-run empirical lower bound on epsilon beside the "
                     "accountant's, with a plot; writes audit.json, audit.md and audit.png to run_dir. Arguments "
                     "are Hydra overrides as for simulate. Two federations: about 1 minute for task=digits and 4 "
-                    "minutes for the default MNIST on a 2-core CPU, longer for text; task=lm is not audited yet.")
+                    "minutes for the default MNIST on a 2-core CPU, longer for text; LM_TIME for task=lm. "
+                    "--step audits the sites' DP-SGD itself instead: one round with gradient canaries, seconds.")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (key=value), e.g. task=digits privacy.epsilon=8")
-    parser.add_argument("--canaries", type=int, default=CANARIES, help=f"canary records, half planted (default {CANARIES})")
-    parser.add_argument("--canary", choices=CANARY_KINDS, default=CANARY_KINDS[0],
-                        help="mislabelled: held-out records with a wrong label; shuffled: their features also shuffled "
-                             "(out of distribution, so that their gradients stand out: a stronger audit)")
+    parser.add_argument("--canaries", type=int, help=f"canaries, each planted with probability 1/2 (default {CANARIES}; "
+                                                     f"{step_audit.CANARIES} with --step)")
+    parser.add_argument("--canary", choices=[kind for kinds in CANARY_KINDS.values() for kind in kinds],
+                        help="classifiers: mislabelled (held-out records with a wrong label, the default) or shuffled "
+                             "(their features also shuffled: out of distribution, so that their gradients stand out, "
+                             "a stronger audit); task=lm: unique-lines (generated code lines, each with a random "
+                             f"{SECRET_LENGTH}-character secret)")
+    parser.add_argument("--step", action="store_true",
+                        help="audit one round of the sites' DP-SGD (Opacus, the step plan, the fixed normaliser) with "
+                             "gradient canaries, each in a coordinate of its own, against the accountant's epsilon "
+                             "for that round; no federation")
     parser.set_defaults(handler=run)
 
 
@@ -67,7 +84,14 @@ def run(args: argparse.Namespace) -> int:
     from fedistill.frontier import output_folder
 
     out = output_folder(args.overrides, "audit")
-    report = audit(args.overrides, canaries=args.canaries, kind=args.canary, out=out)
+    if args.step:
+        if args.canary is not None:
+            raise ConfigError(f"--step plants gradient canaries, not --canary {args.canary}: leave --canary out")
+        setting_config = load_config([*args.overrides, f"run_dir={out}"])
+        report = step_audit.audit_step(setting_config, canaries=args.canaries or step_audit.CANARIES, out=out)
+        print(step_audit.describe(step_audit.RoundSetting.of(setting_config)))
+    else:
+        report = audit(args.overrides, canaries=args.canaries or CANARIES, kind=args.canary, out=out)
     print(table(report))
     print(f"fedistill: the audit in {out} (audit.md, audit.json, audit.png)")
     return 0
@@ -140,40 +164,29 @@ def tpr_at_fpr(planted: np.ndarray, held_back: np.ndarray, fpr: float = FPR) -> 
 @dataclasses.dataclass(frozen=True)
 class Canaries:
     inputs: "torch.Tensor"  # noqa: F821 (torch loads only when an audit runs)
-    labels: "torch.Tensor"  # noqa: F821 the wrong labels
+    labels: "torch.Tensor"  # noqa: F821 the wrong labels, or a code line's next tokens
     planted: np.ndarray     # bool per canary
 
     @staticmethod
     def draw(task, count: int, seed: int, kind: str = "mislabelled") -> "Canaries":
-        """`count` held-out records, each given a wrong label and planted with probability 1/2;
-        `shuffled`: each record's features also put in a random order (an image's pixels, a text's
-        tokens), so that no honest record's gradient resembles the canary's."""
-        import torch
-
-        inputs, labels = task.test_data().tensors[:2]
-        if count > len(inputs) // 2:
-            raise ConfigError(f"--canaries {count} is more than half of task={task.name}'s {len(inputs)} held-out "
-                              f"records, which also score the students: use at most {len(inputs) // 2}")
-        generator = torch.Generator().manual_seed(seed)
-        chosen = torch.randperm(len(inputs), generator=generator)[:count]
-        shift = torch.randint(1, task.num_classes, (count,), generator=generator)
+        """`count` canaries of `kind`, each planted with probability 1/2."""
         planted = np.random.default_rng(seed).random(count) < 0.5
-        canaries = inputs[chosen]
-        if kind == "shuffled":
-            flat = canaries.reshape(count, -1)
-            order = torch.stack([torch.randperm(flat.shape[1], generator=generator) for _ in range(count)])
-            canaries = flat.gather(1, order).reshape(canaries.shape)
-        return Canaries(canaries, (labels[chosen] + shift) % task.num_classes, planted)
+        if kind == "unique-lines":
+            inputs, labels = task.text_records(unique_lines(count, seed)).tensors
+            return Canaries(inputs, labels, planted)
+        return Canaries(*mislabelled(task, count, seed, shuffled=kind == "shuffled"), planted)
 
     def scores(self, student, reference) -> np.ndarray:
-        """Per canary: log p(its wrong label) under `student` minus under `reference`."""
+        """Per canary: log p(its wrong label, or its line's tokens) under `student` minus under `reference`."""
         import torch
 
+        student.eval()
+        reference.eval()
         with torch.no_grad():
-            student.eval()
-            reference.eval()
-            logp = (torch.log_softmax(student(self.inputs), 1) - torch.log_softmax(reference(self.inputs), 1))
-        return logp.gather(1, self.labels[:, None])[:, 0].double().numpy()
+            parts = [label_log_likelihood(student, x, y) - label_log_likelihood(reference, x, y)
+                     for x, y in zip(self.inputs.split(SCORED_AT_ONCE), self.labels.split(SCORED_AT_ONCE))]
+        return torch.cat(parts).double().numpy()
+
 
     def alignment(self, before, after, loss) -> np.ndarray:
         """Per canary: how far the step from `before` to `after` goes down the canary's own
@@ -191,6 +204,58 @@ class Canaries:
             gradient = torch.cat([g.flatten() for g in torch.autograd.grad(loss(before, i), params)])
             scores.append(float(step @ gradient / gradient.norm().clamp(min=1e-12)))
         return np.array(scores)
+
+
+def mislabelled(task, count: int, seed: int, *, shuffled: bool):
+    """`count` of a classifier's held-out records (inputs, wrong labels); `shuffled`: each
+    record's features also put in a random order (an image's pixels, a text's tokens), so that
+    no honest record's gradient resembles the canary's."""
+    import torch
+
+    inputs, labels = task.test_data().tensors[:2]
+    if count > len(inputs) // 2:
+        raise ConfigError(f"--canaries {count} is more than half of task={task.name}'s {len(inputs)} held-out "
+                          f"records, which also score the students: use at most {len(inputs) // 2}")
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(inputs), generator=generator)[:count]
+    shift = torch.randint(1, task.num_classes, (count,), generator=generator)
+    canaries = inputs[chosen]
+    if shuffled:
+        flat = canaries.reshape(count, -1)
+        order = torch.stack([torch.randperm(flat.shape[1], generator=generator) for _ in range(count)])
+        canaries = flat.gather(1, order).reshape(canaries.shape)
+    return canaries, (labels[chosen] + shift) % task.num_classes
+
+
+def unique_lines(count: int, seed: int) -> list[str]:
+    """Code lines that assign a random secret to a plausible name: unique (62^24 secrets), so
+    that only a student trained on a line can find its secret likely."""
+    rng = random.Random(seed)
+    return [f'{rng.choice(NAMES)}_{rng.choice(NAMES)}_key = "{"".join(rng.choices(SECRET, k=SECRET_LENGTH))}"\n'
+            for _ in range(count)]
+
+
+def label_log_likelihood(model, inputs, labels):
+    """Per record, log p(labels) under `model`: a classifier's label, or a causal LM's next tokens
+    summed over the record (positions without one, -100, left out)."""
+    import torch
+
+    from common.losses import attention_mask
+
+    if labels.dim() == 1:
+        return torch.log_softmax(model(inputs), 1).gather(1, labels[:, None])[:, 0]
+    log_p = torch.log_softmax(model(inputs, attention_mask=attention_mask(labels)), -1)
+    return log_p.gather(-1, labels.clamp(min=0)[..., None])[..., 0].masked_fill(labels == -100, 0.0).sum(1)
+
+
+def canary_kind(task_kind: str, asked: str | None) -> str:
+    """The canary kind to plant: the one asked for if it fits the task, else the task's default."""
+    kinds = CANARY_KINDS["lm" if task_kind == "lm" else "classifier"]
+    if asked is None:
+        return kinds[0]
+    if asked not in kinds:
+        raise ConfigError(f"--canary {asked} does not fit task kind {task_kind}: choose {' or '.join(kinds)}")
+    return asked
 
 
 def planted_site(site, canaries: Canaries):
@@ -266,7 +331,7 @@ def observe(config: Config, canaries: Canaries) -> dict:
     return {"views": views, "epsilon": spent if config.privacy.enabled else math.inf}
 
 
-def audit(overrides: list[str], *, canaries: int, out: Path, kind: str = CANARY_KINDS[0]) -> dict:
+def audit(overrides: list[str], *, canaries: int, out: Path, kind: str | None = None) -> dict:
     """Both runs, every view's figures, the report files."""
     from fedistill.inprocess import task_of
 
@@ -275,8 +340,7 @@ def audit(overrides: list[str], *, canaries: int, out: Path, kind: str = CANARY_
     if not private.privacy.enabled:
         raise ConfigError("fedistill audit runs the federation with and without DP itself: leave privacy=dp and set "
                           "privacy.epsilon to the budget to audit")
-    if private.task.kind == "lm":
-        raise ConfigError("fedistill audit plants mislabelled records, which task=lm has not: audit a classifier task")
+    kind = canary_kind(private.task.kind, kind)
     task = task_of(private)
     planted = Canaries.draw(task, canaries, private.seed, kind)
     report = {"overrides": overrides, "canaries": canaries, "canary": kind, "planted": int(planted.planted.sum()),

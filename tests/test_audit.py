@@ -140,3 +140,114 @@ def test_in_the_logits_exchange_the_site_is_audited_through_the_student_its_rows
         assert any(s != 0 for s in replies["planted_scores"])  # the rebuilt student moved from the warm start
     assert all(v["epsilon_lower_bound"] <= report["runs"]["DP"]["accountant_epsilon"]
                for v in report["runs"]["DP"]["views"].values())
+
+
+def test_a_code_models_canaries_are_unique_lines_cut_as_the_sites_records_are(lm_overrides):
+    from fedistill.inprocess import task_of
+
+    task = task_of(load_config(lm_overrides))
+    canaries = A.Canaries.draw(task, 30, seed=2, kind=A.canary_kind("lm", None))
+    assert canaries.inputs.shape == (30, 32) and canaries.labels.shape == (30, 32)
+    assert len({tuple(row.tolist()) for row in canaries.inputs}) == 30  # each line its own
+    predicted = (canaries.labels != -100).sum(1)
+    assert (predicted >= A.SECRET_LENGTH // 4).all()  # the secret's tokens are scored, not only the name's
+    assert 0 < canaries.planted.sum() < 30
+    assert len(set(A.unique_lines(200, seed=0))) == 200 and A.unique_lines(5, seed=0) == A.unique_lines(5, seed=0)
+
+
+def test_a_code_line_scores_its_tokens_log_likelihood_summed_over_the_line():
+    from torch.nn import functional as F
+
+    class Bigram(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Embedding(7, 7)
+
+        def forward(self, ids, attention_mask):
+            return self.table(ids)
+
+    model = Bigram()
+    inputs = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]])
+    labels = torch.tensor([[2, 3, -100, -100], [5, -100, -100, -100]])
+    by_hand = -F.cross_entropy(model(inputs, None).transpose(1, 2), labels, ignore_index=-100, reduction="none").sum(1)
+    assert torch.allclose(A.label_log_likelihood(model, inputs, labels), by_hand)
+
+
+def test_a_code_model_takes_code_line_canaries_only():
+    assert A.canary_kind("lm", None) == "unique-lines" and A.canary_kind("image", None) == "mislabelled"
+    assert A.canary_kind("image", "shuffled") == "shuffled"
+    with pytest.raises(ConfigError, match="--canary mislabelled does not fit task kind lm: choose unique-lines"):
+        A.canary_kind("lm", "mislabelled")
+    with pytest.raises(ConfigError, match="choose mislabelled or shuffled"):
+        A.canary_kind("text", "unique-lines")
+
+
+def test_the_audit_of_a_code_model_plants_lines_and_keeps_the_dp_bound_under_the_accountant(lm_overrides, tmp_path):
+    overrides = [o for o in lm_overrides if not o.startswith("run_dir=")]
+    report = A.audit([*overrides, "rounds=1", f"run_dir={tmp_path}"], canaries=24, out=tmp_path)
+    assert report["canary"] == "unique-lines"
+    dp = report["runs"]["DP"]
+    assert 0 < dp["accountant_epsilon"] <= 3.0 and report["runs"]["no DP"]["accountant_epsilon"] == math.inf
+    for label, run_ in report["runs"].items():
+        replies = run_["views"]["site 0's replies"]
+        assert len(replies["planted_scores"]) + len(replies["held_back_scores"]) == 24, label
+        assert any(s != 0 for s in replies["planted_scores"]), label  # the site's step moved its lines' likelihood
+    assert all(v["epsilon_lower_bound"] <= dp["accountant_epsilon"] for v in dp["views"].values())
+    assert (tmp_path / "audit.png").stat().st_size > 0
+
+
+def test_the_step_audits_noise_is_the_least_that_keeps_one_round_within_the_runs_epsilon():
+    from fedistill import step_audit as S
+    from common.accounting import epsilon_of
+
+    sigma = S.noise_for(3.0, 0.128, 21, 1e-5)
+    assert epsilon_of([(sigma, 0.128, 21)], delta=1e-5) <= 3.0 < epsilon_of([(sigma * 0.999, 0.128, 21)], delta=1e-5)
+    setting = S.RoundSetting.of(load_config(["task=digits", "privacy.epsilon=3"]))
+    assert (setting.records, setting.expected_batch_size) == (500, 64)  # the step plan of the default size class
+    assert setting.accountant_epsilon() == pytest.approx(3.0, abs=1e-3)
+
+
+def test_the_step_audits_score_is_the_log_likelihood_ratio_of_the_canarys_steps_by_hand():
+    from fedistill import step_audit as S
+
+    coordinates = np.array([[1.2, -0.3], [0.1, 0.4]])  # two steps, two canaries
+    q, sigma = 0.25, 2.0
+    def step(x):
+        return math.log(1 - q + q * math.exp((2 * x - 1) / (2 * sigma ** 2)))
+    by_hand = [step(1.2) + step(0.1), step(-0.3) + step(0.4)]
+    assert S.likelihood_ratio(coordinates, q, sigma) == pytest.approx(by_hand)
+    assert S.likelihood_ratio(coordinates, 1.0, sigma) == pytest.approx([(2 * 1.3 - 2) / 8, (2 * 0.1 - 2) / 8])
+    assert S.likelihood_ratio(coordinates, q, 0.0) == pytest.approx([1.3, 0.1])  # no noise: how often sampled
+
+
+def test_a_planted_gradient_canary_moves_its_own_coordinate_by_the_steps_that_sampled_it():
+    from fedistill import step_audit as S
+
+    config = load_config(["task=digits", "privacy.epsilon=3"])
+    setting = S.RoundSetting.of(config)
+    planted = np.array([True, False] * 50)
+    coordinates = S.step_coordinates(setting, config, planted, noise_multiplier=0.0)
+    assert coordinates.shape == (setting.steps, 100)
+    assert set(np.unique(coordinates.round(6))) <= {0.0, 1.0}  # clipped to the norm, divided by the fixed normaliser
+    assert (coordinates[:, ~planted] == 0).all() and coordinates[:, planted].mean() == pytest.approx(0.128, abs=0.03)
+
+
+def test_the_step_audit_stays_under_the_accountant_and_catches_a_step_with_too_little_noise(tmp_path, capsys):
+    from fedistill import step_audit as S
+
+    out = tmp_path / "step"
+    assert cli.main(["audit", "--step", "task=digits", "privacy.epsilon=1", "--canaries", "1000", f"run_dir={out}"]) == 0
+    report = json.loads((out / "audit.json").read_text())
+    dp, bare = report["runs"]["DP"], report["runs"]["no noise"]
+    assert dp["accountant_epsilon"] == pytest.approx(1.0, abs=1e-3)
+    assert dp["views"][S.VIEW]["epsilon_lower_bound"] <= dp["accountant_epsilon"]
+    assert bare["views"][S.VIEW]["epsilon_lower_bound"] > 3 * dp["accountant_epsilon"]
+    assert (out / "audit.png").stat().st_size > 0 and "noise multiplier" in (out / "audit.md").read_text()
+    assert "| DP | every step's update, gradient canaries |" in capsys.readouterr().out
+    # a step that adds an eighth of the noise the accountant was told of is caught
+    config = load_config(["task=digits", "privacy.epsilon=1"])
+    setting, planted = S.RoundSetting.of(config), np.random.default_rng(0).random(1000) < 0.5
+    weak = setting.noise_multiplier / 8
+    scores = S.likelihood_ratio(S.step_coordinates(setting, config, planted, noise_multiplier=weak),
+                                setting.sample_rate, weak)
+    assert A.epsilon_lower_bound(scores[planted], scores[~planted], delta=setting.delta) > setting.accountant_epsilon()

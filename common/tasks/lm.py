@@ -42,7 +42,7 @@ from common.models.pruned_lm import Importance, PruneConfig, PruneError, measure
 from common.public_outputs import TokenOutputs
 from common.storage import filling, save_tensors
 from common.tasks.lm_corpus import (STDLIB, CorpusConfig, CorpusError, Records, corpus_files, cut_records, held_out,
-                                    sample_records)
+                                    padded_records, sample_records)
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +235,13 @@ class LMTask:
 
     def load_private(self, path: Path) -> TensorDataset:
         return self._dataset(self._records([str(path)], f"the site's data_path {path}", self.corpus.max_records))
+
+    def text_records(self, texts: list[str]) -> TensorDataset:
+        """One record per text, cut at task.corpus.max_length tokens, as the sites' records are
+        (token ids, next-token output ids): `fedistill audit`'s canary lines."""
+        length = self.corpus.max_length
+        chunks = [self._tokenize(text)[:length] for text in texts]
+        return self._dataset(padded_records(chunks, [Path("<text>")] * len(texts), length, self.pad_id))
 
     def public_inputs(self) -> torch.Tensor:
         return self._public.ids

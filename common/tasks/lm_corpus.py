@@ -132,20 +132,23 @@ def cut_records(files: list[Path], tokenize, length: int, pad_id: int, *, min_to
     """Each file's tokens (`tokenize(text) -> list[int]`) cut into records of `length` tokens;
     a file's last, shorter record is padded (kept if it has `min_tokens`, enough for one
     next-token prediction)."""
-    rows, lengths, sources = [], [], []
+    chunks, sources = [], []
     for path in files:
         tokens = tokenize(read_text(path))
         for start in range(0, len(tokens), length):
-            chunk = tokens[start:start + length]
-            if len(chunk) < min_tokens:
-                continue
-            rows.append(chunk + [pad_id] * (length - len(chunk)))
-            lengths.append(len(chunk))
-            sources.append(path)
-    if not rows:
+            if len(tokens[start:start + length]) >= min_tokens:
+                chunks.append(tokens[start:start + length])
+                sources.append(path)
+    if not chunks:
         raise CorpusError(f"no record of at least {min_tokens} tokens in {len(files)} file(s) "
                           f"({', '.join(str(p) for p in files[:3])}{'...' if len(files) > 3 else ''}): the files are empty")
-    return Records(torch.tensor(rows, dtype=torch.long), torch.tensor(lengths), sources)
+    return padded_records(chunks, sources, length, pad_id)
+
+
+def padded_records(chunks: list[list[int]], sources: list[Path], length: int, pad_id: int) -> Records:
+    """Token lists of at most `length` tokens, right-padded to it: one record each."""
+    rows = [chunk + [pad_id] * (length - len(chunk)) for chunk in chunks]
+    return Records(torch.tensor(rows, dtype=torch.long), torch.tensor([len(c) for c in chunks]), sources)
 
 
 def sample_records(records: Records, count: int, seed: int) -> Records:
