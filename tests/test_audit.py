@@ -182,9 +182,11 @@ def test_a_code_model_takes_code_line_canaries_only():
         A.canary_kind("text", "unique-lines")
 
 
-def test_the_audit_of_a_code_model_plants_lines_and_keeps_the_dp_bound_under_the_accountant(lm_overrides, tmp_path):
+@pytest.mark.parametrize("exchange", ["weights", "logits"])
+def test_the_audit_of_a_code_model_plants_lines_and_keeps_the_dp_bound_under_the_accountant(lm_overrides, tmp_path,
+                                                                                            exchange):
     overrides = [o for o in lm_overrides if not o.startswith("run_dir=")]
-    report = A.audit([*overrides, "rounds=1", f"run_dir={tmp_path}"], canaries=24, out=tmp_path)
+    report = A.audit([*overrides, "rounds=1", f"exchange={exchange}", f"run_dir={tmp_path}"], canaries=24, out=tmp_path)
     assert report["canary"] == "unique-lines"
     dp = report["runs"]["DP"]
     assert 0 < dp["accountant_epsilon"] <= 3.0 and report["runs"]["no DP"]["accountant_epsilon"] == math.inf
