@@ -83,11 +83,11 @@ def noise_for(epsilon: float, sample_rate: float, steps: int, delta: float, tole
 
 
 def step_coordinates(setting: RoundSetting, config: Config, planted: np.ndarray,
-                     noise_multiplier: float | None = None) -> np.ndarray:
+                     noise_multiplier: float) -> np.ndarray:
     """[steps, canaries]: each canary's coordinate of each step's released update, in clipping
     norms per expected batch: 1 where the step sampled it (only if planted), plus the noise. The
-    accountant assumes every step is released, as here. `noise_multiplier` replaces the
-    setting's in the steps, not in the accountant's claim."""
+    accountant assumes every step is released, as here. The steps add `noise_multiplier`'s noise
+    (the setting's, none, or in a test a deliberately broken amount)."""
     import torch
     from torch import nn
     from torch.utils.data import TensorDataset
@@ -112,12 +112,11 @@ def step_coordinates(setting: RoundSetting, config: Config, planted: np.ndarray,
     nn.init.zeros_(student.weight)
     data = TensorDataset(records, torch.zeros(len(records)))
     distill = dataclasses.replace(config.distill, momentum=0.0, max_physical_batch=0)
-    sigma = setting.noise_multiplier if noise_multiplier is None else noise_multiplier
     coordinates = []
     for index in range(setting.steps):  # the round's steps one at a time, so that each one's update is seen
         before = student.weight[0, HONEST_DIMENSIONS:].detach().clone()
         distill_locally(student, data, objective=objective, distill=distill, privacy=config.privacy,
-                        noise_multiplier=sigma, plan=step, seed=config.seed,
+                        noise_multiplier=noise_multiplier, plan=step, seed=config.seed,
                         generator=torch.Generator().manual_seed(config.seed * 1_000_003 + index))
         moved = student.weight[0, HONEST_DIMENSIONS:].detach() - before
         coordinates.append(moved.double().numpy() * setting.expected_batch_size / (lr * clip))
@@ -130,9 +129,10 @@ def likelihood_ratio(coordinates: np.ndarray, sample_rate: float, noise_multipli
     most powerful score for this mechanism; without noise, how many steps sampled it."""
     if noise_multiplier == 0:
         return coordinates.sum(0)
-    shift = (2 * coordinates - 1) / (2 * noise_multiplier ** 2)
-    return np.logaddexp(math.log1p(-sample_rate), math.log(sample_rate) + shift).sum(0) if sample_rate < 1 \
-        else shift.sum(0)
+    shift = (2 * coordinates - 1) / (2 * noise_multiplier ** 2)  # log N(x; 1) / N(x; 0)
+    if sample_rate >= 1:
+        return shift.sum(0)
+    return np.logaddexp(math.log1p(-sample_rate), math.log(sample_rate) + shift).sum(0)
 
 
 def audit_step(config: Config, *, canaries: int, out: Path) -> dict:
@@ -143,10 +143,10 @@ def audit_step(config: Config, *, canaries: int, out: Path) -> dict:
     planted = np.random.default_rng(config.seed).random(canaries) < 0.5
     report = {"step": dataclasses.asdict(setting), "canaries": canaries, "canary": "gradient",
               "planted": int(planted.sum()), "delta": setting.delta, "runs": {}}
-    for label, sigma, claim in (("DP", None, setting.accountant_epsilon()), ("no noise", 0.0, math.inf)):
+    for label, sigma, claim in (("DP", setting.noise_multiplier, setting.accountant_epsilon()),
+                                ("no noise", 0.0, math.inf)):
         started = time.perf_counter()
-        coordinates = step_coordinates(setting, config, planted, noise_multiplier=sigma)
-        scores = likelihood_ratio(coordinates, setting.sample_rate, setting.noise_multiplier if sigma is None else sigma)
+        scores = likelihood_ratio(step_coordinates(setting, config, planted, sigma), setting.sample_rate, sigma)
         report["runs"][label] = {"accountant_epsilon": claim, "seconds": time.perf_counter() - started,
                                  "views": {VIEW: figures(scores, planted, setting.delta)}}
     out.mkdir(parents=True, exist_ok=True)

@@ -228,7 +228,7 @@ def test_a_planted_gradient_canary_moves_its_own_coordinate_by_the_steps_that_sa
     config = load_config(["task=digits", "privacy.epsilon=3"])
     setting = S.RoundSetting.of(config)
     planted = np.array([True, False] * 50)
-    coordinates = S.step_coordinates(setting, config, planted, noise_multiplier=0.0)
+    coordinates = S.step_coordinates(setting, config, planted, 0.0)
     assert coordinates.shape == (setting.steps, 100)
     assert set(np.unique(coordinates.round(6))) <= {0.0, 1.0}  # clipped to the norm, divided by the fixed normaliser
     assert (coordinates[:, ~planted] == 0).all() and coordinates[:, planted].mean() == pytest.approx(0.128, abs=0.03)
@@ -250,6 +250,6 @@ def test_the_step_audit_stays_under_the_accountant_and_catches_a_step_with_too_l
     config = load_config(["task=digits", "privacy.epsilon=1"])
     setting, planted = S.RoundSetting.of(config), np.random.default_rng(0).random(1000) < 0.5
     weak = setting.noise_multiplier / 8
-    scores = S.likelihood_ratio(S.step_coordinates(setting, config, planted, noise_multiplier=weak),
+    scores = S.likelihood_ratio(S.step_coordinates(setting, config, planted, weak),
                                 setting.sample_rate, weak)
     assert A.epsilon_lower_bound(scores[planted], scores[~planted], delta=setting.delta) > setting.accountant_epsilon()
