@@ -3,7 +3,7 @@ with and without DP (Steinke, Nasr and Jagielski, "Privacy auditing with one (1)
 
 Canaries are the task's kind: for a classifier, held-out records with a wrong label
 (mislabelled images, texts or rows); for a causal LM (task=lm), generated code lines, each
-unique by a random secret in it. Each is planted in site 0's private records with
+unique by the random words of the string it assigns. Each is planted in site 0's private records with
 probability 1/2 (a seeded draw); the others are held back. The same federation then runs twice
 on the same seed, with the run's DP and without DP (`fedistill.inprocess`: the apps' own round
 and exchange). An observer scores every canary on what it sees: the final global student and,
@@ -29,8 +29,9 @@ import argparse
 import dataclasses
 import json
 import math
+import builtins
+import keyword
 import random
-import string
 import time
 from functools import cached_property
 from pathlib import Path
@@ -42,8 +43,11 @@ from fedistill import step_audit
 
 CANARIES = 200
 CANARY_KINDS = {"classifier": ("mislabelled", "shuffled"), "lm": ("unique-lines",)}  # the first: the task's default
-SECRET = string.ascii_letters + string.digits
-SECRET_LENGTH = 24
+# A code line's secret: words drawn from Python's own, each a common token of code, so that a
+# student learns which follows which in a planted line (a string of random characters teaches
+# only that random characters follow, planted or not: no membership signal even without DP)
+SECRET_WORDS = tuple(sorted(set(keyword.kwlist) | {n for n in dir(builtins) if n.islower() and not n.startswith("_")}))
+SECRET_LENGTH = 12
 NAMES = ("cache", "token", "session", "user", "config", "buffer", "queue", "socket", "record", "parser", "handler",
          "client", "account", "backup", "device", "service")
 SCORED_AT_ONCE = 16  # canaries per forward pass: a causal LM's logits for many records at once fill the memory
@@ -72,7 +76,7 @@ def add_parser(commands) -> None:
                         help="classifiers: mislabelled (held-out records with a wrong label, the default) or shuffled "
                              "(their features also shuffled: out of distribution, so that their gradients stand out, "
                              "a stronger audit); task=lm: unique-lines (generated code lines, each with a random "
-                             f"{SECRET_LENGTH}-character secret)")
+                             f"string of {SECRET_LENGTH} random Python words)")
     parser.add_argument("--step", action="store_true",
                         help="audit one round of the sites' DP-SGD (Opacus, the step plan, the fixed normaliser) with "
                              "gradient canaries, each in a coordinate of its own, against the accountant's epsilon "
@@ -228,10 +232,10 @@ def mislabelled(task, count: int, seed: int, *, shuffled: bool):
 
 
 def unique_lines(count: int, seed: int) -> list[str]:
-    """Code lines that assign a random secret to a plausible name: unique (62^24 secrets), so
-    that only a student trained on a line can find its secret likely."""
+    """Code lines that assign a string of random Python words to a plausible name: unique (about 110^12
+    strings), so that only a student trained on a line can find its words' order likely."""
     rng = random.Random(seed)
-    return [f'{rng.choice(NAMES)}_{rng.choice(NAMES)}_key = "{"".join(rng.choices(SECRET, k=SECRET_LENGTH))}"\n'
+    return [f'{rng.choice(NAMES)}_{rng.choice(NAMES)}_key = "{" ".join(rng.choices(SECRET_WORDS, k=SECRET_LENGTH))}"\n'
             for _ in range(count)]
 
 

@@ -150,7 +150,7 @@ def test_a_code_models_canaries_are_unique_lines_cut_as_the_sites_records_are(lm
     assert canaries.inputs.shape == (30, 32) and canaries.labels.shape == (30, 32)
     assert len({tuple(row.tolist()) for row in canaries.inputs}) == 30  # each line its own
     predicted = (canaries.labels != -100).sum(1)
-    assert (predicted >= A.SECRET_LENGTH // 4).all()  # the secret's tokens are scored, not only the name's
+    assert (predicted >= A.SECRET_LENGTH).all()  # the secret's words are scored, not only the name
     assert 0 < canaries.planted.sum() < 30
     assert len(set(A.unique_lines(200, seed=0))) == 200 and A.unique_lines(5, seed=0) == A.unique_lines(5, seed=0)
 
@@ -253,3 +253,24 @@ def test_the_step_audit_stays_under_the_accountant_and_catches_a_step_with_too_l
     scores = S.likelihood_ratio(S.step_coordinates(setting, config, planted, weak),
                                 setting.sample_rate, weak)
     assert A.epsilon_lower_bound(scores[planted], scores[~planted], delta=setting.delta) > setting.accountant_epsilon()
+
+
+def test_a_code_model_trained_without_dp_finds_its_planted_lines_likelier_than_the_held_back_ones(lm_overrides):
+    """The canary design carries a membership signal: lines of random characters did not (a student
+    learns that random characters follow, planted or not)."""
+    import copy
+
+    from client.dp_train import distill_locally
+    from common.step_plan import plan_round
+    from fedistill.inprocess import sites_of, start_of, task_of
+
+    config = load_config([*lm_overrides, "privacy=none", "distill.alpha=0", "distill.lr=0.5", "distill.local_epochs=5",
+                          "task.corpus.max_length=64"])
+    canaries = A.Canaries.draw(task_of(config), 100, seed=0, kind="unique-lines")
+    site = A.planted_site(sites_of(config)[0], canaries)
+    reference = start_of(config)[0]
+    student = copy.deepcopy(reference)
+    distill_locally(student, site.data, objective=site.objective, distill=config.distill, privacy=config.privacy,
+                    noise_multiplier=None, plan=plan_round(config.distill, config.privacy, site.plan_size), seed=0)
+    scores = canaries.scores(student, reference)
+    assert A.auc(scores[canaries.planted], scores[~canaries.planted]) > 0.6
