@@ -67,7 +67,7 @@ def add_parser(commands) -> None:
                     "attack AUC, TPR at 1%% FPR and a one-run empirical lower bound on epsilon beside the "
                     "accountant's, with a plot; writes audit.json, audit.md and audit.png to run_dir. Arguments "
                     "are Hydra overrides as for simulate. Two federations: about 1 minute for task=digits and 4 "
-                    "minutes for the default MNIST on a 2-core CPU, longer for text; about 8 minutes for task=lm. "
+                    "minutes for the default MNIST on a 2-core CPU, longer for text; about 7 minutes for task=lm. "
                     "--step audits the sites' DP-SGD itself instead: one round with gradient canaries, seconds.")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (key=value), e.g. task=digits privacy.epsilon=8")
     parser.add_argument("--canaries", type=int, help=f"canaries, each planted with probability 1/2 (default {CANARIES}; "
