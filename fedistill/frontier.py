@@ -31,9 +31,29 @@ def add_parser(commands) -> None:
                     "overrides as for simulate. About 70 s for task=digits with the defaults on a 2-core "
                     "CPU, 4 minutes for the default MNIST, longer for text and far longer for task=lm.")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (key=value), e.g. task=digits sites=4")
-    parser.add_argument("--epsilons", type=float, nargs="+", default=list(EPSILONS), help="the DP budgets (default 1 3 8)")
+    parser.add_argument("--epsilons", type=budget_or_override, nargs="+", default=list(EPSILONS),
+                        help="the DP budgets (default 1 3 8)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per point (default 3)")
     parser.set_defaults(handler=run)
+
+
+def budget_or_override(word: str) -> float | str:
+    """A word after --epsilons: argparse gives that option every word up to the next option, so
+    Hydra overrides written after the budgets (`--epsilons 1 3 seed=4`) arrive here too."""
+    if "=" in word:
+        return word
+    try:
+        return float(word)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{word!r} is not an epsilon: give numbers, e.g. --epsilons 1 3 8") from None
+
+
+def split_budgets(args: argparse.Namespace) -> tuple[list[str], list[float]]:
+    """The overrides and the epsilons, wherever on the line the overrides were written."""
+    epsilons = [word for word in args.epsilons if not isinstance(word, str)]
+    if not epsilons:
+        raise SystemExit("fedistill frontier: --epsilons needs at least one number, e.g. --epsilons 1 3 8")
+    return [*args.overrides, *(word for word in args.epsilons if isinstance(word, str))], epsilons
 
 
 def output_folder(overrides: list[str], kind: str) -> Path:
@@ -46,8 +66,9 @@ def output_folder(overrides: list[str], kind: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = output_folder(args.overrides, "frontier")
-    result = measure(args.overrides, epsilons=args.epsilons, seeds=args.seeds, out=out)
+    overrides, epsilons = split_budgets(args)
+    out = output_folder(overrides, "frontier")
+    result = measure(overrides, epsilons=epsilons, seeds=args.seeds, out=out)
     print(table(result))
     print(f"fedistill: the frontier in {out} (frontier.md, frontier.json, frontier.png)")
     return 0

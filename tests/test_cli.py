@@ -44,3 +44,18 @@ def test_overrides_may_follow_options_in_their_order_and_anything_else_is_refuse
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse(["status", "seed=1"])  # a command without overrides takes none
+
+
+def test_overrides_written_after_the_budgets_are_overrides_and_a_word_that_is_neither_is_refused(capsys):
+    import pytest
+
+    from fedistill.cli import parse
+    from fedistill.frontier import split_budgets
+
+    args = parse(["frontier", "task=digits", "--epsilons", "1", "3", "seed=4", "--seeds", "2"])
+    assert split_budgets(args) == (["task=digits", "seed=4"], [1.0, 3.0])
+    with pytest.raises(SystemExit):
+        parse(["frontier", "--epsilons", "1", "three"])
+    assert "'three' is not an epsilon" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="at least one number"):
+        split_budgets(parse(["frontier", "--epsilons", "seed=4"]))
