@@ -29,7 +29,7 @@ def add_parser(commands) -> None:
         description="Run one federation at several epsilons, the public-only student and the federation without "
                     "DP, over seeds, and write frontier.md, frontier.json and frontier.png. Arguments are Hydra "
                     "overrides as for simulate. About 70 s for task=digits with the defaults on a 2-core "
-                    "CPU, 4 minutes for the default MNIST, longer for text and far longer for task=lm.")
+                    "CPU, about 2 minutes for the default MNIST, longer for text and far longer for task=lm.")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (key=value), e.g. task=digits sites=4")
     parser.add_argument("--epsilons", type=budget_or_override, nargs="+", default=list(EPSILONS),
                         help="the DP budgets (default 1 3 8)")

@@ -136,8 +136,9 @@ def cut_records(files: list[Path], tokenize, length: int, pad_id: int, *, min_to
     for path in files:
         tokens = tokenize(read_text(path))
         for start in range(0, len(tokens), length):
-            if len(tokens[start:start + length]) >= min_tokens:
-                chunks.append(tokens[start:start + length])
+            chunk = tokens[start:start + length]
+            if len(chunk) >= min_tokens:
+                chunks.append(chunk)
                 sources.append(path)
     if not chunks:
         raise CorpusError(f"no record of at least {min_tokens} tokens in {len(files)} file(s) "
