@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from typing import Callable
 
 import numpy as np
 from opacus.accountants import RDPAccountant
@@ -81,3 +82,16 @@ def epsilon_of(blocks: list[tuple[float, float, int]], *, delta: float) -> float
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         eps, _ = rdp_analysis.get_privacy_spent(orders=ORDERS, rdp=rdp, delta=delta)
     return float(eps)
+
+
+def least_noise(enough: Callable[[float], bool], most: float, *, tolerance: float = 1e-4) -> float:
+    """The smallest noise multiplier in (0, `most`] (to `tolerance`) that is `enough`, by bisection:
+    `enough(most)` holds, and more noise never spends more."""
+    low, high = 0.0, most  # too little noise at low, enough at high
+    while high - low > tolerance * high:
+        mid = (low + high) / 2
+        if mid > 0 and enough(mid):
+            high = mid
+        else:
+            low = mid
+    return high

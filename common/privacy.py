@@ -29,7 +29,7 @@ from typing import Iterator
 
 from torch.utils.data import TensorDataset
 
-from common.accounting import epsilon_of
+from common.accounting import epsilon_of, least_noise
 from common.storage import atomic_write, private_folder
 
 LEDGER_FILE = "ledger.json"
@@ -214,14 +214,8 @@ class PrivacyLedger:
                 f"{limit.epsilon:.4g}): {steps} more steps at sample rate {sample_rate:.4g} would exceed it even "
                 f"with noise multiplier {max_noise_multiplier} (privacy.max_noise_multiplier)"
             )
-        low, high = 0.0, max_noise_multiplier  # too little noise at low, enough at high; more noise spends less
-        while high - low > tolerance * high:
-            mid = (low + high) / 2
-            if mid > 0 and self._within(mid, sample_rate, steps, limits):
-                high = mid
-            else:
-                low = mid
-        return high
+        return least_noise(lambda sigma: self._within(sigma, sample_rate, steps, limits), max_noise_multiplier,
+                           tolerance=tolerance)
 
     # -- the mutations ----------------------------------------------------------------
 

@@ -26,11 +26,11 @@ with and without DP) to its folder.
 from __future__ import annotations
 
 import argparse
+import builtins
 import dataclasses
 import json
-import math
-import builtins
 import keyword
+import math
 import random
 import time
 from functools import cached_property
@@ -91,9 +91,9 @@ def run(args: argparse.Namespace) -> int:
     if args.step:
         if args.canary is not None:
             raise ConfigError(f"--step plants gradient canaries, not --canary {args.canary}: leave --canary out")
-        setting_config = load_config([*args.overrides, f"run_dir={out}"])
-        report = step_audit.audit_step(setting_config, canaries=args.canaries or step_audit.CANARIES, out=out)
-        print(step_audit.describe(step_audit.RoundSetting.of(setting_config)))
+        report = step_audit.audit_step(load_config([*args.overrides, f"run_dir={out}"]),
+                                       canaries=args.canaries or step_audit.CANARIES, out=out)
+        print(step_audit.describe(step_audit.RoundSetting(**report["step"])))
     else:
         report = audit(args.overrides, canaries=args.canaries or CANARIES, kind=args.canary, out=out)
     print(table(report))
@@ -190,7 +190,6 @@ class Canaries:
             parts = [label_log_likelihood(student, x, y) - label_log_likelihood(reference, x, y)
                      for x, y in zip(self.inputs.split(SCORED_AT_ONCE), self.labels.split(SCORED_AT_ONCE))]
         return torch.cat(parts).double().numpy()
-
 
     def alignment(self, before, after, loss) -> np.ndarray:
         """Per canary: how far the step from `before` to `after` goes down the canary's own

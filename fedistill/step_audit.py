@@ -68,18 +68,15 @@ class RoundSetting:
 def noise_for(epsilon: float, sample_rate: float, steps: int, delta: float, tolerance: float = 1e-4) -> float:
     """The smallest noise multiplier (to `tolerance`) with which `steps` steps at `sample_rate`
     spend at most `epsilon`."""
-    from common.accounting import epsilon_of
+    from common.accounting import epsilon_of, least_noise
 
     def within(sigma: float) -> bool:
         return epsilon_of([(sigma, sample_rate, steps)], delta=delta) <= epsilon
 
-    low, high = 0.0, 1.0
-    while not within(high):
-        low, high = high, 2 * high
-    while high - low > tolerance * high:
-        mid = (low + high) / 2
-        low, high = (low, mid) if within(mid) else (mid, high)
-    return high
+    most = 1.0
+    while not within(most):
+        most *= 2
+    return least_noise(within, most, tolerance=tolerance)
 
 
 def step_coordinates(setting: RoundSetting, config: Config, planted: np.ndarray,
